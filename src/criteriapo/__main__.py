@@ -1,0 +1,3 @@
+from criteriapo.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""``criteriapo data check``: what a dataset holds, how long it is in tokens, and what is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean
+
+from criteriapo.data.loading import LoadedData, read_data
+from criteriapo.data.records import BadRow, MultiCriteriaExample, PreferenceExample, RowProblem
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+
+
+@dataclass
+class LengthStats:
+    name: str
+    values: list[int]
+
+    def row(self) -> list[str]:
+        v = sorted(self.values)
+        pct = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+        return [self.name, str(v[0]), f"{mean(v):.1f}", str(pct(0.5)), str(pct(0.95)), str(v[-1])]
+
+
+@dataclass
+class CheckReport:
+    loaded: LoadedData
+    lengths: list[LengthStats] = field(default_factory=list)
+    over_max_length: int = 0
+    token_problems: list[BadRow] = field(default_factory=list)
+    criteria: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> list[BadRow]:
+        return self.loaded.bad_rows + self.token_problems
+
+
+def check_data(
+    path: str | Path,
+    *,
+    kind: str = "auto",
+    split: str | None = None,
+    tokenizer=None,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> CheckReport:
+    """Read every row (so every problem is listed), then measure token lengths."""
+    loaded = read_data(path, kind=kind, split=split)
+    report = CheckReport(loaded)
+    for ex in loaded.examples:
+        if isinstance(ex, MultiCriteriaExample):
+            for name in ex.criteria:
+                report.criteria[name] = report.criteria.get(name, 0) + 1
+        elif isinstance(ex, PreferenceExample) and ex.criteria_labels:
+            for name in ex.criteria_labels:
+                report.criteria[name] = report.criteria.get(name, 0) + 1
+        elif isinstance(ex, PreferenceExample) and ex.criterion:
+            report.criteria[ex.criterion] = report.criteria.get(ex.criterion, 0) + 1
+    if tokenizer is not None and loaded.kind != "multi_criteria":
+        _measure(report, tokenizer, max_length, max_prompt_length)
+    return report
+
+
+def _measure(
+    report: CheckReport, tok: ChatTokenizer, max_length: int | None, max_prompt_length: int | None
+) -> None:
+    untruncated = TokenizeOptions(max_length=None)
+    limits = TokenizeOptions(max_length=max_length, max_prompt_length=max_prompt_length)
+    cols: dict[str, list[int]] = {}
+    for ex in report.loaded.examples:
+        encode = tok.encode_pair if isinstance(ex, PreferenceExample) else tok.encode_sft
+        try:
+            t = encode(ex, untruncated)
+        except RowProblem as p:
+            report.token_problems.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
+            continue
+        if isinstance(ex, PreferenceExample):
+            longest = len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids))
+            sizes = {
+                "prompt": len(t.prompt_ids),
+                "chosen": len(t.chosen_ids),
+                "rejected": len(t.rejected_ids),
+                "longest sequence": longest,
+            }
+        else:
+            longest = len(t.input_ids)
+            sizes = {"sequence": longest, "trained": t.num_loss_tokens}
+        for k, v in sizes.items():
+            cols.setdefault(k, []).append(v)
+        if max_length is not None:
+            report.over_max_length += int(longest > max_length)
+            try:
+                encode(ex, limits)  # a prompt that leaves no room for the completion is a problem
+            except RowProblem as p:
+                report.token_problems.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
+    report.lengths = [LengthStats(k, v) for k, v in cols.items()]

@@ -1,0 +1,102 @@
+"""Load a dataset file into typed examples: detect the format, validate each row, apply the policy."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from criteriapo.data.formats import EXPECTED_FIELDS, KINDS, detect_kind, parse_row
+from criteriapo.data.readers import RawRow, read_rows
+from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem
+from criteriapo.data.validation import apply_policy, check_policy
+from criteriapo.errors import DataError
+
+DETECT_ROWS = 1000  # rows looked at to decide the format of a file
+
+
+@dataclass
+class LoadedData:
+    """What a load produced: the good examples, the bad rows, and how many rows were read."""
+
+    kind: str
+    examples: list[Example]
+    bad_rows: list[BadRow]
+    rows_read: int
+    styles: Counter[str] = field(default_factory=Counter)  # e.g. conversational, implicit prompt
+
+
+def detect_format(rows: Sequence[RawRow]) -> str:
+    """The most common format among the readable rows."""
+    votes = Counter(k for r in rows[:DETECT_ROWS] if r.value is not None and (k := detect_kind(r.value)))
+    if not votes:
+        fields = sorted({k for r in rows[:DETECT_ROWS] if r.value is not None for k in r.value})
+        expected = "; ".join(f"{k}: {v}" for k, v in EXPECTED_FIELDS.items())
+        raise DataError(
+            f"cannot tell the data format: no row has recognised fields (found "
+            f"{', '.join(fields) or 'no readable rows'}). Expected {expected}"
+        )
+    return votes.most_common(1)[0][0]
+
+
+def read_data(
+    paths: str | Path | Sequence[str | Path], *, kind: str = "auto", split: str | None = None
+) -> LoadedData:
+    """Read, detect and validate every row; bad rows are collected, no policy applied."""
+    if kind != "auto" and kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; expected auto or one of {', '.join(KINDS)}")
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    rows = [r for p in paths for r in read_rows(p, split)]
+    if not rows:
+        raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    found = detect_format(rows)
+    if kind == "auto":
+        kind = found
+    elif kind == "preference" and found == "multi_criteria":
+        raise DataError(
+            f"{', '.join(map(str, paths))} holds multi-criteria ratings (UltraFeedback-style), "
+            "not preference pairs; build pairs from it with a recipe (vanilla, mini or finegrained)"
+        )
+    examples, bad, styles = [], [], Counter()
+    for r in rows:
+        if r.problem is not None:
+            bad.append(r.problem)
+            continue
+        try:
+            ex = parse_row(kind, r.value, r.ref)
+        except RowProblem as p:
+            bad.append(BadRow(r.ref.file, r.ref.row, p.field, p.reason))
+            continue
+        examples.append(ex)
+        styles.update(_styles(ex))
+    return LoadedData(kind, examples, bad, len(rows), styles)
+
+
+def load_data(
+    paths: str | Path | Sequence[str | Path],
+    *,
+    kind: str = "auto",
+    split: str | None = None,
+    on_bad_row: str = "error",
+    report_path: str | Path | None = None,
+) -> LoadedData:
+    """:func:`read_data`, then the bad-row policy. ``kind``: auto, preference, sft or multi_criteria."""
+    check_policy(on_bad_row)
+    data = read_data(paths, kind=kind, split=split)
+    policy = "error" if not data.examples else on_bad_row  # skipping everything leaves nothing to train on
+    apply_policy(data.bad_rows, data.rows_read, policy, stage="reading", report_path=report_path)
+    return data
+
+
+def _styles(ex: Example) -> list[str]:
+    out = ["conversational" if ex.conversational else "standard"]
+    if isinstance(ex, PreferenceExample):
+        if ex.implicit_prompt:
+            out.append("implicit prompt")
+        if ex.criterion is not None:
+            out.append("criterion-tagged")
+        if ex.criteria_labels:
+            out.append("per-criterion labels")
+    return out

@@ -1,0 +1,204 @@
+"""Read raw rows from JSONL, JSON, Parquet, CSV files and saved `datasets` folders.
+
+Readers never raise for one bad row: an unreadable row comes back with a :class:`BadRow` so the
+caller's bad-row policy decides. Only a file that cannot be read at all raises :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from criteriapo.data.records import BadRow, RowRef
+from criteriapo.errors import DataError
+
+SUPPORTED = ".jsonl, .ndjson, .json, .parquet, .csv, or a folder written by datasets' save_to_disk"
+
+
+@dataclass
+class RawRow:
+    ref: RowRef
+    value: dict[str, Any] | None
+    problem: BadRow | None = None
+
+
+def read_rows(path: str | Path, split: str | None = None) -> Iterator[RawRow]:
+    """Yield every row of ``path`` in file order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_dir():
+        yield from _read_saved_dataset(path, split)
+        return
+    suffix = path.suffix.lower()
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".ndjson": _read_jsonl,
+        ".json": _read_json,
+        ".parquet": _read_parquet,
+        ".csv": _read_csv,
+    }
+    if suffix not in readers:
+        raise DataError(f"{path}: unknown data file type '{suffix}'; use {SUPPORTED}")
+    yield from readers[suffix](path)
+
+
+def _object_row(ref: RowRef, value: Any) -> RawRow:
+    if isinstance(value, dict):
+        return RawRow(ref, value)
+    kind = type(value).__name__ if value is not None else "null"
+    return RawRow(
+        ref, None, BadRow(ref.file, ref.row, None, f"expected an object with named fields, got {kind}")
+    )
+
+
+def _parse_json_line(ref: RowRef, raw: bytes) -> RawRow:
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        return RawRow(
+            ref, None, BadRow(ref.file, ref.row, None, f"not valid UTF-8 (byte {e.start + 1} of the line)")
+        )
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        return RawRow(
+            ref, None, BadRow(ref.file, ref.row, None, f"not valid JSON: {e.msg} at column {e.colno}")
+        )
+    except RecursionError:
+        return RawRow(ref, None, BadRow(ref.file, ref.row, None, "JSON nested too deeply to read"))
+    return _object_row(ref, value)
+
+
+def _read_jsonl(path: Path) -> Iterator[RawRow]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield _parse_json_line(RowRef(str(path), lineno), raw)
+
+
+def _read_json(path: Path) -> Iterator[RawRow]:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}: not valid UTF-8 at line {line} (byte {e.start}); fix the file or "
+            "save it as JSONL so that only the bad rows are reported"
+        ) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line in a .json file: read it as JSONL
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(
+            f"{path}: expected a JSON array of objects (or JSONL, one object per line), "
+            f"got {type(value).__name__}"
+        )
+    for i, item in enumerate(value, start=1):
+        yield _object_row(RowRef(str(path), i), item)
+
+
+def _read_parquet(path: Path) -> Iterator[RawRow]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for value in batch.to_pylist():
+                row += 1
+                yield _object_row(RowRef(str(path), row), value)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: cannot read as Parquet: {e}") from None
+
+
+def _maybe_json_cell(cell: str) -> Any:
+    """CSV has no nesting: a cell holding a JSON list of objects or a JSON object is decoded."""
+    s = cell.strip()
+    if not s or s[0] not in "[{":
+        return cell
+    try:
+        value = json.loads(s)
+    except (json.JSONDecodeError, RecursionError):
+        return cell
+    if isinstance(value, dict) or (
+        isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+    ):
+        return value
+    return cell
+
+
+def _read_csv(path: Path) -> Iterator[RawRow]:
+    # surrogateescape keeps undecodable bytes as lone surrogates, so one bad cell is one bad row
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fieldnames = reader.fieldnames
+        if not fieldnames:
+            raise DataError(f"{path}: empty CSV file (a header row naming the fields is needed)")
+        for i, row in enumerate(reader, start=1):
+            ref = RowRef(str(path), i)
+            if None in row:
+                yield RawRow(
+                    ref,
+                    None,
+                    BadRow(ref.file, i, None, f"more cells than the {len(fieldnames)} header fields"),
+                )
+                continue
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                yield RawRow(
+                    ref, None, BadRow(ref.file, i, missing[0], "row has fewer cells than the header")
+                )
+                continue
+            bad = next((k for k, v in row.items() if _has_surrogate(v)), None)
+            if bad is not None:
+                yield RawRow(ref, None, BadRow(ref.file, i, bad, "not valid UTF-8"))
+                continue
+            yield RawRow(ref, {k: _maybe_json_cell(v) for k, v in row.items()})
+    except csv.Error as e:
+        raise DataError(f"{path}: cannot read as CSV: {e}") from None
+
+
+def _has_surrogate(s: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in s)
+
+
+def _read_saved_dataset(path: Path, split: str | None) -> Iterator[RawRow]:
+    import datasets
+
+    if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        raise DataError(
+            f"{path}: a folder, but not one written by datasets' save_to_disk; "
+            f"pass a file instead ({SUPPORTED})"
+        )
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged or foreign folder
+        raise DataError(f"{path}: cannot load the saved dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        names = list(ds.keys())
+        if split is None:
+            split = "train" if "train" in ds else (names[0] if len(names) == 1 else None)
+        if split not in ds:
+            raise DataError(
+                f"{path}: split {split!r} not found; this dataset has {names}; choose one with split"
+            )
+        ds = ds[split]
+    label = f"{path}[{split}]" if split else str(path)
+    for i, value in enumerate(ds, start=1):
+        yield _object_row(RowRef(label, i), value)

@@ -1,0 +1,267 @@
+"""Tokenization for training, through the tokenizer's own chat template.
+
+Conversational text is rendered with ``apply_chat_template``; a completion's tokens are the exact
+suffix of the whole conversation's tokens after the prompt's (checked: a template that breaks this
+raises :class:`TemplateError`). Standard text is tokenized as it is, prompt and completion
+separately, as a model sees them at generation time. EOS is appended only when the completion has
+none. Labels are masked (-100) on the prompt and on any non-assistant message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from criteriapo.data.records import (
+    BadRow,
+    Message,
+    PreferenceExample,
+    RowProblem,
+    RowRef,
+    SFTExample,
+    Text,
+)
+from criteriapo.data.validation import apply_policy
+from criteriapo.errors import ConfigError, TemplateError
+
+IGNORE_INDEX = -100
+TruncationMode = Literal["keep_end", "keep_start"]
+
+
+@dataclass(frozen=True)
+class TokenizeOptions:
+    """``max_length`` bounds prompt + completion; ``max_prompt_length`` bounds the prompt, cut by
+    ``truncation_mode``: ``keep_end`` keeps its last tokens (the question), ``keep_start`` its first."""
+
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+    truncation_mode: TruncationMode = "keep_end"
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
+        if self.truncation_mode not in ("keep_end", "keep_start"):
+            raise ConfigError(f"truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
+        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                f"({self.max_length}) to leave room for the completion"
+            )
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    source: RowRef
+    criterion: str | None = None
+    weight: float = 1.0
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class TokenizedSFT:
+    input_ids: list[int]
+    labels: list[int]
+    source: RowRef
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+class ChatTokenizer:
+    """Wraps a Hugging Face tokenizer with the checks training needs."""
+
+    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int] = (), name: str = "the tokenizer"):
+        self.tok = tokenizer
+        self.name = name
+        eos = set(eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        if not eos:
+            raise TemplateError(f"{name} has no EOS token; set eos_token in its tokenizer_config.json")
+        self.eos_ids = eos
+        self.append_eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos)
+        specials = sorted(
+            {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+            | set(tokenizer.all_special_tokens),
+            key=len,
+            reverse=True,
+        )
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+
+    # -- rendering ---------------------------------------------------------------------------
+    def _render(self, messages: list[Message], generation_prompt: bool) -> list[int]:
+        if not getattr(self.tok, "chat_template", None):
+            raise TemplateError(
+                f"{self.name} has no chat template, so conversational data cannot be "
+                "rendered; give the model a chat template or use standard (string) data"
+            )
+        return list(
+            self.tok.apply_chat_template(
+                messages, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    def _check_text(self, text: Text, field: str) -> None:
+        if self._special_re is None:
+            return
+        parts = (
+            [(field, text)]
+            if isinstance(text, str)
+            else [(f"{field}[{i}].content", m["content"]) for i, m in enumerate(text)]
+        )
+        for where, s in parts:
+            if (m := self._special_re.search(s)) is not None:
+                raise RowProblem(
+                    where,
+                    f"contains the control token {m.group()!r}, which would be read as "
+                    "markup rather than text; remove or escape it",
+                )
+
+    def prompt_ids(self, prompt: Text) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tok(prompt, add_special_tokens=True).input_ids if prompt else self._bos()
+        return self._render(prompt, generation_prompt=True)
+
+    def _bos(self) -> list[int]:
+        # plain text with no prompt still starts as the tokenizer would start any text
+        return self.tok("", add_special_tokens=True).input_ids
+
+    def completion_ids(
+        self, prompt: Text, prompt_ids: list[int], completion: Text, source: RowRef
+    ) -> list[int]:
+        if isinstance(completion, str):
+            ids = self.tok(completion, add_special_tokens=False).input_ids
+        else:
+            full = self._render(prompt + completion, generation_prompt=False)
+            self._check_prefix(prompt_ids, full, source)
+            ids = full[len(prompt_ids) :]
+        if not self.eos_ids.intersection(ids):
+            ids = ids + [self.append_eos_id]
+        return ids
+
+    def _check_prefix(self, prefix: list[int], full: list[int], source: RowRef) -> None:
+        if full[: len(prefix)] != prefix:
+            pairs = zip(prefix, full, strict=False)
+            at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(prefix), len(full)))
+            expected, got = self.tok.decode(prefix[at : at + 8]), self.tok.decode(full[at : at + 8])
+            raise TemplateError(
+                f"{source}: the chat template of {self.name} does not render the prompt as the beginning of "
+                f"prompt + completion (they differ at token {at}: {expected!r} vs {got!r}), so the "
+                "completion's tokens cannot be isolated. "
+                "Use a template that renders earlier turns unchanged (e.g. one that does not strip "
+                "reasoning from past assistant turns)."
+            )
+
+    # -- examples ----------------------------------------------------------------------------
+    def encode_pair(self, ex: PreferenceExample, opts: TokenizeOptions) -> TokenizedPair:
+        for field in ("prompt", "chosen", "rejected"):
+            self._check_text(getattr(ex, field), field)
+        prompt_ids = self.prompt_ids(ex.prompt)
+        chosen = self.completion_ids(ex.prompt, prompt_ids, ex.chosen, ex.source)
+        rejected = self.completion_ids(ex.prompt, prompt_ids, ex.rejected, ex.source)
+        prompt_ids = _truncate_prompt(prompt_ids, opts)
+        room = _room(len(prompt_ids), opts)
+        return TokenizedPair(prompt_ids, chosen[:room], rejected[:room], ex.source, ex.criterion, ex.weight)
+
+    def encode_sft(self, ex: SFTExample, opts: TokenizeOptions) -> TokenizedSFT:
+        self._check_text(ex.prompt, "prompt")
+        self._check_text(
+            ex.completion, "completion" if ex.prompt or isinstance(ex.completion, list) else "text"
+        )
+        prompt_ids = self.prompt_ids(ex.prompt)
+        if isinstance(ex.completion, str):
+            body = self.completion_ids(ex.prompt, prompt_ids, ex.completion, ex.source)
+            mask = [True] * len(body)
+        else:
+            body, mask = self._assistant_turns(ex.prompt, prompt_ids, ex.completion, ex.source)
+        prompt_ids = _truncate_prompt(prompt_ids, opts)
+        room = _room(len(prompt_ids), opts)
+        body, mask = body[:room], mask[:room]
+        if not any(mask):
+            raise RowProblem(
+                "completion",
+                "no trainable token left after truncation to max_length "
+                f"{opts.max_length}; raise max_length or shorten the prompt",
+            )
+        labels = [IGNORE_INDEX] * len(prompt_ids) + [
+            t if m else IGNORE_INDEX for t, m in zip(body, mask, strict=True)
+        ]
+        return TokenizedSFT(prompt_ids + body, labels, ex.source)
+
+    def _assistant_turns(
+        self, prompt: list[Message], prompt_ids: list[int], completion: list[Message], source: RowRef
+    ) -> tuple[list[int], list[bool]]:
+        """Tokens after the prompt, and which are trained: the assistant messages only."""
+        messages = prompt + completion
+        full = self._render(messages, generation_prompt=False)
+        self._check_prefix(prompt_ids, full, source)
+        mask = [False] * len(full)
+        span = (len(full), len(full))
+        for j in range(len(prompt), len(messages)):
+            if messages[j]["role"] != "assistant":
+                continue
+            start = self._render(messages[:j], generation_prompt=True)
+            end = self._render(messages[: j + 1], generation_prompt=False)
+            self._check_prefix(start, full, source)
+            self._check_prefix(end, full, source)
+            span = (len(start), len(end))
+            mask[span[0] : span[1]] = [True] * (span[1] - span[0])
+        if not self.eos_ids.intersection(full[span[0] : span[1]]):  # the last turn has no end marker
+            full.insert(span[1], self.append_eos_id)
+            mask.insert(span[1], True)
+        body, mask = full[len(prompt_ids) :], mask[len(prompt_ids) :]
+        return body, mask
+
+
+def _truncate_prompt(prompt_ids: list[int], opts: TokenizeOptions) -> list[int]:
+    n = opts.max_prompt_length
+    if n is None or len(prompt_ids) <= n:
+        return prompt_ids
+    return prompt_ids[-n:] if opts.truncation_mode == "keep_end" else prompt_ids[:n]
+
+
+def _room(prompt_len: int, opts: TokenizeOptions) -> int | None:
+    if opts.max_length is None:
+        return None
+    if prompt_len >= opts.max_length:
+        raise RowProblem(
+            "prompt",
+            f"the prompt alone is {prompt_len} tokens, max_length is {opts.max_length}: "
+            "no room for the completion; raise max_length or set max_prompt_length",
+        )
+    return opts.max_length - prompt_len
+
+
+def tokenize_examples(
+    examples: Sequence[PreferenceExample | SFTExample],
+    tokenizer: ChatTokenizer,
+    opts: TokenizeOptions,
+    *,
+    on_bad_row: str = "error",
+    report_path: Any = None,
+) -> list:
+    """Tokenize every example; rows that cannot be tokenized go through the bad-row policy."""
+    out, bad = [], []
+    for ex in examples:
+        try:
+            out.append(
+                tokenizer.encode_pair(ex, opts)
+                if isinstance(ex, PreferenceExample)
+                else tokenizer.encode_sft(ex, opts)
+            )
+        except RowProblem as p:
+            bad.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
+    policy = "error" if not out else on_bad_row  # skipping everything leaves nothing to train on
+    apply_policy(bad, len(examples), policy, stage="tokenizing", report_path=report_path)
+    return out

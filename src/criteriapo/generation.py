@@ -1,0 +1,46 @@
+"""Text generation from a chat model: one prompt in, the assistant's reply out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from criteriapo.data.records import Message
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    messages: list[Message],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    streamer: Any = None,
+) -> str:
+    """The reply to ``messages``; greedy when ``temperature`` is 0, sampled (seeded) otherwise."""
+    import torch
+
+    enc = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

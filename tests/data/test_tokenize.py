@@ -1,0 +1,137 @@
+"""Chat-template tokenization with the embedded model's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from criteriapo.data.records import PreferenceExample, RowProblem, RowRef, SFTExample
+from criteriapo.data.tokenize import IGNORE_INDEX, ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.data.validation import BadRowsError
+from criteriapo.errors import ConfigError, TemplateError
+
+REF = RowRef("mem", 1)
+U = {"role": "user", "content": "What is the capital of France?"}
+A = {"role": "assistant", "content": "The capital of France is Paris."}
+B = {"role": "assistant", "content": "I think it is Lyon."}
+NONE = TokenizeOptions(max_length=None)
+
+
+def pair(**kw):
+    return PreferenceExample(**{"prompt": [U], "chosen": [A], "rejected": [B], "source": REF, **kw})
+
+
+def template_ids(tok, messages, **kw):
+    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+
+def test_conversational_pair_equals_apply_chat_template(chat_tokenizer, smollm2_tokenizer):
+    t = chat_tokenizer.encode_pair(pair(), NONE)
+    assert t.prompt_ids == template_ids(smollm2_tokenizer, [U], add_generation_prompt=True)
+    assert t.prompt_ids + t.chosen_ids == template_ids(smollm2_tokenizer, [U, A])
+    assert t.prompt_ids + t.rejected_ids == template_ids(smollm2_tokenizer, [U, B])
+    # the template closes the turn with <|im_end|> (the EOS): nothing is appended
+    assert t.chosen_ids.count(smollm2_tokenizer.eos_token_id) == 1
+    assert smollm2_tokenizer.decode(t.chosen_ids) == "The capital of France is Paris.<|im_end|>\n"
+
+
+def test_standard_pair_appends_eos_once(chat_tokenizer, smollm2_tokenizer):
+    t = chat_tokenizer.encode_pair(pair(prompt="2+2=", chosen=" 4", rejected=" 5"), NONE)
+    eos = smollm2_tokenizer.eos_token_id
+    assert t.prompt_ids == smollm2_tokenizer("2+2=").input_ids
+    assert t.chosen_ids == smollm2_tokenizer(" 4", add_special_tokens=False).input_ids + [eos]
+
+
+def test_max_length_truncates_completions_and_keeps_prompt(chat_tokenizer):
+    full = chat_tokenizer.encode_pair(pair(), NONE)
+    n = len(full.prompt_ids) + 3
+    t = chat_tokenizer.encode_pair(pair(), TokenizeOptions(max_length=n))
+    assert t.prompt_ids == full.prompt_ids
+    assert t.chosen_ids == full.chosen_ids[:3] and t.rejected_ids == full.rejected_ids[:3]
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_prompt_truncation_modes(chat_tokenizer, mode):
+    full = chat_tokenizer.encode_pair(pair(), NONE)
+    t = chat_tokenizer.encode_pair(
+        pair(), TokenizeOptions(max_length=100, max_prompt_length=5, truncation_mode=mode)
+    )
+    assert t.prompt_ids == (full.prompt_ids[-5:] if mode == "keep_end" else full.prompt_ids[:5])
+    assert t.chosen_ids == full.chosen_ids
+
+
+def test_prompt_longer_than_max_length_is_a_bad_row(chat_tokenizer):
+    long = pair(prompt=[{"role": "user", "content": "word " * 200}])
+    with pytest.raises(RowProblem, match=r"the prompt alone is \d+ tokens, max_length is 64") as e:
+        chat_tokenizer.encode_pair(long, TokenizeOptions(max_length=64))
+    assert e.value.field == "prompt"
+    out = tokenize_examples([pair(), long], chat_tokenizer, TokenizeOptions(max_length=64), on_bad_row="skip")
+    assert len(out) == 1
+    with pytest.raises(BadRowsError, match=r"mem, row 1, field 'prompt': the prompt alone"):
+        tokenize_examples([pair(), long], chat_tokenizer, TokenizeOptions(max_length=64))
+
+
+def test_control_tokens_in_content_are_a_bad_row(chat_tokenizer):
+    sneaky = pair(chosen=[{"role": "assistant", "content": "Paris<|im_end|>\n<|im_start|>user\nhi"}])
+    with pytest.raises(RowProblem, match="control token '<|im_end|>'") as e:
+        chat_tokenizer.encode_pair(sneaky, NONE)
+    assert e.value.field == "chosen[0].content"
+
+
+def test_sft_multi_turn_masks_all_but_assistant_turns(chat_tokenizer, smollm2_tokenizer):
+    u2 = {"role": "user", "content": "And of Italy?"}
+    a2 = {"role": "assistant", "content": "Rome."}
+    t = chat_tokenizer.encode_sft(SFTExample([U], [A, u2, a2], REF), NONE)
+    assert t.input_ids == template_ids(smollm2_tokenizer, [U, A, u2, a2])
+    trained = smollm2_tokenizer.decode([x for x in t.labels if x != IGNORE_INDEX])
+    assert trained == "The capital of France is Paris.<|im_end|>\nRome.<|im_end|>\n"
+    assert t.labels[: len(template_ids(smollm2_tokenizer, [U], add_generation_prompt=True))] == [
+        IGNORE_INDEX
+    ] * len(template_ids(smollm2_tokenizer, [U], add_generation_prompt=True))
+
+
+def test_sft_text_trains_every_token_and_ends_with_eos(chat_tokenizer, smollm2_tokenizer):
+    t = chat_tokenizer.encode_sft(SFTExample("", "Once upon a time.", REF), NONE)
+    assert t.labels == t.input_ids and t.input_ids[-1] == smollm2_tokenizer.eos_token_id
+
+
+def test_sft_truncation_leaving_no_trained_token_is_a_bad_row(chat_tokenizer):
+    prompt_len = len(chat_tokenizer.prompt_ids([U]))
+    with pytest.raises(RowProblem, match="prompt alone"):
+        chat_tokenizer.encode_sft(SFTExample([U], [A], REF), TokenizeOptions(max_length=prompt_len))
+
+
+def test_template_that_rewrites_the_prompt_is_refused(smollm2_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    # renders the generation prompt differently from how the finished turn begins
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    )
+    with pytest.raises(
+        TemplateError, match=r"mem, row 1: the chat template of broken does not render the prompt"
+    ):
+        ChatTokenizer(tok, name="broken").encode_pair(pair(), NONE)
+
+
+def test_no_chat_template(smollm2_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = None
+    with pytest.raises(TemplateError, match="has no chat template"):
+        ChatTokenizer(tok, name="bare").encode_pair(pair(), NONE)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"max_length": 0}, "max_length must be a positive integer"),
+        ({"max_length": 10, "max_prompt_length": 10}, "max_prompt_length (10) must be below max_length (10)"),
+        ({"truncation_mode": "middle"}, "truncation_mode must be keep_end or keep_start"),
+    ],
+)
+def test_bad_options(kw, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TokenizeOptions(**kw)

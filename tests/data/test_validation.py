@@ -1,0 +1,296 @@
+"""Every reason a row can be refused: the error names the file, the row and the field."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from criteriapo.data.loading import load_data
+from criteriapo.data.validation import BadRowsError
+from criteriapo.errors import ConfigError
+from tests.helpers import write_jsonl
+
+U = {"role": "user", "content": "Hi"}
+A = {"role": "assistant", "content": "Hello!"}
+B = {"role": "assistant", "content": "Bye."}
+GOOD = {
+    "preference": {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+    "sft": {"messages": [U, A]},
+    "multi_criteria": {
+        "instruction": "Q?",
+        "completions": [
+            {"response": "a", "ratings": {"helpfulness": 5}},
+            {"response": "b", "ratings": {"helpfulness": 1}},
+        ],
+    },
+}
+MC = GOOD["multi_criteria"]["completions"]
+
+CASES = [
+    # (kind, bad row, field named, words in the reason)
+    ("preference", {"prompt": "Q?", "rejected": "no"}, "chosen", "missing"),
+    ("preference", {"prompt": "Q?", "chosen": None, "rejected": "no"}, "chosen", "missing"),
+    ("preference", {"prompt": "Q?", "chosen": 7, "rejected": 8}, "chosen", "expected a string, got int"),
+    ("preference", {"prompt": "Q?", "chosen": "  ", "rejected": "no"}, "chosen", "empty"),
+    ("preference", {"prompt": 3, "chosen": "yes", "rejected": "no"}, "prompt", "expected a string, got int"),
+    ("preference", {"prompt": "Q?", "chosen": "same", "rejected": "same"}, "rejected", "identical to chosen"),
+    (
+        "preference",
+        {"prompt": "Q?", "chosen": [A], "rejected": "no"},
+        "rejected",
+        "chosen is a message list but rejected is a str",
+    ),
+    ("preference", {"prompt": [U], "chosen": "yes", "rejected": "no"}, "prompt", "prompt is a message list"),
+    ("preference", {"chosen": "apple pie", "rejected": "banana split"}, "chosen", "share no beginning"),
+    ("preference", {"chosen": "Answer: yes", "rejected": "Answer:"}, "rejected", "empty"),
+    ("preference", {"prompt": [U], "chosen": [], "rejected": [B]}, "chosen", "empty list of messages"),
+    (
+        "preference",
+        {"prompt": [U], "chosen": [A], "rejected": ["text"]},
+        "rejected[0]",
+        "expected a message object with role and content, got str",
+    ),
+    (
+        "preference",
+        {"prompt": [U], "chosen": [A], "rejected": [{"role": "robot", "content": "x"}]},
+        "rejected[0].role",
+        "unknown role 'robot'",
+    ),
+    (
+        "preference",
+        {"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": ["x"]}]},
+        "rejected[0].content",
+        "expected a string, got list",
+    ),
+    (
+        "preference",
+        {"prompt": [U], "chosen": [A], "rejected": [{"role": "user", "content": "x"}]},
+        "rejected[0].role",
+        "a completion must be assistant messages, got 'user'",
+    ),
+    (
+        "preference",
+        {"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": " "}]},
+        "rejected",
+        "empty completion",
+    ),
+    (
+        "preference",
+        {"prompt": [U, A], "chosen": [B], "rejected": [A]},
+        "prompt[1].role",
+        "a prompt must end with a user (or tool) message, got 'assistant'",
+    ),
+    (
+        "preference",
+        {"chosen": [U, A], "rejected": [{"role": "user", "content": "Yo"}, B]},
+        "chosen",
+        "share no leading messages",
+    ),
+    (
+        "preference",
+        {"chosen": [U, A], "rejected": [U, A, U]},
+        "chosen",
+        "has no messages after the part it shares",
+    ),
+    (
+        "preference",
+        {"prompt": "Q?", "chosen": "y", "rejected": "n", "weight": -1},
+        "weight",
+        "expected a number >= 0",
+    ),
+    (
+        "preference",
+        {"prompt": "Q?", "chosen": "y", "rejected": "n", "weight": "heavy"},
+        "weight",
+        "expected a number",
+    ),
+    ("preference", {"prompt": "Q?", "chosen": "y", "rejected": "n", "criterion": ""}, "criterion", "empty"),
+    (
+        "preference",
+        {"prompt": "Q?", "chosen": "y", "rejected": "n", "criteria_labels": []},
+        "criteria_labels",
+        "expected a non-empty object",
+    ),
+    (
+        "preference",
+        {"prompt": "Q?", "chosen": "y", "rejected": "n", "criteria_labels": {"brevity": "better"}},
+        "criteria_labels.brevity",
+        "expected 'chosen', 'rejected', 'tie'",
+    ),
+    (
+        "preference",
+        {"messages": [U, A]},
+        None,
+        "looks like a sft row, but this dataset holds preference rows",
+    ),
+    ("preference", {"question": "Q?", "answer": "A"}, None, "no recognised fields (found question, answer)"),
+    ("sft", {"messages": [U]}, "messages", "no assistant message to learn from"),
+    ("sft", {"messages": [A]}, "messages", "no user message before the first assistant message"),
+    (
+        "sft",
+        {"messages": [U, {"role": "assistant", "content": ""}]},
+        "messages",
+        "every assistant message is empty",
+    ),
+    ("sft", {"messages": "Hi"}, "messages", "expected a list of {role, content} messages, got str"),
+    ("sft", {"prompt": "Q?", "completion": ""}, "completion", "empty"),
+    ("sft", {"completion": "A"}, "prompt", "missing"),
+    ("sft", {"prompt": [A], "completion": "x"}, "prompt[0].role", "must end with a user"),
+    ("sft", {"text": 12}, "text", "expected a string, got int"),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": "a"},
+        "completions",
+        "expected a list of rated responses",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": MC[:1]},
+        "completions",
+        "needs at least two responses",
+    ),
+    ("multi_criteria", {"instruction": "", "completions": MC}, "instruction", "empty"),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], 5]},
+        "completions[1]",
+        "expected an object with response and ratings, got int",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"ratings": {"h": 1}}]},
+        "completions[1].response",
+        "expected a string, got null",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": [1]}]},
+        "completions[1].ratings",
+        "expected an object {criterion: score}, got list",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": {"h": "high"}}]},
+        "completions[1].ratings.h",
+        "expected a number, got 'high'",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": {"h": True}}]},
+        "completions[1].ratings.h",
+        "expected a number, got True",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": {"h": [1]}}]},
+        "completions[1].ratings.h",
+        "expected a number, got list",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": {"h": math.inf}}]},
+        "completions[1].ratings.h",
+        "expected a finite number",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "annotations": {"h": {"R": 1}}}]},
+        "completions[1].annotations.h",
+        "rating object has no Rating/score field",
+    ),
+    (
+        "multi_criteria",
+        {"instruction": "Q?", "completions": [MC[0], {"response": "b", "ratings": {"h": "N/A"}}]},
+        "completions[1].ratings",
+        "no rating on any criterion and no overall score",
+    ),
+]
+
+
+@pytest.mark.parametrize("kind, row, field, reason", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_row_names_file_row_and_field(tmp_path, kind, row, field, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD[kind], GOOD[kind], row])
+    with pytest.raises(BadRowsError) as e:
+        load_data(path, kind=kind)
+    (bad,) = e.value.bad_rows
+    assert (bad.file, bad.row, bad.field) == (str(path), 3, field)
+    assert reason in bad.reason
+    where = f"{path}, row 3" + (f", field '{field}'" if field else "")
+    assert f"{where}: {bad.reason}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "not valid UTF-8 (byte 16 of the line)"),
+        (b'{"prompt": "Q?", "chosen": ', "not valid JSON: Expecting value at column 27"),
+        (b"[1, 2]", "expected an object with named fields, got list"),
+        (b"null", "expected an object with named fields, got null"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read"),
+    ],
+)
+def test_unreadable_jsonl_line_is_a_bad_row(tmp_path, line, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD["preference"], line])
+    with pytest.raises(BadRowsError) as e:
+        load_data(path)
+    assert f"{path}, row 2: {reason}" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text, field, reason",
+    [
+        ("prompt,chosen,rejected\nQ?,a,b,extra\n", None, "more cells than the 3 header fields"),
+        ("prompt,chosen,rejected\nQ?,a\n", "rejected", "row has fewer cells than the header"),
+    ],
+)
+def test_ragged_csv_rows(tmp_path, text, field, reason):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,chosen,rejected\nQ?,yes,no\n" + text.split("\n", 1)[1])
+    with pytest.raises(BadRowsError) as e:
+        load_data(path)
+    (bad,) = e.value.bad_rows
+    assert (bad.row, bad.field) == (2, field) and reason in bad.reason
+
+
+def test_csv_invalid_utf8_cell(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"prompt,chosen,rejected\nQ?,yes,no\nQ?,caf\xe9,no\n")
+    with pytest.raises(BadRowsError, match=r"row 2, field 'chosen': not valid UTF-8"):
+        load_data(path)
+
+
+def test_skip_keeps_every_good_row_and_reports_the_rest(tmp_path):
+    rows = [
+        GOOD["preference"],
+        {"prompt": "Q?", "chosen": "x", "rejected": "x"},
+        b"{oops",
+        {"prompt": "R?", "chosen": "a", "rejected": "b"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report = tmp_path / "run" / "bad_rows.jsonl"
+    loaded = load_data(path, on_bad_row="skip", report_path=report)
+    assert [e.source.row for e in loaded.examples] == [1, 4]
+    assert [(b.row, b.field) for b in loaded.bad_rows] == [(2, "rejected"), (3, None)]
+    assert loaded.rows_read == len(loaded.examples) + len(loaded.bad_rows)
+    lines = report.read_text().splitlines()
+    assert len(lines) == 2 and '"row": 2' in lines[0] and '"field": "rejected"' in lines[0]
+
+
+def test_error_lists_every_bad_row(tmp_path):
+    rows = [GOOD["preference"]] + [{"prompt": "Q?", "chosen": "s", "rejected": "s"}] * 25
+    with pytest.raises(BadRowsError) as e:
+        load_data(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert len(e.value.bad_rows) == 25
+    assert "25 of 26 rows cannot be used" in str(e.value) and "and 5 more" in str(e.value)
+
+
+def test_skip_with_no_good_row_left_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": "s", "rejected": "s"}])
+    with pytest.raises(BadRowsError, match="1 of 1 rows"):
+        load_data(path, on_bad_row="skip")
+
+
+def test_unknown_policy(tmp_path):
+    with pytest.raises(ConfigError, match="on_bad_row must be one of error, skip, got 'drop'"):
+        load_data(write_jsonl(tmp_path / "d.jsonl", [GOOD["preference"]]), on_bad_row="drop")
