@@ -1,0 +1,1 @@
+"""Data in: readers, formats, validation, tokenization."""
