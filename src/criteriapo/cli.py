@@ -71,7 +71,9 @@ def _data_check(args: argparse.Namespace) -> None:
         console.print(table)
         if args.max_length is not None:
             over = report.over_max_length
-            console.print(f"longer than max_length {args.max_length}: {over} rows (truncated in training)")
+            console.print(
+                f"rows longer than max_length {args.max_length} (their completions get cut): {over}"
+            )
     problems = report.problems
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s):[/]")

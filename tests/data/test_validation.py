@@ -224,7 +224,7 @@ def test_bad_row_names_file_row_and_field(tmp_path, kind, row, field, reason):
     "line, reason",
     [
         (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "not valid UTF-8 (byte 16 of the line)"),
-        (b'{"prompt": "Q?", "chosen": ', "not valid JSON: Expecting value at column 27"),
+        (b'{"prompt": "Q?", "chosen": ', "not valid JSON (Expecting value, column 27)"),
         (b"[1, 2]", "expected an object with named fields, got list"),
         (b"null", "expected an object with named fields, got null"),
         (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply to read"),

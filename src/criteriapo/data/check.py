@@ -32,7 +32,7 @@ class CheckReport:
 
     @property
     def problems(self) -> list[BadRow]:
-        return self.loaded.bad_rows + self.token_problems
+        return sorted(self.loaded.bad_rows + self.token_problems, key=lambda b: (b.file, b.row))
 
 
 def check_data(
@@ -88,9 +88,10 @@ def _measure(
         for k, v in sizes.items():
             cols.setdefault(k, []).append(v)
         if max_length is not None:
-            report.over_max_length += int(longest > max_length)
             try:
                 encode(ex, limits)  # a prompt that leaves no room for the completion is a problem
             except RowProblem as p:
                 report.token_problems.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
+                continue
+            report.over_max_length += int(longest > max_length)
     report.lengths = [LengthStats(k, v) for k, v in cols.items()]

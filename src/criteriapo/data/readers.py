@@ -68,7 +68,7 @@ def _parse_json_line(ref: RowRef, raw: bytes) -> RawRow:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         return RawRow(
-            ref, None, BadRow(ref.file, ref.row, None, f"not valid JSON: {e.msg} at column {e.colno}")
+            ref, None, BadRow(ref.file, ref.row, None, f"not valid JSON ({e.msg}, column {e.colno})")
         )
     except RecursionError:
         return RawRow(ref, None, BadRow(ref.file, ref.row, None, "JSON nested too deeply to read"))
