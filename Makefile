@@ -11,16 +11,15 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned, so pip never picks a multi-GB CUDA build on CPU machines
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tracking]'
 	touch $@
 
 main: $(STAMP)
-	$(VENV)/bin/criteriapo models fetch smollm2
-	$(VENV)/bin/criteriapo generate smollm2 "Give me three tips for writing clear code."
+	$(VENV)/bin/criteriapo pipeline configs/smollm2-pipeline.yaml
 
 test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks

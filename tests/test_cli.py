@@ -80,3 +80,18 @@ def test_models_list_and_fetch(smollm2_path, capsys):
 def test_generate(smollm2_path, capsys):
     assert main(["generate", "smollm2", "What is the capital of France?", "--max-new-tokens", "16"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_chat_streams_a_reply_and_keeps_the_conversation(smollm2_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n\n"))
+    assert main(["chat", "smollm2", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "assistant:" in out and "Paris" in out
+
+
+def test_pipeline_refuses_a_bad_config_before_any_work(tmp_path, capsys):
+    assert main(["pipeline", "configs/smollm2-pipeline.yaml", "dpo.betta=0.2", f"output_dir={tmp_path}"]) == 2
+    assert "dpo.betta: unknown key; did you mean 'beta'?" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -105,6 +105,102 @@ def _generate(args: argparse.Namespace) -> None:
     console.print(reply, highlight=False, markup=False)
 
 
+def _config(args: argparse.Namespace):
+    from criteriapo.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _stage_summary(name: str, result) -> None:
+    console.print(f"[bold]{name}[/] done: model folder {result.model_dir}")
+    shown = {k: v for k, v in result.metrics.items() if not k.startswith(("logits/", "num_tokens"))}
+    console.print("  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()), highlight=False)
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from criteriapo.pipeline import run_sft
+
+    _stage_summary("sft", run_sft(_config(args)))
+
+
+def _dpo(args: argparse.Namespace) -> None:
+    from criteriapo.pipeline import run_dpo
+
+    result = run_dpo(_config(args))
+    _stage_summary("dpo", result)
+    if result.before and result.after:
+        _preference_table(result.before, result.after)
+
+
+def _preference_table(before, after) -> None:
+    table = Table(title=f"held-out preference ({after.pairs} pairs)")
+    for col in ("", "before DPO", "after DPO"):
+        table.add_column(col, justify="right")
+    table.add_row("accuracy", f"{before.accuracy:.3f}", f"{after.accuracy:.3f}")
+    table.add_row("mean log-prob margin", f"{before.margin:.2f}", f"{after.margin:.2f}")
+    for k in after.by_criterion:
+        table.add_row(f"accuracy: {k}", f"{before.by_criterion[k]:.3f}", f"{after.by_criterion[k]:.3f}")
+    console.print(table)
+
+
+def _pipeline(args: argparse.Namespace) -> None:
+    from criteriapo.pipeline import run_pipeline
+
+    r = run_pipeline(_config(args))
+    if r.dpo.before and r.dpo.after:
+        _preference_table(r.dpo.before, r.dpo.after)
+    for g in r.generations:
+        console.print(f"\n[bold]prompt:[/] {g['prompt']}", highlight=False)
+        console.print("[bold]  before DPO:[/] ", end="")
+        console.print(g["before"], markup=False, highlight=False)
+        console.print("[bold]  after DPO:[/]  ", end="")
+        console.print(g["after"], markup=False, highlight=False)
+    times = "  ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
+    console.print(f"\nwall time: {times}")
+    console.print(
+        f"SFT model: {r.sft.model_dir}\n[bold]DPO model: {r.dpo.model_dir}[/]\nsummary: {r.summary_path}"
+    )
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from transformers import TextIteratorStreamer
+
+    from criteriapo.generation import generate_in_thread
+    from criteriapo.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(args.model)
+    model = load_model(source, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(source)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    console.print(f"chatting with {args.model}; an empty line or Ctrl-D ends", highlight=False)
+    while True:
+        try:
+            line = console.input("[bold]you:[/] ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        thread = generate_in_thread(
+            model,
+            tokenizer,
+            messages,
+            streamer,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+        console.print("[bold]assistant:[/] ", end="")
+        parts = []
+        for piece in streamer:
+            parts.append(piece)
+            console.out(piece, end="", highlight=False)
+        thread.join()
+        console.print()
+        messages.append({"role": "assistant", "content": "".join(parts).strip()})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="criteriapo", description="Preference-tune language models, criteria first."
@@ -134,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-prompt-length", type=int, default=None)
     c.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     c.set_defaults(func=_data_check)
+
+    for name, func, about in (
+        ("sft", _sft, "supervised fine-tuning (the config's sft section)"),
+        ("dpo", _dpo, "DPO or a variant (the config's dpo section)"),
+        ("pipeline", _pipeline, "SFT, then DPO against the SFT model, evaluation, export"),
+    ):
+        s = sub.add_parser(name, help=about)
+        s.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 output_dir=runs/x")
+        s.set_defaults(func=func)
+
+    ch = sub.add_parser("chat", help="interactive chat with a model, streamed")
+    ch.add_argument("model")
+    ch.add_argument("--system", default=None)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ch.add_argument("--device", default="auto")
+    ch.set_defaults(func=_chat)
 
     g = sub.add_parser("generate", help="answer one prompt with a chat model")
     g.add_argument("model", help="model folder, .gguf file, embedded name (smollm2) or cached hub id")

@@ -44,3 +44,14 @@ def generate(
             **sampling,
         )
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def generate_in_thread(model: Any, tokenizer: Any, messages: list[Message], streamer: Any, **kw: Any):
+    """Start :func:`generate` in a thread that feeds ``streamer``; returns the thread."""
+    import threading
+
+    thread = threading.Thread(
+        target=generate, args=(model, tokenizer, messages), kwargs={"streamer": streamer, **kw}, daemon=True
+    )
+    thread.start()
+    return thread

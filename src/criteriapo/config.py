@@ -1,0 +1,277 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden by dotted ``key=value`` pairs,
+validated once at start with messages that say what to change.
+
+One file drives every command: ``criteriapo sft`` runs the ``sft`` section, ``criteriapo dpo`` the
+``dpo`` section, ``criteriapo pipeline`` both, then evaluation and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from criteriapo.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2"  # embedded name, local folder, .gguf file or cached hub id
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # a .jinja file replacing the tokenizer's template (base models)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # files, saved datasets, or builtin:NAME
+    eval: list[str] = field(default_factory=list)
+    split: str | None = None
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # wins over warmup_ratio when > 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # stops early when set
+    batch_size: int = 8  # examples per optimizer step (the global batch)
+    micro_batch_size: int = 8  # examples per forward pass; batch_size / micro_batch_size = accumulation
+    eval_every: int | None = None  # steps; evaluation also runs at the end when there is eval data
+    log_every: int = 1
+
+
+@dataclass
+class SFTConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class DPOConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+    reference_free: bool = False
+    precompute_ref_log_probs: bool = True  # reference = the starting weights, scored once, never held
+    simpo_gamma: float = 0.5
+    ref_model: str | None = None  # another model as reference (kept frozen in memory)
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = field(default_factory=list)  # generated from before and after DPO
+    max_new_tokens: int = 64
+
+
+@dataclass
+class TrackingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "criteriapo"
+    wandb_mode: Literal["offline", "online"] = "offline"
+    plots: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/criteriapo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> Config:
+        from criteriapo.losses.dpo import LOSSES
+
+        for name, stage in (("sft", self.sft), ("dpo", self.dpo)):
+            _validate_stage(name, stage.data, stage.optim, stage.train)
+        d = self.dpo
+        if d.loss_type not in LOSSES:
+            raise ConfigError(
+                f"dpo.loss_type: unknown loss {d.loss_type!r}; choose one of {', '.join(LOSSES)}"
+            )
+        _positive("dpo.beta", d.beta)
+        if not 0 <= d.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+        if d.rpo_alpha is not None and d.rpo_alpha < 0:
+            raise ConfigError(f"dpo.rpo_alpha must be >= 0 or null, got {d.rpo_alpha}")
+        if d.ref_model and d.reference_free:
+            raise ConfigError("dpo.ref_model is set but dpo.reference_free is true: drop one of them")
+        if self.eval.max_new_tokens < 1:
+            raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.eval.max_new_tokens}")
+        return self
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: TrainConfig) -> None:
+    from criteriapo.data.tokenize import TokenizeOptions
+
+    try:
+        TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+    except ConfigError as e:
+        raise ConfigError(f"{name}.data.{e}") from None
+    _positive(f"{name}.optim.lr", optim.lr)
+    if optim.weight_decay < 0:
+        raise ConfigError(f"{name}.optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    if not all(0 <= b < 1 for b in optim.betas):
+        raise ConfigError(f"{name}.optim.betas must be in [0, 1), got {list(optim.betas)}")
+    if optim.max_grad_norm is not None:
+        _positive(f"{name}.optim.max_grad_norm", optim.max_grad_norm)
+    if not 0 <= optim.warmup_ratio < 1:
+        raise ConfigError(f"{name}.optim.warmup_ratio must be in [0, 1), got {optim.warmup_ratio}")
+    for key in ("epochs", "batch_size", "micro_batch_size", "log_every"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"{name}.train.{key} must be >= 1, got {getattr(train, key)}")
+    for key in ("max_steps", "eval_every"):
+        if getattr(train, key) is not None and getattr(train, key) < 1:
+            raise ConfigError(f"{name}.train.{key} must be >= 1 or null, got {getattr(train, key)}")
+    if train.batch_size % train.micro_batch_size:
+        raise ConfigError(
+            f"{name}.train.batch_size ({train.batch_size}) must be a multiple of "
+            f"micro_batch_size ({train.micro_batch_size})"
+        )
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """``path`` (YAML) over the defaults, then ``overrides`` like ``dpo.beta=0.2``; validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such config file")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. dpo.beta=0.2")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+    return from_dict(Config, raw).validate()
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key}: {p} is not a section")
+    node[last] = value
+
+
+def from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, refusing unknown keys and values of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:
+            value = [value]  # a single path where a list is expected
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
+            return tuple(
+                _coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 1e-5 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {path}")  # a programmer error
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Evaluation: held-out preference accuracy (overall and per criterion)."""

@@ -1,0 +1,1 @@
+"""Losses: log-probabilities of completions, the DPO family, SFT."""

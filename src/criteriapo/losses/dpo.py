@@ -1,0 +1,109 @@
+"""The DPO family as small pure functions over per-sequence log-probs.
+
+Each takes policy and reference log-probs of chosen and rejected completions, shape (B,), and
+returns per-pair losses (B,). Rewards are computed once, outside, as beta * (policy - reference).
+Adding a loss is one function and one line in ``LOSSES``.
+
+Notation: pc, pr = policy log p(chosen), log p(rejected); rc, rr = the same under the reference
+(zeros when reference-free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossParams:
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+
+@dataclass(frozen=True)
+class LogPs:
+    pc: torch.Tensor
+    pr: torch.Tensor
+    rc: torch.Tensor
+    rr: torch.Tensor
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The DPO logit: (pc - pr) - (rc - rr)."""
+        return (self.pc - self.pr) - (self.rc - self.rr)
+
+
+def sigmoid(x: LogPs, p: LossParams) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023); with label_smoothing > 0, conservative DPO (cDPO)."""
+    z = p.beta * x.logits
+    return -F.logsigmoid(z) * (1 - p.label_smoothing) - F.logsigmoid(-z) * p.label_smoothing
+
+
+def robust(x: LogPs, p: LossParams) -> torch.Tensor:
+    """rDPO (Chowdhury et al. 2024): unbiased under a label-flip rate of label_smoothing."""
+    z = p.beta * x.logits
+    eps = p.label_smoothing
+    return (-F.logsigmoid(z) * (1 - eps) + F.logsigmoid(-z) * eps) / (1 - 2 * eps)
+
+
+def hinge(x: LogPs, p: LossParams) -> torch.Tensor:
+    """SLiC (Zhao et al. 2023): a hinge on the scaled logit."""
+    return torch.relu(1 - p.beta * x.logits)
+
+
+def ipo(x: LogPs, p: LossParams) -> torch.Tensor:
+    """IPO (Azar et al. 2023): regress the logit to 1/(2 beta). Uses length-averaged log-probs."""
+    return (x.logits - 1 / (2 * p.beta)) ** 2
+
+
+def apo_zero(x: LogPs, p: LossParams) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024): push chosen likelihood up and rejected down."""
+    chosen = 1 - torch.sigmoid(p.beta * (x.pc - x.rc))
+    rejected = torch.sigmoid(p.beta * (x.pr - x.rr))
+    return chosen + rejected
+
+
+def sppo_hard(x: LogPs, p: LossParams) -> torch.Tensor:
+    """SPPO with hard labels (Wu et al. 2024): chosen ratio to +1/2, rejected to -1/2 (over beta)."""
+    return (x.pc - x.rc - 0.5 / p.beta) ** 2 + (x.pr - x.rr + 0.5 / p.beta) ** 2
+
+
+def nca_pair(x: LogPs, p: LossParams) -> torch.Tensor:
+    """NCA (Chen et al. 2024), pairwise form."""
+    chosen = p.beta * (x.pc - x.rc)
+    rejected = p.beta * (x.pr - x.rr)
+    return -F.logsigmoid(chosen) - 0.5 * F.logsigmoid(-chosen) - 0.5 * F.logsigmoid(-rejected)
+
+
+def simpo(x: LogPs, p: LossParams) -> torch.Tensor:
+    """SimPO (Meng et al. 2024): reference-free, length-averaged, with a target margin gamma."""
+    z = p.beta * (x.pc - x.pr) - p.simpo_gamma
+    return -F.logsigmoid(z) * (1 - p.label_smoothing) - F.logsigmoid(-z) * p.label_smoothing
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[[LogPs, LossParams], torch.Tensor]
+    length_normalized: bool = False  # log-probs averaged over completion tokens
+    reference_free: bool = False  # never uses a reference model
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid),
+    "robust": LossSpec(robust),
+    "hinge": LossSpec(hinge),
+    "ipo": LossSpec(ipo, length_normalized=True),
+    "apo_zero": LossSpec(apo_zero),
+    "sppo_hard": LossSpec(sppo_hard),
+    "nca_pair": LossSpec(nca_pair),
+    "simpo": LossSpec(simpo, length_normalized=True, reference_free=True),
+}
+
+
+def rewards(x: LogPs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Implicit rewards beta * (policy - reference) of chosen and rejected, detached."""
+    return (beta * (x.pc - x.rc)).detach(), (beta * (x.pr - x.rr)).detach()

@@ -1,0 +1,275 @@
+"""Stages: SFT, DPO, and the pipeline (SFT, then DPO against the SFT model, evaluation, export).
+
+Each stage checks everything (config, model folder, data) before any long work, trains with the
+one loop, and ends in a run folder holding ``metrics.jsonl``, plots, ``bad_rows.jsonl`` when rows
+were skipped, ``config.yaml``, and ``model/``: a standard Hugging Face model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from criteriapo.config import Config, DataConfig, DPOConfig, SFTConfig, to_dict
+from criteriapo.data.builtin import builtin_path
+from criteriapo.data.loading import load_data
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.errors import ConfigError
+from criteriapo.eval.preference import PreferenceEval, preference_eval
+from criteriapo.export import ModelCard, export_model
+from criteriapo.generation import chat_messages, generate
+from criteriapo.losses.dpo import LOSSES
+from criteriapo.models import load_model, load_tokenizer, resolve_model
+from criteriapo.models.loading import ModelSource
+from criteriapo.tracking.loggers import build_loggers
+from criteriapo.tracking.plots import plot_run
+from criteriapo.tracking.progress import ProgressBar
+from criteriapo.train.loop import Trainer, seed_everything
+from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+    before: PreferenceEval | None = None  # DPO only: held-out preference of the starting model
+    after: PreferenceEval | None = None
+
+
+def data_paths(entries: list[str]) -> list[Path]:
+    """Paths as given; ``builtin:NAME`` names a dataset the project makes itself."""
+    out = []
+    for e in entries:
+        if e.startswith("builtin:"):
+            try:
+                out.append(builtin_path(e.removeprefix("builtin:")))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+        else:
+            out.append(Path(e))
+    return out
+
+
+def _tokenized(data: DataConfig, files: list[str], kind: str, tok: ChatTokenizer, run_dir: Path) -> list:
+    if not files:
+        return []
+    report = run_dir / "bad_rows.jsonl"
+    loaded = load_data(
+        data_paths(files), kind=kind, split=data.split, on_bad_row=data.on_bad_row, report_path=report
+    )
+    opts = TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+    return tokenize_examples(loaded.examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
+
+
+def _prepare(cfg: Config, model_spec: str, stage: SFTConfig | DPOConfig, kind: str, run_dir: Path):
+    """Every check that can fail fast, in order: model folder, data, then the weights."""
+    source = resolve_model(model_spec, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.chat_template:
+        path = Path(cfg.model.chat_template)
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: no such file {path}")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    chat = ChatTokenizer(tokenizer, _eos_ids(source), name=model_spec)
+    if not stage.data.train:
+        raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "bad_rows.jsonl").unlink(missing_ok=True)
+    train = _tokenized(stage.data, stage.data.train, "sft" if kind == "sft" else "preference", chat, run_dir)
+    evals = _tokenized(stage.data, stage.data.eval, "sft" if kind == "sft" else "preference", chat, run_dir)
+    seed_everything(stage.train.seed)
+    model = load_model(
+        source, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
+    )
+    return source, tokenizer, model, train, evals
+
+
+def _eos_ids(source: ModelSource) -> list[int]:
+    path = source.path / "generation_config.json"
+    if not path.exists():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def _write_config(run_dir: Path, cfg: Config) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def _finish(cfg: Config, trainer: Trainer, run_dir: Path, tokenizer, card: ModelCard) -> Path:
+    trainer.loggers.close()
+    if cfg.tracking.plots:
+        plot_run(run_dir)
+    return export_model(trainer.model, tokenizer, run_dir / "model", card)
+
+
+def _progress(cfg: Config, label: str) -> ProgressBar | None:
+    return ProgressBar(label) if cfg.tracking.progress else None
+
+
+def run_sft(cfg: Config, model_spec: str | None = None, run_dir: Path | None = None) -> StageResult:
+    model_spec = model_spec or cfg.model.name_or_path
+    run_dir = Path(run_dir or Path(cfg.output_dir) / "sft")
+    t0 = time.perf_counter()
+    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir)
+    _write_config(run_dir, cfg)
+    loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-sft", to_dict(cfg))
+    trainer = Trainer(
+        model,
+        SFTTask(tokenizer.pad_token_id),
+        train,
+        cfg.sft.optim,
+        cfg.sft.train,
+        loggers,
+        evals,
+        _progress(cfg, "sft"),
+    )
+    t1 = time.perf_counter()
+    metrics = trainer.train()
+    t2 = time.perf_counter()
+    card = ModelCard(
+        name=f"{Path(cfg.output_dir).name}-sft",
+        base_model=source.spec,
+        method="SFT",
+        datasets=cfg.sft.data.train,
+        hyperparameters=to_dict(cfg.sft),
+        metrics=metrics,
+    )
+    model_dir = _finish(cfg, trainer, run_dir, tokenizer, card)
+    seconds = {"prepare": t1 - t0, "train": t2 - t1, "export": time.perf_counter() - t2}
+    return StageResult(run_dir, model_dir, metrics, seconds)
+
+
+def _references(
+    cfg: Config, source: ModelSource, model, pad: int, train: list, evals: list, start_eval: PairScores | None
+):
+    """Reference scores of the train and eval pairs, or a frozen reference model, or neither."""
+    d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
+    if d.reference_free or LOSSES[d.loss_type].reference_free:
+        return None, None, None
+    if not d.precompute_ref_log_probs:  # a frozen copy scores each batch as training goes
+        ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=cfg.model.device)
+        return None, None, ref_model.requires_grad_(False)
+    if d.ref_model:
+        ref = load_model(d.ref_model, dtype=cfg.model.dtype, device=cfg.model.device)
+        return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
+    # the starting weights are the reference: score them now, so no copy is ever held
+    return score_pairs(model, train, pad, mbs), start_eval, None
+
+
+def run_dpo(cfg: Config, model_spec: str | None = None, run_dir: Path | None = None) -> StageResult:
+    model_spec = model_spec or cfg.model.name_or_path
+    run_dir = Path(run_dir or Path(cfg.output_dir) / "dpo")
+    d = cfg.dpo
+    t0 = time.perf_counter()
+    if d.ref_model:
+        resolve_model(d.ref_model, need_tokenizer=False, trust_remote_code=cfg.model.trust_remote_code)
+    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir)
+    _write_config(run_dir, cfg)
+    pad = tokenizer.pad_token_id
+    t1 = time.perf_counter()
+    # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
+    start_eval = score_pairs(model, evals, pad, d.train.micro_batch_size) if evals else None
+    ref_train, ref_eval, ref_model = _references(cfg, source, model, pad, train, evals, start_eval)
+    t2 = time.perf_counter()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
+    eval_task = DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model)
+    loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-dpo", to_dict(cfg))
+    trainer = Trainer(
+        model,
+        task,
+        train,
+        d.optim,
+        d.train,
+        loggers,
+        evals,
+        _progress(cfg, f"dpo ({d.loss_type})"),
+        eval_task=eval_task,
+    )
+    metrics = trainer.train()
+    t3 = time.perf_counter()
+    before = preference_eval(start_eval, evals) if evals else None
+    after = (
+        preference_eval(score_pairs(model, evals, pad, d.train.micro_batch_size), evals) if evals else None
+    )
+    if after is not None:
+        metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
+    card = ModelCard(
+        name=f"{Path(cfg.output_dir).name}-dpo",
+        base_model=source.spec,
+        method=f"DPO (loss_type {d.loss_type}, beta {d.beta})",
+        datasets=d.data.train,
+        hyperparameters=to_dict(d),
+        metrics=metrics,
+        notes=[f"Reference model: {_reference_note(d, task)}"],
+    )
+    model_dir = _finish(cfg, trainer, run_dir, tokenizer, card)
+    seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
+    return StageResult(run_dir, model_dir, metrics, seconds, before, after)
+
+
+def _reference_note(d: DPOConfig, task: DPOTask) -> str:
+    if task.reference_free:
+        return "none (reference-free)"
+    where = d.ref_model or "the starting weights"
+    return f"{where}, log-probs precomputed" if d.precompute_ref_log_probs else f"{where}, kept frozen"
+
+
+@dataclass
+class PipelineResult:
+    sft: StageResult
+    dpo: StageResult
+    generations: list[dict[str, str]]
+    seconds: dict[str, float]
+    summary_path: Path
+
+
+def sample_replies(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    return [generate(model, tok, chat_messages(p), max_new_tokens=max_new_tokens) for p in prompts]
+
+
+def run_pipeline(cfg: Config) -> PipelineResult:
+    out = Path(cfg.output_dir)
+    t0 = time.perf_counter()
+    resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)  # fetch/check first
+    t_fetch = time.perf_counter()
+    sft = run_sft(cfg, run_dir=out / "sft")
+    dpo = run_dpo(cfg, model_spec=str(sft.model_dir), run_dir=out / "dpo")
+    t_train = time.perf_counter()
+    before = sample_replies(sft.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
+    after = sample_replies(dpo.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
+    generations = [
+        {"prompt": p, "before": b, "after": a}
+        for p, b, a in zip(cfg.eval.prompts, before, after, strict=True)
+    ]
+    t_end = time.perf_counter()
+    seconds = {
+        "fetch": t_fetch - t0,
+        "sft": sum(sft.seconds.values()),
+        "dpo": sum(dpo.seconds.values()),
+        "generate": t_end - t_train,
+        "total": t_end - t0,
+    }
+    summary = {
+        "sft_model": str(sft.model_dir),
+        "dpo_model": str(dpo.model_dir),
+        "seconds": seconds,
+        "before": dpo.before.as_dict() if dpo.before else None,
+        "after": dpo.after.as_dict() if dpo.after else None,
+        "dpo_metrics": dpo.metrics,
+        "generations": generations,
+    }
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return PipelineResult(sft, dpo, generations, seconds, path)

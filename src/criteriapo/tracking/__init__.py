@@ -1,0 +1,1 @@
+"""Metric loggers (JSONL always; TensorBoard and Weights & Biases on request) and plots."""

@@ -1,0 +1,43 @@
+"""A live progress bar: step, loss, accuracy, tokens/s and time left."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class ProgressBar:
+    def __init__(self, label: str, console: Console | None = None):
+        self.label = label
+        self._p = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+        )
+        self._task = None
+
+    def start(self, total: int, done: int) -> None:
+        self._p.start()
+        self._task = self._p.add_task(self.label, total=total, completed=done, stats="")
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        stats = f"loss {m['loss']:.4f}"
+        if "rewards/accuracies" in m:
+            stats += f"  acc {m['rewards/accuracies']:.2f}"
+        stats += f"  {m['tokens_per_second']:.0f} tok/s"
+        self._p.update(self._task, completed=step, stats=stats)
+
+    def stop(self) -> None:
+        self._p.stop()

@@ -1,0 +1,60 @@
+"""Seeded data order with a resumable position, and right-padding collation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class DataOrder:
+    """A fresh seeded permutation each epoch; ``state_dict`` records where the next batch starts."""
+
+    def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError("no training examples")
+        self.size, self.seed = size, seed
+        self.epoch, self.position = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def next_batch(self, batch_size: int) -> list[int]:
+        """The next ``batch_size`` indices; an epoch's last batch may be shorter."""
+        if self.position >= self.size:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._perm = self._permutation(self.epoch)
+        out = self._perm[self.position : self.position + batch_size]
+        self.position += len(out)
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "size": self.size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["seed"], state["size"]) != (self.seed, self.size):
+            raise ValueError(
+                f"data order was for seed {state['seed']} and {state['size']} examples, "
+                f"not seed {self.seed} and {self.size}"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._perm = self._permutation(self.epoch)
+
+
+def pad_batch(
+    sequences: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids, attention_mask, labels (-100 on padding)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, (s, y) in enumerate(zip(sequences, labels, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}

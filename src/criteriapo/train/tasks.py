@@ -1,0 +1,189 @@
+"""Tasks turn a batch into ``(loss, metrics)`` for the one training loop.
+
+A task knows how to collate its examples, how many loss units a batch holds (``counts``: tokens
+for SFT, pairs for DPO), and how to compute the loss already divided by the totals of the whole
+optimizer step, so accumulating micro-batches gives the same gradient as one big batch.
+Metrics come back as (sum, count) pairs and are averaged over the step by the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from criteriapo.config import DPOConfig
+from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
+from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
+from criteriapo.losses.logprobs import SequenceLogps, sequence_logps
+from criteriapo.train.batching import pad_batch
+
+Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
+
+
+class Task(Protocol):
+    name: str
+
+    def collate(self, examples: Sequence[Any], indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]: ...
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, int]
+    ) -> tuple[torch.Tensor, Metrics]: ...
+
+
+def _labelled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return (batch["labels"][:, 1:] != -100).sum(dim=1)  # (B,) tokens that carry a loss
+
+
+class SFTTask:
+    """Next-token cross-entropy on completion tokens, averaged over every such token in the step."""
+
+    name = "sft"
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def collate(self, examples: Sequence[TokenizedSFT], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return pad_batch([e.input_ids for e in examples], [e.labels for e in examples], self.pad_id)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"tokens": int(_labelled(batch).sum())}
+
+    def loss(self, model, batch, totals):
+        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = -out.logps.sum() / totals["tokens"]
+        n = float(out.num_tokens.sum())
+        return loss, {"logps/token": (float(out.logps.detach().sum()), n)}
+
+
+@dataclass
+class PairScores:
+    """Per-pair log-probs (and token counts) of chosen and rejected under one model."""
+
+    chosen: torch.Tensor  # (N,)
+    rejected: torch.Tensor  # (N,)
+    chosen_tokens: torch.Tensor  # (N,)
+    rejected_tokens: torch.Tensor  # (N,)
+
+
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Chosen sequences in rows [0, B), rejected in [B, 2B); the prompt is masked out of the labels."""
+    seqs, labels = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            completion = getattr(p, side)
+            seqs.append(p.prompt_ids + completion)
+            labels.append([-100] * len(p.prompt_ids) + completion)
+    batch = pad_batch(seqs, labels, pad_id)
+    batch["index"] = torch.tensor(list(indices), dtype=torch.long)
+    batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+    return batch
+
+
+def split_scores(out: SequenceLogps, b: int) -> PairScores:
+    return PairScores(out.logps[:b], out.logps[b:], out.num_tokens[:b], out.num_tokens[b:])
+
+
+class DPOTask:
+    """DPO and its variants against a reference: precomputed scores, a frozen model, or none."""
+
+    name = "dpo"
+
+    def __init__(
+        self,
+        cfg: DPOConfig,
+        pad_id: int,
+        vocab_size: int,
+        reference: PairScores | None = None,
+        ref_model: torch.nn.Module | None = None,
+    ):
+        self.cfg, self.pad_id, self.vocab = cfg, pad_id, vocab_size
+        self.spec = LOSSES[cfg.loss_type]
+        self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
+        self.reference_free = cfg.reference_free or self.spec.reference_free
+        if not self.reference_free and reference is None and ref_model is None:
+            raise ValueError("DPOTask needs reference scores or a reference model unless reference-free")
+        self.reference, self.ref_model = reference, ref_model
+
+    def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        return collate_pairs(examples, indices, self.pad_id)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        b = batch["index"].shape[0]
+        return {"pairs": b, "chosen_tokens": int(_labelled(batch)[:b].sum())}
+
+    def _reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        b = batch["index"].shape[0]
+        device = batch["input_ids"].device
+        if self.reference_free:
+            zeros = torch.zeros(b, device=device)
+            return zeros, zeros
+        if self.reference is not None:
+            i = batch["index"].cpu()
+            return self.reference.chosen[i].to(device), self.reference.rejected[i].to(device)
+        with torch.no_grad():
+            out = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return out.logps[:b], out.logps[b:]
+
+    def loss(self, model, batch, totals):
+        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        b = batch["index"].shape[0]
+        s = split_scores(out, b)
+        x = LogPs(s.chosen, s.rejected, *self._reference(batch))  # summed over completion tokens
+        if self.spec.length_normalized:  # ipo, simpo: the loss sees per-token averages
+            nc, nr = s.chosen_tokens.clamp(min=1), s.rejected_tokens.clamp(min=1)
+            losses = self.spec.fn(LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr), self.params)  # (B,)
+        else:
+            losses = self.spec.fn(x, self.params)  # (B,)
+        loss = (losses * batch["weight"]).sum() / totals["pairs"]
+        if self.cfg.rpo_alpha:
+            # NLL of the chosen completions, averaged over every chosen token of the step
+            loss = loss + self.cfg.rpo_alpha * -out.logps[:b].sum() / totals["chosen_tokens"]
+        cr, rj = rewards(x, self.cfg.beta)  # implicit rewards of whole sequences, whatever the loss
+        ntok = out.num_tokens.float()
+        n = float(b)
+        metrics = {
+            "rewards/chosen": (float(cr.sum()), n),
+            "rewards/rejected": (float(rj.sum()), n),
+            "rewards/accuracies": (float((cr > rj).float().sum()), n),
+            "rewards/margins": (float((cr - rj).sum()), n),
+            "logps/chosen": (float(x.pc.detach().sum()), n),
+            "logps/rejected": (float(x.pr.detach().sum()), n),
+            "logits/chosen": (float(out.logits_sum[:b].sum()), float(ntok[:b].sum()) * self.vocab),
+            "logits/rejected": (float(out.logits_sum[b:].sum()), float(ntok[b:].sum()) * self.vocab),
+        }
+        return loss, metrics
+
+
+@torch.no_grad()
+def score_pairs(
+    model: torch.nn.Module, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch_size: int = 8
+) -> PairScores:
+    """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(pairs), micro_batch_size):
+        chunk = pairs[start : start + micro_batch_size]
+        batch = collate_pairs(chunk, range(start, start + len(chunk)), pad_id)
+        out = sequence_logps(
+            model,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            batch["labels"].to(device),
+        )
+        parts.append(split_scores(out, len(chunk)))
+    model.train(was_training)
+    return PairScores(
+        *(
+            torch.cat([getattr(p, f).cpu() for p in parts])
+            for f in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
+        )
+    )

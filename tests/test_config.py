@@ -1,0 +1,75 @@
+"""Typed config: YAML, dotted overrides, and a clear message for every mistake."""
+
+from __future__ import annotations
+
+import pytest
+
+from criteriapo.config import load_config
+from criteriapo.errors import ConfigError
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(
+        tmp_path, "output_dir: runs/x\ndpo:\n  beta: 0.2\n  optim: {lr: 1e-6}\n  data: {train: a.jsonl}\n"
+    )
+    cfg = load_config(path, ["dpo.loss_type=ipo", "sft.train.batch_size=16", "model.name_or_path=/m"])
+    assert (cfg.output_dir, cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.optim.lr) == ("runs/x", 0.2, "ipo", 1e-6)
+    assert (
+        cfg.dpo.data.train == ["a.jsonl"]
+        and cfg.sft.train.batch_size == 16
+        and cfg.model.name_or_path == "/m"
+    )
+    assert cfg.sft.optim.lr == 2e-5  # stage defaults survive a partial section
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("dpo:\n  betta: 0.1\n", [], "dpo.betta: unknown key; did you mean 'beta'?"),
+        ("", ["sft.train.epochs=two"], "sft.train.epochs: expected an integer, got 'two'"),
+        ("", ["tracking.wandb=maybe"], "tracking.wandb: expected true or false, got 'maybe'"),
+        ("", ["dpo.beta=-0.1"], "dpo.beta must be > 0, got -0.1"),
+        ("", ["dpo.loss_type=kto"], "dpo.loss_type: unknown loss 'kto'; choose one of sigmoid, robust"),
+        (
+            "",
+            ["dpo.data.max_length=128", "dpo.data.max_prompt_length=128"],
+            "dpo.data.max_prompt_length (128) must be below max_length (128)",
+        ),
+        ("", ["sft.data.on_bad_row=drop"], "sft.data.on_bad_row: must be one of 'error', 'skip', got 'drop'"),
+        (
+            "",
+            ["sft.train.batch_size=6", "sft.train.micro_batch_size=4"],
+            "batch_size (6) must be a multiple of",
+        ),
+        ("", ["dpo.label_smoothing=0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
+        ("", ["dpo.optim.betas=[0.9]"], "dpo.optim.betas: expected 2 values, got 1"),
+        ("", ["model.dtype=fp8"], "model.dtype: must be one of 'auto', 'float32', 'bfloat16', 'float16'"),
+        ("", ["beta"], "override 'beta': expected key=value"),
+        ("- a\n- b\n", [], "expected a mapping of sections at the top"),
+        ("dpo: [1\n", [], "not valid YAML"),
+    ],
+)
+def test_mistakes_are_named(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), overrides)
+    assert message in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -1,0 +1,113 @@
+"""Stages end to end on a tiny model: run folders, metrics, plots, and an exported folder that
+transformers' pipeline loads and that answers a list of chat messages as the model card says."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from criteriapo.config import load_config
+from criteriapo.pipeline import run_dpo, run_sft
+from tests.helpers import write_jsonl
+
+U = {"role": "user", "content": "What is the capital of France?"}
+
+
+@pytest.fixture
+def config(tmp_path, tiny_llama_dir):
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [{"messages": [U, {"role": "assistant", "content": f"Paris {i}."}]} for i in range(6)],
+    )
+    pairs = [
+        {
+            "prompt": [U],
+            "chosen": [{"role": "assistant", "content": f"Paris, {i}."}],
+            "rejected": [{"role": "assistant", "content": f"Lyon {i}!"}],
+        }
+        for i in range(6)
+    ]
+    write_jsonl(tmp_path / "pairs.jsonl", pairs + [{"prompt": [U], "chosen": "x", "rejected": "x"}])
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={tiny_llama_dir}",
+            f"sft.data.train={sft}",
+            f"dpo.data.train={tmp_path / 'pairs.jsonl'}",
+            f"dpo.data.eval={tmp_path / 'pairs.jsonl'}",
+            "dpo.data.on_bad_row=skip",
+            "sft.train.batch_size=2",
+            "sft.train.micro_batch_size=1",
+            "dpo.train.batch_size=2",
+            "dpo.train.micro_batch_size=2",
+            "dpo.optim.lr=1e-3",
+            "tracking.progress=false",
+        ],
+    )
+
+
+def test_sft_then_dpo_run_folders(config):
+    sft = run_sft(config)
+    assert (sft.run_dir / "metrics.jsonl").exists() and (sft.run_dir / "loss.png").exists()
+    dpo = run_dpo(config, model_spec=str(sft.model_dir))
+    rows = [json.loads(line) for line in (dpo.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    for key in (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "tokens_per_second",
+    ):
+        assert key in rows[0], key
+    assert "eval/rewards/accuracies" in rows[-1]
+    assert {p.name for p in dpo.run_dir.glob("*.png")} == {"loss.png", "rewards.png", "accuracy.png"}
+    skipped = (dpo.run_dir / "bad_rows.jsonl").read_text().splitlines()
+    assert len(skipped) == 2 and all("identical to chosen" in s for s in skipped)  # train and eval files
+    assert dpo.before is not None and dpo.after is not None and dpo.after.pairs == 6
+    card = (dpo.model_dir / "README.md").read_text()
+    for needle in (
+        "base_model:",
+        "DPO (loss_type sigmoid, beta 0.1)",
+        "### Hyperparameters",
+        "rewards/accuracies",
+        "Transformers",
+        "PyTorch",
+    ):
+        assert needle in card
+
+
+def test_exported_folder_runs_the_model_card_quick_start(config, capsys):
+    sft = run_sft(config)
+    card = (sft.model_dir / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    assert f'model="{sft.model_dir.resolve()}"' in code
+    exec(code, {})  # noqa: S102 -- the model card's quick start, run exactly as a user would paste it
+    printed = capsys.readouterr().out
+
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(sft.model_dir))
+    out = generator([U], max_new_tokens=64, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    assert printed == reply["content"] + "\n"  # the quick start printed the assistant's reply
+    assert {p.name for p in sft.model_dir.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "README.md",
+    }
