@@ -96,9 +96,11 @@ class Trainer:
         step = self.state.step
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            rows = "; ".join(str(getattr(self.train_set[i], "source", i)) for i in sorted(indices)[:8])
             raise NonFiniteError(
-                f"step {step + 1}: loss {loss_total} and gradient norm {grad_norm}; "
-                f"rows at dataset positions {sorted(indices)}. Lower the learning rate or check them"
+                f"step {step + 1}: loss {loss_total} and gradient norm {grad_norm}; the step's rows: {rows}"
+                f"{' ...' if len(indices) > 8 else ''}. Nothing was updated; lower the learning rate or "
+                "check those rows"
             )
         lr = lr_at(step, self.optim_cfg, self.total_steps)
         for group in self.optimizer.param_groups:
