@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -85,22 +86,47 @@ def _data_check(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _make_criteria(args: argparse.Namespace) -> None:
+    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset
+
+    opts = MakerOptions(
+        prompts=args.prompts,
+        samples=args.samples,
+        held_out=args.held_out,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+    )
+    t0 = time.perf_counter()
+    counts = make_criteria_dataset(Path(args.out), args.model, opts)
+    console.print(
+        f"{counts['train']} train and {counts['heldout']} held-out prompts, {counts['completions']} "
+        f"scored replies in {time.perf_counter() - t0:.0f} s -> {args.out}/train.jsonl, heldout.jsonl"
+    )
+
+
 def _generate(args: argparse.Namespace) -> None:
     from criteriapo.generation import chat_messages, generate
     from criteriapo.models import load_model, load_tokenizer, resolve_model
 
+    prompt = args.prompt
+    if args.criteria:  # steer a model trained with prompts conditioned on criteria
+        from criteriapo.criteria import parse_criteria
+        from criteriapo.criteria.pairs import condition_prompt
+
+        prompt = condition_prompt(prompt, [c.description for c in parse_criteria(args.criteria)])
     source = resolve_model(args.model)
     model = load_model(source, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(source)
+    messages = chat_messages(prompt, args.system)
     reply = generate(
         model,
         tokenizer,
-        chat_messages(args.prompt, args.system),
+        messages,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
     )
-    console.print(f"[bold]user:[/] {args.prompt}", highlight=False)
+    console.print(f"[bold]user:[/] {prompt}", highlight=False)
     console.print(f"[bold]assistant ({args.model}):[/]", highlight=False)
     console.print(reply, highlight=False, markup=False)
 
@@ -230,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-prompt-length", type=int, default=None)
     c.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     c.set_defaults(func=_data_check)
+    mk = dsub.add_parser(
+        "make-criteria", help="build the multi-criteria dataset from templates, samples and edits"
+    )
+    mk.add_argument("--out", default="data/criteria", help="folder for train.jsonl and heldout.jsonl")
+    mk.add_argument("--model", default="smollm2", help="model that samples the candidate replies")
+    mk.add_argument("--prompts", type=int, default=160)
+    mk.add_argument("--samples", type=int, default=2, help="sampled replies per prompt (edits come on top)")
+    mk.add_argument("--held-out", type=float, default=0.2)
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--max-new-tokens", type=int, default=64)
+    mk.set_defaults(func=_make_criteria)
 
     for name, func, about in (
         ("sft", _sft, "supervised fine-tuning (the config's sft section)"),
@@ -255,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help="model folder, .gguf file, embedded name (smollm2) or cached hub id")
     g.add_argument("prompt")
     g.add_argument("--system", default=None, help="system message")
+    g.add_argument(
+        "--criteria", default=None, help="criteria to steer by, ';'-separated: 'max_words:20;no_commas'"
+    )
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)

@@ -55,3 +55,42 @@ def generate_in_thread(model: Any, tokenizer: Any, messages: list[Message], stre
     )
     thread.start()
     return thread
+
+
+def sample_batch(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[Message]],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """One reply per conversation, sampled in left-padded batches; the same seed gives the same replies."""
+    import torch
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    out: list[str] = []
+    try:
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            enc = tokenizer.apply_chat_template(
+                chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
+            ).to(model.device)
+            torch.manual_seed(seed + start)
+            with torch.inference_mode():
+                ids = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                )
+            width = enc["input_ids"].shape[1]
+            out += [t.strip() for t in tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+    return out

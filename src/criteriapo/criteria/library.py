@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from criteriapo.errors import ConfigError
 
@@ -22,7 +22,7 @@ Checker = Callable[[str], bool]
 class Criterion:
     name: str  # the spec that recreates it, e.g. "max_words:20"
     description: str  # the instruction, e.g. "Answer in at most 20 words."
-    check: Checker | None = None  # None: judged by ratings only (e.g. UltraFeedback's helpfulness)
+    check: Checker | None = field(default=None, compare=False)  # None: judged by ratings only
 
     @property
     def verifiable(self) -> bool:
