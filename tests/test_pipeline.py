@@ -111,3 +111,40 @@ def test_exported_folder_runs_the_model_card_quick_start(config, capsys):
         "generation_config.json",
         "README.md",
     }
+
+
+def test_recipe_all_trains_three_models_and_compares_them(tmp_path, tiny_llama_dir, monkeypatch):
+    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset
+    from criteriapo.pipeline import run_pipeline
+
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    make_criteria_dataset(
+        tmp_path / "crit", str(tiny_llama_dir), MakerOptions(prompts=12, samples=0, held_out=0.25)
+    )
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl", [{"messages": [U, {"role": "assistant", "content": "Paris."}]}] * 4
+    )
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={tiny_llama_dir}",
+            f"sft.data.train={sft}",
+            f"dpo.data.train={tmp_path / 'crit' / 'train.jsonl'}",
+            f"dpo.data.eval={tmp_path / 'crit' / 'heldout.jsonl'}",
+            "dpo.recipe=all",
+            "dpo.mini_min_margin=0.3",
+            "dpo.train.batch_size=8",
+            "tracking.progress=false",
+            "tracking.plots=false",
+            "eval.prompts=[Hi]",
+            "eval.max_new_tokens=4",
+        ],
+    )
+    result = run_pipeline(cfg)
+    assert set(result.dpo) == {"vanilla", "mini", "finegrained"}
+    assert "recipe finegrained" in (result.dpo["finegrained"].model_dir / "README.md").read_text()
+    table = result.comparison.read_text()
+    for name in ("base", "sft", "vanilla", "mini", "finegrained"):
+        assert f"| {name} |" in table
+    assert (result.comparison.parent / "comparison.png").exists()

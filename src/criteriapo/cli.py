@@ -104,6 +104,35 @@ def _make_criteria(args: argparse.Namespace) -> None:
     )
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from criteriapo.data.loading import load_data
+    from criteriapo.eval.criteria import compare
+
+    data = load_data(args.data, kind="multi_criteria").examples
+    models = [
+        tuple(m.split("=", 1))
+        if "=" in m
+        else (Path(m).name if Path(m).name != "model" else Path(m).parent.name, m)
+        for m in args.models
+    ]
+    t0 = time.perf_counter()
+    compare(
+        models,
+        data,
+        Path(args.out),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    console.print(
+        (Path(args.out) / "comparison.md").read_text(), markup=False, highlight=False, soft_wrap=True
+    )
+    console.print(
+        f"{len(models)} model(s) in {time.perf_counter() - t0:.0f} s -> {args.out}/comparison.md, "
+        "comparison.json, comparison.png"
+    )
+
+
 def _generate(args: argparse.Namespace) -> None:
     from criteriapo.generation import chat_messages, generate
     from criteriapo.models import load_model, load_tokenizer, resolve_model
@@ -158,8 +187,8 @@ def _dpo(args: argparse.Namespace) -> None:
         _preference_table(result.before, result.after)
 
 
-def _preference_table(before, after) -> None:
-    table = Table(title=f"held-out preference ({after.pairs} pairs)")
+def _preference_table(before, after, name: str = "dpo") -> None:
+    table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
     for col in ("", "before DPO", "after DPO"):
         table.add_column(col, justify="right")
     table.add_row("accuracy", f"{before.accuracy:.3f}", f"{after.accuracy:.3f}")
@@ -173,19 +202,24 @@ def _pipeline(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_pipeline
 
     r = run_pipeline(_config(args))
-    if r.dpo.before and r.dpo.after:
-        _preference_table(r.dpo.before, r.dpo.after)
+    for name, stage in r.dpo.items():
+        if stage.before and stage.after:
+            _preference_table(stage.before, stage.after, name)
     for g in r.generations:
         console.print(f"\n[bold]prompt:[/] {g['prompt']}", highlight=False)
-        console.print("[bold]  before DPO:[/] ", end="")
-        console.print(g["before"], markup=False, highlight=False)
-        console.print("[bold]  after DPO:[/]  ", end="")
-        console.print(g["after"], markup=False, highlight=False)
+        for key, reply in g.items():
+            if key != "prompt":
+                label = "before DPO" if key == "before" else f"after {key}"
+                console.print(f"[bold]  {label}:[/] ", end="")
+                console.print(reply, markup=False, highlight=False)
+    if r.comparison:
+        console.print("\n" + r.comparison.read_text(), markup=False, highlight=False, soft_wrap=True)
     times = "  ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
     console.print(f"\nwall time: {times}")
-    console.print(
-        f"SFT model: {r.sft.model_dir}\n[bold]DPO model: {r.dpo.model_dir}[/]\nsummary: {r.summary_path}"
-    )
+    console.print(f"SFT model: {r.sft.model_dir}")
+    for name, stage in r.dpo.items():
+        console.print(f"[bold]DPO model ({name}): {stage.model_dir}[/]")
+    console.print(f"summary: {r.summary_path}")
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -277,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 output_dir=runs/x")
         s.set_defaults(func=func)
+
+    ev = sub.add_parser("eval", help="preference accuracy and criteria pass rates of one or more models")
+    ev.add_argument("models", nargs="+", help="model folders or names, optionally NAME=MODEL")
+    ev.add_argument(
+        "--data", required=True, help="held-out multi-criteria data (e.g. from data make-criteria)"
+    )
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_eval)
 
     ch = sub.add_parser("chat", help="interactive chat with a model, streamed")
     ch.add_argument("model")

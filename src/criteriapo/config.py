@@ -83,6 +83,12 @@ class DPOConfig:
     precompute_ref_log_probs: bool = True  # reference = the starting weights, scored once, never held
     simpo_gamma: float = 0.5
     ref_model: str | None = None  # another model as reference (kept frozen in memory)
+    # criteria recipes: the data files are multi-criteria (UltraFeedback-style) and pairs are built
+    recipe: Literal["vanilla", "mini", "finegrained", "all"] | None = None
+    mini_size: int | None = None
+    mini_min_margin: float = 0.5
+    criterion_weights: dict[str, float] = field(default_factory=dict)
+    condition_on_criterion: bool = False
 
 
 @dataclass
@@ -127,6 +133,11 @@ class Config:
             raise ConfigError(f"dpo.rpo_alpha must be >= 0 or null, got {d.rpo_alpha}")
         if d.ref_model and d.reference_free:
             raise ConfigError("dpo.ref_model is set but dpo.reference_free is true: drop one of them")
+        if d.mini_size is not None and d.mini_size < 1:
+            raise ConfigError(f"dpo.mini_size must be >= 1 or null, got {d.mini_size}")
+        for k, w in d.criterion_weights.items():
+            if w < 0:
+                raise ConfigError(f"dpo.criterion_weights.{k} must be >= 0, got {w}")
         if self.eval.max_new_tokens < 1:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.eval.max_new_tokens}")
         return self
@@ -237,6 +248,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return {_coerce(args[0], k, path): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str) and origin is list:
             value = [value]  # a single path where a list is expected

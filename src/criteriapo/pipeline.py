@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from criteriapo.config import Config, DataConfig, DPOConfig, SFTConfig, to_dict
+from criteriapo.criteria.pairs import RECIPES, RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
@@ -46,31 +47,72 @@ class StageResult:
 
 
 def data_paths(entries: list[str]) -> list[Path]:
-    """Paths as given; ``builtin:NAME`` names a dataset the project makes itself."""
+    """Paths as given; ``builtin:NAME`` names a dataset the project makes itself: ``sft``,
+    ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout`` (made by
+    ``data make-criteria`` with its defaults and the embedded model, once, into the cache)."""
     out = []
     for e in entries:
-        if e.startswith("builtin:"):
-            try:
-                out.append(builtin_path(e.removeprefix("builtin:")))
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-        else:
+        name = e.removeprefix("builtin:")
+        if name == e:
             out.append(Path(e))
+        elif name in ("criteria-train", "criteria-heldout"):
+            out.append(_builtin_criteria() / f"{name.removeprefix('criteria-')}.jsonl")
+        else:
+            try:
+                out.append(builtin_path(name))
+            except ValueError as err:
+                raise ConfigError(f"{err}, criteria-train, criteria-heldout") from None
     return out
 
 
-def _tokenized(data: DataConfig, files: list[str], kind: str, tok: ChatTokenizer, run_dir: Path) -> list:
+def _builtin_criteria() -> Path:
+    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset
+    from criteriapo.fsutil import cache_dir
+
+    folder = cache_dir() / "data" / "criteria-default"
+    if not (folder / "heldout.jsonl").exists():
+        log.warning("making the built-in criteria dataset (sampling from the embedded model, a few minutes)")
+        make_criteria_dataset(folder, "smollm2", MakerOptions())
+    return folder
+
+
+def _tokenized(
+    data: DataConfig,
+    files: list[str],
+    kind: str,
+    tok: ChatTokenizer,
+    run_dir: Path,
+    recipe: str | None = None,
+    recipe_opts: RecipeOptions | None = None,
+) -> list:
+    """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs."""
     if not files:
         return []
     report = run_dir / "bad_rows.jsonl"
     loaded = load_data(
-        data_paths(files), kind=kind, split=data.split, on_bad_row=data.on_bad_row, report_path=report
+        data_paths(files),
+        kind="multi_criteria" if recipe else kind,
+        split=data.split,
+        on_bad_row=data.on_bad_row,
+        report_path=report,
     )
+    examples = (
+        build_pairs(recipe, loaded.examples, recipe_opts or RecipeOptions()) if recipe else loaded.examples
+    )
+    if not examples:
+        raise ConfigError(f"the {recipe} recipe built no pairs from {', '.join(files)}")
     opts = TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
-    return tokenize_examples(loaded.examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
+    return tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
 
 
-def _prepare(cfg: Config, model_spec: str, stage: SFTConfig | DPOConfig, kind: str, run_dir: Path):
+def _prepare(
+    cfg: Config,
+    model_spec: str,
+    stage: SFTConfig | DPOConfig,
+    kind: str,
+    run_dir: Path,
+    recipe: str | None = None,
+):
     """Every check that can fail fast, in order: model folder, data, then the weights."""
     source = resolve_model(model_spec, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
@@ -84,13 +126,19 @@ def _prepare(cfg: Config, model_spec: str, stage: SFTConfig | DPOConfig, kind: s
         raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "bad_rows.jsonl").unlink(missing_ok=True)
-    train = _tokenized(stage.data, stage.data.train, "sft" if kind == "sft" else "preference", chat, run_dir)
-    evals = _tokenized(stage.data, stage.data.eval, "sft" if kind == "sft" else "preference", chat, run_dir)
+    data_kind = "sft" if kind == "sft" else "preference"
+    ropts = _recipe_options(stage) if recipe else None
+    train = _tokenized(stage.data, stage.data.train, data_kind, chat, run_dir, recipe, ropts)
+    evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, run_dir, recipe, ropts)
     seed_everything(stage.train.seed)
     model = load_model(
         source, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
     )
     return source, tokenizer, model, train, evals
+
+
+def _recipe_options(d: DPOConfig) -> RecipeOptions:
+    return RecipeOptions(d.mini_size, d.mini_min_margin, d.criterion_weights, d.condition_on_criterion)
 
 
 def _eos_ids(source: ModelSource) -> list[int]:
@@ -150,7 +198,14 @@ def run_sft(cfg: Config, model_spec: str | None = None, run_dir: Path | None = N
 
 
 def _references(
-    cfg: Config, source: ModelSource, model, pad: int, train: list, evals: list, start_eval: PairScores | None
+    cfg: Config,
+    source: ModelSource,
+    model,
+    pad: int,
+    train: list,
+    evals: list,
+    start_eval: PairScores | None,
+    cache: dict | None,
 ):
     """Reference scores of the train and eval pairs, or a frozen reference model, or neither."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
@@ -163,23 +218,36 @@ def _references(
         ref = load_model(d.ref_model, dtype=cfg.model.dtype, device=cfg.model.device)
         return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
     # the starting weights are the reference: score them now, so no copy is ever held
-    return score_pairs(model, train, pad, mbs), start_eval, None
+    return score_pairs(model, train, pad, mbs, cache), start_eval, None
 
 
-def run_dpo(cfg: Config, model_spec: str | None = None, run_dir: Path | None = None) -> StageResult:
+def run_dpo(
+    cfg: Config,
+    model_spec: str | None = None,
+    run_dir: Path | None = None,
+    recipe: str | None = None,
+    ref_cache: dict | None = None,
+) -> StageResult:
+    """DPO from ``model_spec``. With a recipe, pairs are built from multi-criteria data; ``ref_cache``
+    (the starting model's score per sequence) lets several recipes share one reference pass."""
     model_spec = model_spec or cfg.model.name_or_path
-    run_dir = Path(run_dir or Path(cfg.output_dir) / "dpo")
     d = cfg.dpo
+    recipe = recipe or (d.recipe if d.recipe != "all" else None)
+    if d.recipe == "all" and recipe is None:
+        raise ConfigError(
+            "dpo.recipe: all trains one model per recipe: use `criteriapo pipeline`, or pick one"
+        )
+    run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
     t0 = time.perf_counter()
     if d.ref_model:
         resolve_model(d.ref_model, need_tokenizer=False, trust_remote_code=cfg.model.trust_remote_code)
-    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir)
+    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe)
     _write_config(run_dir, cfg)
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    start_eval = score_pairs(model, evals, pad, d.train.micro_batch_size) if evals else None
-    ref_train, ref_eval, ref_model = _references(cfg, source, model, pad, train, evals, start_eval)
+    start_eval = score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
+    ref_train, ref_eval, ref_model = _references(cfg, source, model, pad, train, evals, start_eval, ref_cache)
     t2 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
     task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
@@ -207,7 +275,7 @@ def run_dpo(cfg: Config, model_spec: str | None = None, run_dir: Path | None = N
     card = ModelCard(
         name=f"{Path(cfg.output_dir).name}-dpo",
         base_model=source.spec,
-        method=f"DPO (loss_type {d.loss_type}, beta {d.beta})",
+        method=f"DPO (loss_type {d.loss_type}, beta {d.beta}" + (f", recipe {recipe})" if recipe else ")"),
         datasets=d.data.train,
         hyperparameters=to_dict(d),
         metrics=metrics,
@@ -228,10 +296,11 @@ def _reference_note(d: DPOConfig, task: DPOTask) -> str:
 @dataclass
 class PipelineResult:
     sft: StageResult
-    dpo: StageResult
+    dpo: dict[str, StageResult]  # one per recipe ("dpo" when the data are plain pairs)
     generations: list[dict[str, str]]
     seconds: dict[str, float]
     summary_path: Path
+    comparison: Path | None = None
 
 
 def sample_replies(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -240,36 +309,60 @@ def sample_replies(model_dir: Path, prompts: list[str], max_new_tokens: int) -> 
 
 
 def run_pipeline(cfg: Config) -> PipelineResult:
+    """SFT, then DPO against the SFT model (one run per recipe with ``dpo.recipe: all``, sharing one
+    reference pass), generations before and after, and with criteria data a comparison by criterion."""
     out = Path(cfg.output_dir)
     t0 = time.perf_counter()
     resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)  # fetch/check first
     t_fetch = time.perf_counter()
     sft = run_sft(cfg, run_dir=out / "sft")
-    dpo = run_dpo(cfg, model_spec=str(sft.model_dir), run_dir=out / "dpo")
+    recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
+    ref_cache: dict = {}  # the SFT model's log-prob of each sequence, scored once for every recipe
+    dpo = {
+        r or "dpo": run_dpo(cfg, str(sft.model_dir), out / (f"dpo-{r}" if r else "dpo"), r, ref_cache)
+        for r in recipes
+    }
     t_train = time.perf_counter()
-    before = sample_replies(sft.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
-    after = sample_replies(dpo.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
+    replies = {"before": sample_replies(sft.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)}
+    for name, stage in dpo.items():
+        replies[name] = sample_replies(stage.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
     generations = [
-        {"prompt": p, "before": b, "after": a}
-        for p, b, a in zip(cfg.eval.prompts, before, after, strict=True)
+        {"prompt": p, **{k: v[i] for k, v in replies.items()}} for i, p in enumerate(cfg.eval.prompts)
     ]
+    comparison = None
+    if cfg.dpo.recipe and cfg.dpo.data.eval:
+        from criteriapo.eval.criteria import compare
+
+        held = load_data(data_paths(cfg.dpo.data.eval), kind="multi_criteria", on_bad_row="skip").examples
+        models = [
+            ("base", cfg.model.name_or_path),
+            ("sft", str(sft.model_dir)),
+            *((name, str(stage.model_dir)) for name, stage in dpo.items()),
+        ]
+        compare(models, held, out / "comparison", max_new_tokens=cfg.eval.max_new_tokens)
+        comparison = out / "comparison" / "comparison.md"
     t_end = time.perf_counter()
     seconds = {
         "fetch": t_fetch - t0,
         "sft": sum(sft.seconds.values()),
-        "dpo": sum(dpo.seconds.values()),
-        "generate": t_end - t_train,
+        **{name: sum(stage.seconds.values()) for name, stage in dpo.items()},
+        "generate+eval": t_end - t_train,
         "total": t_end - t0,
     }
     summary = {
         "sft_model": str(sft.model_dir),
-        "dpo_model": str(dpo.model_dir),
         "seconds": seconds,
-        "before": dpo.before.as_dict() if dpo.before else None,
-        "after": dpo.after.as_dict() if dpo.after else None,
-        "dpo_metrics": dpo.metrics,
         "generations": generations,
+        "dpo": {
+            name: {
+                "model": str(stage.model_dir),
+                "metrics": stage.metrics,
+                "before": stage.before.as_dict() if stage.before else None,
+                "after": stage.after.as_dict() if stage.after else None,
+            }
+            for name, stage in dpo.items()
+        },
     }
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return PipelineResult(sft, dpo, generations, seconds, path)
+    return PipelineResult(sft, dpo, generations, seconds, path, comparison)

@@ -184,3 +184,17 @@ def test_trainer_state_round_trip_continues_identically():
     assert m1["loss"] == m2["loss"] and resumed.state.step == straight.state.step == 4
     for pa, pb in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_reference_cache_scores_each_sequence_once():
+    model = tiny_model()
+    pairs = toy_pairs(6)
+    cache: dict = {}
+    first = score_pairs(model, pairs[:4], PAD, cache=cache)
+    assert len(cache) == 8  # 4 pairs x (chosen, rejected), all distinct
+    swapped = [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.source) for p in pairs[:4]]
+    again = score_pairs(model, swapped + pairs[4:], PAD, cache=cache)
+    assert len(cache) == 12  # only the 2 new pairs were scored
+    torch.testing.assert_close(again.chosen[:4], first.rejected)
+    fresh = score_pairs(model, swapped + pairs[4:], PAD)
+    torch.testing.assert_close(again.chosen, fresh.chosen, rtol=1e-5, atol=1e-5)

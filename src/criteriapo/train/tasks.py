@@ -161,29 +161,45 @@ class DPOTask:
         return loss, metrics
 
 
+SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
+
+
 @torch.no_grad()
 def score_pairs(
-    model: torch.nn.Module, pairs: Sequence[TokenizedPair], pad_id: int, micro_batch_size: int = 8
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    micro_batch_size: int = 8,
+    cache: dict[SequenceKey, tuple[float, int]] | None = None,
 ) -> PairScores:
-    """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient)."""
+    """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
+
+    Each distinct sequence is scored once; with a ``cache`` shared between calls (for one model),
+    sequences scored before are not scored again, e.g. across the recipes built from one dataset."""
+    cache = {} if cache is None else cache
+    keys = [
+        [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
+        for side in ("chosen_ids", "rejected_ids")
+    ]
+    todo = list(dict.fromkeys(k for side in keys for k in side if k not in cache))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    parts = []
-    for start in range(0, len(pairs), micro_batch_size):
-        chunk = pairs[start : start + micro_batch_size]
-        batch = collate_pairs(chunk, range(start, start + len(chunk)), pad_id)
-        out = sequence_logps(
-            model,
-            batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
-            batch["labels"].to(device),
+    for start in range(0, len(todo), 2 * micro_batch_size):
+        chunk = todo[start : start + 2 * micro_batch_size]
+        batch = pad_batch(
+            [list(ids) for _, ids in chunk], [[-100] * n + list(ids[n:]) for n, ids in chunk], pad_id
         )
-        parts.append(split_scores(out, len(chunk)))
+        out = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+        for key, lp, nt in zip(chunk, out.logps.tolist(), out.num_tokens.tolist(), strict=True):
+            cache[key] = (lp, nt)
     model.train(was_training)
+    (c_lp, c_n), (r_lp, r_n) = (
+        zip(*(cache[k] for k in side), strict=True) if pairs else ((), ()) for side in keys
+    )
     return PairScores(
-        *(
-            torch.cat([getattr(p, f).cpu() for p in parts])
-            for f in ("chosen", "rejected", "chosen_tokens", "rejected_tokens")
-        )
+        torch.tensor(c_lp, dtype=torch.float32),
+        torch.tensor(r_lp, dtype=torch.float32),
+        torch.tensor(c_n, dtype=torch.long),
+        torch.tensor(r_n, dtype=torch.long),
     )

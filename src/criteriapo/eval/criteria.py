@@ -1,0 +1,167 @@
+"""``criteriapo eval``: how each model does on each criterion.
+
+For every model: held-out preference accuracy overall (vanilla pairs) and per criterion
+(finegrained pairs), and the pass rate per criterion of its own replies to the held-out prompts
+(batched, fixed seed), checked by the criteria's programs. Several models make one markdown table
+and one bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from criteriapo.criteria.library import parse_criterion
+from criteriapo.criteria.pairs import build_finegrained, build_vanilla
+from criteriapo.data.records import MultiCriteriaExample
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.errors import ConfigError
+from criteriapo.eval.preference import preference_eval
+
+
+@dataclass
+class ModelReport:
+    name: str
+    accuracy: float
+    accuracy_by_criterion: dict[str, float]
+    pass_rate: float
+    pass_by_criterion: dict[str, float]
+    samples: list[dict] = field(default_factory=list)
+
+
+def family(criterion: str) -> str:
+    return criterion.partition(":")[0]
+
+
+def evaluate_model(
+    name: str,
+    model_spec: str,
+    examples: list[MultiCriteriaExample],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> ModelReport:
+    from criteriapo.generation import sample_batch
+    from criteriapo.models import load_model, load_tokenizer, resolve_model
+    from criteriapo.train.tasks import score_pairs
+
+    source = resolve_model(model_spec)
+    model, tok = load_model(source), load_tokenizer(source)
+    chat = ChatTokenizer(tok, name=name)
+    opts = TokenizeOptions(max_length=None)
+    vanilla = tokenize_examples(build_vanilla(examples), chat, opts, on_bad_row="skip")
+    fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
+    overall = preference_eval(score_pairs(model, vanilla, tok.pad_token_id, batch_size), vanilla)
+    fine_scores = score_pairs(model, fine, tok.pad_token_id, batch_size)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    for p, ok in zip(fine, (fine_scores.chosen > fine_scores.rejected).tolist(), strict=True):
+        by_family[family(p.criterion)].append(float(ok))
+    prompts = [
+        e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
+    ]
+    replies = sample_batch(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    passes: dict[str, list[float]] = defaultdict(list)
+    samples = []
+    for e, prompt, reply in zip(examples, prompts, replies, strict=True):
+        verdicts = {c.name: c.passes(reply) for c in _verifiable(e.metadata.get("criteria", e.criteria))}
+        for c, ok in verdicts.items():
+            passes[family(c)].append(float(ok))
+        samples.append({"prompt": prompt[-1]["content"], "reply": reply, "passes": verdicts})
+    flat = [v for vs in passes.values() for v in vs]
+    return ModelReport(
+        name,
+        overall.accuracy,
+        {k: sum(v) / len(v) for k, v in sorted(by_family.items())},
+        sum(flat) / max(1, len(flat)),
+        {k: sum(v) / len(v) for k, v in sorted(passes.items())},
+        samples,
+    )
+
+
+def _verifiable(names: list[str]) -> list:
+    """The criteria a program can check; rated-only ones (e.g. helpfulness) have no pass rate."""
+    out = []
+    for n in names:
+        try:
+            out.append(parse_criterion(n))
+        except ConfigError:
+            continue
+    return out
+
+
+def markdown_table(reports: list[ModelReport]) -> str:
+    fams = sorted({k for r in reports for k in r.pass_by_criterion})
+    head = ["model", "pref. acc.", "pass rate", *fams]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        cells = [
+            r.name,
+            f"{r.accuracy:.3f}",
+            f"{r.pass_rate:.3f}",
+            *(f"{r.pass_by_criterion.get(f, float('nan')):.2f}" for f in fams),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Held-out preference accuracy per criterion (finegrained pairs):",
+        "",
+        "| model | " + " | ".join(fams) + " |",
+        "|" + "---|" * (len(fams) + 1),
+    ]
+    for r in reports:
+        lines.append(
+            "| "
+            + " | ".join([r.name, *(f"{r.accuracy_by_criterion.get(f, float('nan')):.2f}" for f in fams)])
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(reports: list[ModelReport], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = sorted({k for r in reports for k in r.pass_by_criterion})
+    width = 0.8 / len(reports)
+    fig, ax = plt.subplots(figsize=(max(6, len(fams) * 0.9), 4))
+    for i, r in enumerate(reports):
+        xs = [j + i * width for j in range(len(fams))]
+        ax.bar(xs, [r.pass_by_criterion.get(f, 0.0) for f in fams], width, label=r.name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(fams))], fams, rotation=45, ha="right")
+    ax.set_ylabel("pass rate on held-out prompts")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compare(
+    models: list[tuple[str, str]], data: list[MultiCriteriaExample], out_dir: Path, **kw
+) -> list[ModelReport]:
+    """Evaluate (name, model) pairs; write comparison.md, comparison.json and comparison.png."""
+    if not models:
+        raise ConfigError("name at least one model to evaluate")
+    reports = [evaluate_model(name, spec, data, **kw) for name, spec in models]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "comparison.md").write_text(markdown_table(reports), encoding="utf-8")
+    (out_dir / "comparison.json").write_text(
+        json.dumps([r.__dict__ for r in reports], indent=2), encoding="utf-8"
+    )
+    bar_chart(reports, out_dir / "comparison.png")
+    return reports
