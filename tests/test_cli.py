@@ -94,4 +94,28 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(smollm2_path, monkeypat
 def test_pipeline_refuses_a_bad_config_before_any_work(tmp_path, capsys):
     assert main(["pipeline", "configs/smollm2-pipeline.yaml", "dpo.betta=0.2", f"output_dir={tmp_path}"]) == 2
     assert "dpo.betta: unknown key; did you mean 'beta'?" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())
+
+
+def test_user_text_in_errors_is_not_read_as_markup(tmp_path, capsys):
+    from tests.helpers import write_jsonl as w
+
+    bad = w(
+        tmp_path / "d.jsonl",
+        [{"prompt": "Q?", "chosen": "a", "rejected": "b", "criteria_labels": {"x": "[/]"}}],
+    )
+    assert main(["data", "check", str(bad), "--model", "none"]) == 0
+    assert "got '[/]'" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "dpo",
+                "configs/smollm2-pipeline.yaml",
+                f"dpo.data.train={bad}",
+                "dpo.data.eval=[]",
+                f"output_dir={tmp_path / 'run'}",
+                "model.name_or_path=[/bold]x",
+            ]
+        )
+        == 2
+    )
+    assert "error: [/bold]x: not in the local" in capsys.readouterr().err

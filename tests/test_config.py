@@ -73,3 +73,22 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dpo.optim.lr=.inf", "dpo.optim.lr: expected a finite number, got inf"),
+        ("dpo.beta=.nan", "dpo.beta: expected a finite number"),
+        ("sft.optim.eps=0", "sft.optim.eps must be > 0"),
+        ("sft.optim.warmup_steps=-5", "sft.optim.warmup_steps must be >= 0"),
+        ("dpo.train.seed=99999999999999", "dpo.train.seed must be in [0, 2**32)"),
+        ("dpo.mini_min_margin=-3", "dpo.mini_min_margin must be >= 0"),
+        ("dpo.criterion_weights={brevity: -1}", "dpo.criterion_weights.brevity must be >= 0"),
+        ("dpo.recipe=best", "dpo.recipe: "),
+    ],
+)
+def test_values_that_would_break_later_are_refused_now(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)

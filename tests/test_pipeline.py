@@ -148,3 +148,10 @@ def test_recipe_all_trains_three_models_and_compares_them(tmp_path, tiny_llama_d
     for name in ("base", "sft", "vanilla", "mini", "finegrained"):
         assert f"| {name} |" in table
     assert (result.comparison.parent / "comparison.png").exists()
+
+
+def test_dpo_without_eval_data(config):
+    config.dpo.data.eval = []
+    result = run_dpo(config)
+    assert result.before is None and result.after is None
+    assert "eval/loss" not in result.metrics and (result.model_dir / "model.safetensors").exists()

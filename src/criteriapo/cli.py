@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from criteriapo.errors import CriteriaPOError
@@ -58,11 +59,12 @@ def _data_check(args: argparse.Namespace) -> None:
     )
     loaded = report.loaded
     styles = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.styles.items()))
-    console.print(f"[bold]{args.file}[/]")
+    console.print(f"[bold]{escape(str(args.file))}[/]")
     console.print(f"format: {loaded.kind} ({styles})")
     console.print(f"rows: {loaded.rows_read} read, {len(loaded.examples)} usable, {len(loaded.bad_rows)} bad")
     if report.criteria:
-        console.print("criteria: " + ", ".join(f"{k} ({v} rows)" for k, v in report.criteria.items()))
+        criteria = ", ".join(f"{k} ({v} rows)" for k, v in report.criteria.items())
+        console.print("criteria: " + criteria, markup=False, highlight=False)
     if report.lengths:
         table = Table(title=f"token lengths ({args.model})")
         for col in ("", "min", "mean", "p50", "p95", "max"):
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CriteriaPOError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,6 +134,8 @@ class Config:
             raise ConfigError(f"dpo.rpo_alpha must be >= 0 or null, got {d.rpo_alpha}")
         if d.ref_model and d.reference_free:
             raise ConfigError("dpo.ref_model is set but dpo.reference_free is true: drop one of them")
+        if d.mini_min_margin < 0:
+            raise ConfigError(f"dpo.mini_min_margin must be >= 0, got {d.mini_min_margin}")
         if d.mini_size is not None and d.mini_size < 1:
             raise ConfigError(f"dpo.mini_size must be >= 1 or null, got {d.mini_size}")
         for k, w in d.criterion_weights.items():
@@ -158,6 +161,11 @@ def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: Trai
     _positive(f"{name}.optim.lr", optim.lr)
     if optim.weight_decay < 0:
         raise ConfigError(f"{name}.optim.weight_decay must be >= 0, got {optim.weight_decay}")
+    _positive(f"{name}.optim.eps", optim.eps)
+    if optim.warmup_steps < 0:
+        raise ConfigError(f"{name}.optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
+    if not 0 <= train.seed < 2**32:
+        raise ConfigError(f"{name}.train.seed must be in [0, 2**32), got {train.seed}")
     if not all(0 <= b < 1 for b in optim.betas):
         raise ConfigError(f"{name}.optim.betas must be in [0, 1), got {list(optim.betas)}")
     if optim.max_grad_norm is not None:
@@ -278,8 +286,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 value = float(value)  # YAML reads 1e-5 (no dot) as a string
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -125,7 +125,8 @@ def _prepare(
     if not stage.data.train:
         raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "bad_rows.jsonl").unlink(missing_ok=True)
+    for stale in ("bad_rows.jsonl", "metrics.jsonl"):  # a rerun into the same folder starts clean
+        (run_dir / stale).unlink(missing_ok=True)
     data_kind = "sft" if kind == "sft" else "preference"
     ropts = _recipe_options(stage) if recipe else None
     train = _tokenized(stage.data, stage.data.train, data_kind, chat, run_dir, recipe, ropts)
@@ -251,7 +252,7 @@ def run_dpo(
     t2 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
     task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
-    eval_task = DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model)
+    eval_task = DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model) if evals else None
     loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-dpo", to_dict(cfg))
     trainer = Trainer(
         model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -294,3 +295,61 @@ def test_skip_with_no_good_row_left_is_an_error(tmp_path):
 def test_unknown_policy(tmp_path):
     with pytest.raises(ConfigError, match="on_bad_row must be one of error, skip, got 'drop'"):
         load_data(write_jsonl(tmp_path / "d.jsonl", [GOOD["preference"]]), on_bad_row="drop")
+
+
+def test_byte_order_marks_are_ignored(tmp_path):
+    row = {"prompt": "What is 2+2?", "chosen": "The answer is 4", "rejected": "The answer is 5"}
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(
+        b"\xef\xbb\xbfprompt,chosen,rejected\nWhat is 2+2?,The answer is 4,The answer is 5\n"
+    )
+    jsonl_path = write_jsonl(tmp_path / "d.jsonl", [b"\xef\xbb\xbf" + json.dumps(row).encode()])
+    json_path = tmp_path / "d.json"
+    json_path.write_bytes(b"\xef\xbb\xbf" + json.dumps([row]).encode())
+    for path in (csv_path, jsonl_path, json_path):
+        (ex,) = load_data(path).examples
+        assert (ex.prompt, ex.chosen) == ("What is 2+2?", "The answer is 4"), path
+
+
+@pytest.mark.parametrize(
+    "line, field, reason",
+    [
+        (
+            b'{"prompt": "Q?", "chosen": "a", "rejected": "b", "weight": 1' + b"0" * 5000 + b"}",
+            None,
+            "not readable JSON",
+        ),
+        (
+            b'{"prompt": "Q?", "chosen": "a", "rejected": "b", "weight": 1' + b"0" * 400 + b"}",
+            "weight",
+            "number too large",
+        ),
+        (b'{"prompt": "Q?", "chosen": "a\\ud800", "rejected": "b"}', "chosen", "unpaired surrogate"),
+        (
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": "@"}],
+                    "chosen": [{"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "assistant", "content": "b"}],
+                }
+            )
+            .replace("@", "\\udfff")
+            .encode(),
+            "prompt[0].content",
+            "unpaired surrogate",
+        ),
+    ],
+)
+def test_hostile_values_are_bad_rows(tmp_path, line, field, reason):
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD["preference"], line])
+    loaded = load_data(path, on_bad_row="skip", report_path=tmp_path / "report.jsonl")
+    (bad,) = loaded.bad_rows
+    assert (bad.row, bad.field) == (2, field) and reason in bad.reason
+    assert len(loaded.examples) == 1 and (tmp_path / "report.jsonl").read_text().count("\n") == 1
+
+
+def test_csv_text_that_looks_like_json_stays_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\nReply in JSON.,"{""answer"": 4}",four\n')
+    (ex,) = load_data(path).examples
+    assert ex.chosen == '{"answer": 4}'

@@ -54,8 +54,3 @@ def test_rewards_and_reference_free():
     assert (float(chosen), float(rejected)) == (0.25, -0.25)  # 0.5 * (-1 + 1.5), 0.5 * (-2 + 1.5)
     free = LogPs(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.zeros(1), torch.zeros(1))
     assert float(LOSSES["sigmoid"].fn(free, LossParams(beta=0.5))) == pytest.approx(0.474077, abs=2e-6)
-
-
-def test_table_marks_length_normalised_and_reference_free_losses():
-    assert {k for k, s in LOSSES.items() if s.length_normalized} == {"ipo", "simpo"}
-    assert {k for k, s in LOSSES.items() if s.reference_free} == {"simpo"}

@@ -127,3 +127,17 @@ def test_hub_id_found_in_local_cache(tmp_path, monkeypatch, tiny_llama_dir):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     source = resolve_model("acme/tiny")
     assert (source.origin, source.path) == ("hub-cache", snapshot)
+
+
+def test_safetensors_header_that_is_not_an_object(folder):
+    import struct
+
+    header = b"[1, 2]"
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ModelLoadError, match="header is not a JSON object"):
+        resolve_model(folder)
+
+
+def test_unknown_device_is_a_config_error(folder):
+    with pytest.raises(ConfigError, match="'gpu0' is not a device"):
+        load_model(folder, device="gpu0")

@@ -60,9 +60,17 @@ def _require(row: dict[str, Any], field: str) -> Any:
 def _string(value: Any, field: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise RowProblem(field, f"expected a string, got {_type_name(value)}")
+    _encodable(value, field)
     if not allow_empty and not value.strip():
         raise RowProblem(field, "empty")
     return value
+
+
+def _encodable(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from a "\ud800" escape in JSON
+        raise RowProblem(field, "contains an unpaired surrogate (not valid Unicode text)") from None
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -81,6 +89,7 @@ def _messages(value: Any, field: str) -> list[Message]:
         content = m.get("content")
         if not isinstance(content, str):
             raise RowProblem(f"{where}.content", f"expected a string, got {_type_name(content)}")
+        _encodable(content, f"{where}.content")
         out.append(dict(m))
     return out
 
@@ -279,6 +288,10 @@ def _number(value: Any, field: str) -> float | None:
             raise RowProblem(field, f"expected a number, got {value!r}") from None
     if not isinstance(value, int | float):
         raise RowProblem(field, f"expected a number, got {_type_name(value)}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise RowProblem(field, "number too large") from None
     if not math.isfinite(value):
         raise RowProblem(field, f"expected a finite number, got {value}")
     return float(value)

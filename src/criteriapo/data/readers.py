@@ -59,7 +59,7 @@ def _object_row(ref: RowRef, value: Any) -> RawRow:
 
 def _parse_json_line(ref: RowRef, raw: bytes) -> RawRow:
     try:
-        text = raw.decode("utf-8").strip()
+        text = raw.decode("utf-8").strip().removeprefix("\ufeff")  # a byte-order mark opens some files
     except UnicodeDecodeError as e:
         return RawRow(
             ref, None, BadRow(ref.file, ref.row, None, f"not valid UTF-8 (byte {e.start + 1} of the line)")
@@ -72,6 +72,8 @@ def _parse_json_line(ref: RowRef, raw: bytes) -> RawRow:
         )
     except RecursionError:
         return RawRow(ref, None, BadRow(ref.file, ref.row, None, "JSON nested too deeply to read"))
+    except ValueError as e:  # e.g. an integer too long to convert
+        return RawRow(ref, None, BadRow(ref.file, ref.row, None, f"not readable JSON ({e})"))
     return _object_row(ref, value)
 
 
@@ -85,7 +87,7 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
 def _read_json(path: Path) -> Iterator[RawRow]:
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise DataError(
@@ -101,6 +103,8 @@ def _read_json(path: Path) -> Iterator[RawRow]:
         raise DataError(f"{path}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply to read") from None
+    except ValueError as e:
+        raise DataError(f"{path}: not readable JSON ({e})") from None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -126,25 +130,30 @@ def _read_parquet(path: Path) -> Iterator[RawRow]:
         raise DataError(f"{path}: cannot read as Parquet: {e}") from None
 
 
-def _maybe_json_cell(cell: str) -> Any:
-    """CSV has no nesting: a cell holding a JSON list of objects or a JSON object is decoded."""
+OBJECT_FIELDS = ("ratings", "annotations", "criteria_labels")
+
+
+def _maybe_json_cell(key: str, cell: str) -> Any:
+    """CSV has no nesting: a cell holding a JSON list of objects is decoded, and a JSON object is
+    decoded in the fields that hold objects; other text stays text."""
     s = cell.strip()
     if not s or s[0] not in "[{":
         return cell
     try:
         value = json.loads(s)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return cell
-    if isinstance(value, dict) or (
-        isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
-    ):
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        return value
+    if isinstance(value, dict) and key in OBJECT_FIELDS:
         return value
     return cell
 
 
 def _read_csv(path: Path) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad cell is one bad row
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    csv.field_size_limit(2**31 - 1)  # long replies are normal; the default 128 KiB cap is not
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         fieldnames = reader.fieldnames
@@ -169,7 +178,7 @@ def _read_csv(path: Path) -> Iterator[RawRow]:
             if bad is not None:
                 yield RawRow(ref, None, BadRow(ref.file, i, bad, "not valid UTF-8"))
                 continue
-            yield RawRow(ref, {k: _maybe_json_cell(v) for k, v in row.items()})
+            yield RawRow(ref, {k: _maybe_json_cell(k, v) for k, v in row.items()})
     except csv.Error as e:
         raise DataError(f"{path}: cannot read as CSV: {e}") from None
 

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import jinja2
+
 from criteriapo.data.records import (
     BadRow,
     Message,
@@ -106,11 +108,15 @@ class ChatTokenizer:
                 f"{self.name} has no chat template, so conversational data cannot be "
                 "rendered; give the model a chat template or use standard (string) data"
             )
-        return list(
-            self.tok.apply_chat_template(
+        try:
+            ids = self.tok.apply_chat_template(
                 messages, tokenize=True, return_dict=False, add_generation_prompt=generation_prompt
             )
-        )
+        except jinja2.TemplateError as e:  # templates refuse some conversations, e.g. roles out of turn
+            raise RowProblem(
+                None, f"the chat template of {self.name} refuses this conversation: {e}"
+            ) from None
+        return list(ids)
 
     def _check_text(self, text: Text, field: str) -> None:
         if self._special_re is None:

@@ -65,4 +65,4 @@ def write_report(bad_rows: list[BadRow], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for b in bad_rows:
-            f.write(json.dumps(b.to_dict(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(b.to_dict()) + "\n")

@@ -129,6 +129,8 @@ def _check_safetensors(path: Path) -> None:
             if n > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise TypeError("header is not a JSON object")
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from None
@@ -143,6 +145,10 @@ def pick_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is visible; use device: cpu")
     return device
