@@ -216,7 +216,12 @@ def _references(
         ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=cfg.model.device)
         return None, None, ref_model.requires_grad_(False)
     if d.ref_model:
-        ref = load_model(d.ref_model, dtype=cfg.model.dtype, device=cfg.model.device)
+        ref = load_model(
+            d.ref_model,
+            dtype=cfg.model.dtype,
+            device=cfg.model.device,
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
         return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
     # the starting weights are the reference: score them now, so no copy is ever held
     return score_pairs(model, train, pad, mbs, cache), start_eval, None
@@ -240,9 +245,14 @@ def run_dpo(
         )
     run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
     t0 = time.perf_counter()
-    if d.ref_model:
-        resolve_model(d.ref_model, need_tokenizer=False, trust_remote_code=cfg.model.trust_remote_code)
     source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe)
+    if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
+        ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
+        if ref_tok.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(
+                f"dpo.ref_model {d.ref_model} has a different tokenizer from {model_spec}; "
+                "a reference must share the policy's vocabulary"
+            )
     _write_config(run_dir, cfg)
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
@@ -304,8 +314,9 @@ class PipelineResult:
     comparison: Path | None = None
 
 
-def sample_replies(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str]:
+    model = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+    tok, max_new_tokens = load_tokenizer(model_dir), cfg.eval.max_new_tokens
     return [generate(model, tok, chat_messages(p), max_new_tokens=max_new_tokens) for p in prompts]
 
 
@@ -324,9 +335,9 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         for r in recipes
     }
     t_train = time.perf_counter()
-    replies = {"before": sample_replies(sft.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)}
+    replies = {"before": sample_replies(cfg, sft.model_dir, cfg.eval.prompts)}
     for name, stage in dpo.items():
-        replies[name] = sample_replies(stage.model_dir, cfg.eval.prompts, cfg.eval.max_new_tokens)
+        replies[name] = sample_replies(cfg, stage.model_dir, cfg.eval.prompts)
     generations = [
         {"prompt": p, **{k: v[i] for k, v in replies.items()}} for i, p in enumerate(cfg.eval.prompts)
     ]

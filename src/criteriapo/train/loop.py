@@ -74,9 +74,12 @@ class Trainer:
         while self.state.step < self.total_steps:
             metrics = self.train_step(self.order.next_batch(self.cfg.batch_size))
             step = self.state.step
-            if self.cfg.eval_every and step % self.cfg.eval_every == 0 and step < self.total_steps:
+            evaluated = (
+                bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0 and step < self.total_steps
+            )
+            if evaluated:
                 metrics.update(self.evaluate())
-            if step % self.cfg.log_every == 0 or step == self.total_steps:
+            if evaluated or step % self.cfg.log_every == 0 or step == self.total_steps:
                 self.loggers.log(step, metrics)
             if self.progress is not None:
                 self.progress.update(step, metrics)
