@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -155,3 +156,16 @@ def test_dpo_without_eval_data(config):
     result = run_dpo(config)
     assert result.before is None and result.after is None
     assert "eval/loss" not in result.metrics and (result.model_dir / "model.safetensors").exists()
+
+
+def test_pipeline_with_plain_pairs_prints_before_and_after(config, capsys, monkeypatch):
+    """The main job's path, on the tiny model: SFT, DPO, generations, summary, CLI output."""
+    from criteriapo import cli
+
+    config.eval.prompts, config.eval.max_new_tokens = ["Hi"], 3
+    monkeypatch.setattr(cli, "_config", lambda args: config)
+    assert cli.main(["pipeline"]) == 0
+    out = capsys.readouterr().out
+    assert "dpo: held-out preference (6 pairs)" in out and "before DPO" in out and "after dpo" in out
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    assert set(summary["dpo"]) == {"dpo"} and summary["dpo"]["dpo"]["after"]["pairs"] == 6
