@@ -64,10 +64,6 @@ class TokenizedPair:
     criterion: str | None = None
     weight: float = 1.0
 
-    @property
-    def num_tokens(self) -> int:
-        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
-
 
 @dataclass
 class TokenizedSFT:

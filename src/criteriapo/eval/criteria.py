@@ -55,8 +55,9 @@ def evaluate_model(
     opts = TokenizeOptions(max_length=None)
     vanilla = tokenize_examples(build_vanilla(examples), chat, opts, on_bad_row="skip")
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
-    overall = preference_eval(score_pairs(model, vanilla, tok.pad_token_id, batch_size), vanilla)
-    fine_scores = score_pairs(model, fine, tok.pad_token_id, batch_size)
+    seen: dict = {}  # vanilla and finegrained pairs share most replies: score each sequence once
+    overall = preference_eval(score_pairs(model, vanilla, tok.pad_token_id, batch_size, seen), vanilla)
+    fine_scores = score_pairs(model, fine, tok.pad_token_id, batch_size, seen)
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (fine_scores.chosen > fine_scores.rejected).tolist(), strict=True):
         by_family[family(p.criterion)].append(float(ok))
