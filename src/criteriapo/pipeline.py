@@ -327,6 +327,8 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     t0 = time.perf_counter()
     resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)  # fetch/check first
     t_fetch = time.perf_counter()
+    data_paths([*cfg.sft.data.train, *cfg.dpo.data.train, *cfg.dpo.data.eval])  # built-in data made now
+    t_data = time.perf_counter()
     sft = run_sft(cfg, run_dir=out / "sft")
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
     ref_cache: dict = {}  # the SFT model's log-prob of each sequence, scored once for every recipe
@@ -356,6 +358,7 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     t_end = time.perf_counter()
     seconds = {
         "fetch": t_fetch - t0,
+        "data": t_data - t_fetch,
         "sft": sum(sft.seconds.values()),
         **{name: sum(stage.seconds.values()) for name, stage in dpo.items()},
         "generate+eval": t_end - t_train,

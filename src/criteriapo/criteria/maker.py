@@ -129,7 +129,7 @@ class MakerOptions:
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 64  # larger batches amortise the per-step cost of decoding on CPU
 
 
 def _family(spec: str) -> str:
@@ -173,7 +173,14 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
             "model": str(model_path.resolve()),
             "mtime": marker.st_mtime_ns if marker else None,
             "prompts": prompts,
-            "opts": [opts.samples, opts.seed, opts.max_new_tokens, opts.temperature, opts.top_p],
+            "opts": [
+                opts.samples,
+                opts.seed,
+                opts.max_new_tokens,
+                opts.temperature,
+                opts.top_p,
+                opts.batch_size,
+            ],
         }
     )
     path = cache_dir() / "samples" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
