@@ -169,3 +169,14 @@ def test_pipeline_with_plain_pairs_prints_before_and_after(config, capsys, monke
     assert "dpo: held-out preference (6 pairs)" in out and "before DPO" in out and "after dpo" in out
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert set(summary["dpo"]) == {"dpo"} and summary["dpo"]["dpo"]["after"]["pairs"] == 6
+
+
+def test_pipeline_stops_on_bad_dpo_data_before_sft_trains(config, tmp_path):
+    from criteriapo.data.validation import BadRowsError
+    from criteriapo.pipeline import run_pipeline
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q?", "chosen": "same", "rejected": "same"}] * 3)
+    config.dpo.data.train = [str(bad)]
+    with pytest.raises(BadRowsError, match=r"bad.jsonl, row 1, field 'rejected': identical to chosen"):
+        run_pipeline(config)
+    assert not (Path(config.output_dir) / "sft").exists()

@@ -13,7 +13,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from criteriapo.errors import CriteriaPOError
+from criteriapo.errors import CriteriaPOError, Interrupted
 
 console = Console()
 err_console = Console(stderr=True)
@@ -165,7 +165,10 @@ def _generate(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace):
     from criteriapo.config import load_config
 
-    return load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # only overrides, no config file
+        config, overrides = None, [config, *overrides]
+    return load_config(config, overrides)
 
 
 def _stage_summary(name: str, result) -> None:
@@ -177,13 +180,13 @@ def _stage_summary(name: str, result) -> None:
 def _sft(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_sft
 
-    _stage_summary("sft", run_sft(_config(args)))
+    _stage_summary("sft", run_sft(_config(args), resume=args.resume))
 
 
 def _dpo(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_dpo
 
-    result = run_dpo(_config(args))
+    result = run_dpo(_config(args), resume=args.resume)
     _stage_summary("dpo", result)
     if result.before and result.after:
         _preference_table(result.before, result.after)
@@ -203,7 +206,7 @@ def _preference_table(before, after, name: str = "dpo") -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_pipeline
 
-    r = run_pipeline(_config(args))
+    r = run_pipeline(_config(args), resume=args.resume)
     for name, stage in r.dpo.items():
         if stage.before and stage.after:
             _preference_table(stage.before, stage.after, name)
@@ -312,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=about)
         s.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.2 output_dir=runs/x")
+        s.add_argument(
+            "--resume",
+            action="store_true",
+            help="go on from the latest valid checkpoint (same config and data required)",
+        )
         s.set_defaults(func=func)
 
     ev = sub.add_parser("eval", help="preference accuracy and criteria pass rates of one or more models")
@@ -363,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
+    except Interrupted as e:
+        err_console.print(f"[bold yellow]stopped:[/] {escape(str(e))}", highlight=False)
+        return 130
     except CriteriaPOError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         return 2

@@ -59,9 +59,16 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # stops early when set
     batch_size: int = 8  # examples per optimizer step (the global batch)
-    micro_batch_size: int = 8  # examples per forward pass; batch_size / micro_batch_size = accumulation
+    micro_batch_size: int | None = None  # examples per forward (default batch_size); ratio = accumulation
     eval_every: int | None = None  # steps; evaluation also runs at the end when there is eval data
     log_every: int = 1
+    checkpoint_every: int | None = 200  # steps; a checkpoint is also written at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = 2  # the newest K are kept
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size is None:
+            self.micro_batch_size = self.batch_size
 
 
 @dataclass
@@ -172,10 +179,10 @@ def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: Trai
         _positive(f"{name}.optim.max_grad_norm", optim.max_grad_norm)
     if not 0 <= optim.warmup_ratio < 1:
         raise ConfigError(f"{name}.optim.warmup_ratio must be in [0, 1), got {optim.warmup_ratio}")
-    for key in ("epochs", "batch_size", "micro_batch_size", "log_every"):
+    for key in ("epochs", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
         if getattr(train, key) < 1:
             raise ConfigError(f"{name}.train.{key} must be >= 1, got {getattr(train, key)}")
-    for key in ("max_steps", "eval_every"):
+    for key in ("max_steps", "eval_every", "checkpoint_every"):
         if getattr(train, key) is not None and getattr(train, key) < 1:
             raise ConfigError(f"{name}.train.{key} must be >= 1 or null, got {getattr(train, key)}")
     if train.batch_size % train.micro_batch_size:

@@ -21,3 +21,7 @@ class DataError(CriteriaPOError):
 
 class TemplateError(CriteriaPOError):
     """A chat template does not render conversations the way training needs."""
+
+
+class Interrupted(CriteriaPOError):
+    """SIGINT or SIGTERM stopped a run after a step (and a checkpoint, when it has a checkpointer)."""

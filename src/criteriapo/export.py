@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from safetensors import SafetensorError
 
 import criteriapo
-from criteriapo.fsutil import publish_dir, staging_dir
+from criteriapo.errors import CriteriaPOError
+from criteriapo.fsutil import publish_dir, staging_dir, write_error
+
+
+class ExportError(CriteriaPOError):
+    """The model folder could not be written."""
 
 
 @dataclass
@@ -92,9 +99,16 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> 
     """Write config, model.safetensors, tokenizer files, chat template, generation config and
     README.md into ``out_dir``, atomically (a temporary folder renamed into place)."""
     out_dir = Path(out_dir)
-    tmp = staging_dir(out_dir)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
-    publish_dir(tmp, out_dir)
+    tmp = None
+    try:
+        tmp = staging_dir(out_dir)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
+        publish_dir(tmp, out_dir)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = " (the previous model folder there is untouched)" if out_dir.exists() else ""
+        raise ExportError(f"could not write the model folder {out_dir}: {write_error(e)}{kept}") from e
     return out_dir

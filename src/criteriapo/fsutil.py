@@ -73,3 +73,10 @@ def publish_dir(tmp: Path, dest: Path) -> None:
     else:
         os.rename(tmp, dest)
     fsync_dir(dest.parent)
+
+
+def write_error(e: BaseException) -> str:
+    """What went wrong in a failed write, in a user's words: "No space left on device (OSError)"."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({type(e).__name__})"
+    return str(e).removeprefix("Error while serializing: ")  # safetensors' I/O errors

@@ -2,7 +2,9 @@
 
 Each stage checks everything (config, model folder, data) before any long work, trains with the
 one loop, and ends in a run folder holding ``metrics.jsonl``, plots, ``bad_rows.jsonl`` when rows
-were skipped, ``config.yaml``, and ``model/``: a standard Hugging Face model folder.
+were skipped, ``config.yaml``, ``checkpoints/`` (see :mod:`criteriapo.train.checkpoint`) and
+``model/``: a standard Hugging Face model folder. With ``resume``, a stage goes on from its latest
+valid checkpoint, after checking that its config and data are those the checkpoint was made with.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -22,7 +24,7 @@ from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
-from criteriapo.export import ModelCard, export_model
+from criteriapo.export import ExportError, ModelCard, export_model
 from criteriapo.generation import chat_messages, generate
 from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
@@ -30,6 +32,7 @@ from criteriapo.models.loading import ModelSource
 from criteriapo.tracking.loggers import build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
+from criteriapo.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, fingerprint
 from criteriapo.train.loop import Trainer, seed_everything
 from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
 
@@ -81,14 +84,14 @@ def _tokenized(
     files: list[str],
     kind: str,
     tok: ChatTokenizer,
-    run_dir: Path,
+    run_dir: Path | None,
     recipe: str | None = None,
     recipe_opts: RecipeOptions | None = None,
 ) -> list:
     """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs."""
     if not files:
         return []
-    report = run_dir / "bad_rows.jsonl"
+    report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
     loaded = load_data(
         data_paths(files),
         kind="multi_criteria" if recipe else kind,
@@ -112,20 +115,16 @@ def _prepare(
     kind: str,
     run_dir: Path,
     recipe: str | None = None,
+    resume: bool = False,
 ):
-    """Every check that can fail fast, in order: model folder, data, then the weights."""
-    source = resolve_model(model_spec, trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.chat_template:
-        path = Path(cfg.model.chat_template)
-        if not path.is_file():
-            raise ConfigError(f"model.chat_template: no such file {path}")
-        tokenizer.chat_template = path.read_text(encoding="utf-8")
-    chat = ChatTokenizer(tokenizer, _eos_ids(source), name=model_spec)
+    """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights."""
+    _guard_unfinished(run_dir / "checkpoints", resume)
+    source, tokenizer, chat = _chat_tokenizer(cfg, model_spec)
     if not stage.data.train:
         raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("bad_rows.jsonl", "metrics.jsonl"):  # a rerun into the same folder starts clean
+    # a rerun into the same folder starts clean; a resumed one keeps its metrics (trimmed later)
+    for stale in ("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl"):
         (run_dir / stale).unlink(missing_ok=True)
     data_kind = "sft" if kind == "sft" else "preference"
     ropts = _recipe_options(stage) if recipe else None
@@ -136,6 +135,90 @@ def _prepare(
         source, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
     )
     return source, tokenizer, model, train, evals
+
+
+def _chat_tokenizer(cfg: Config, model_spec: str):
+    source = resolve_model(model_spec, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.chat_template:
+        path = Path(cfg.model.chat_template)
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: no such file {path}")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    chat = ChatTokenizer(tokenizer, _eos_ids(source), name=model_spec)
+    return source, tokenizer, chat
+
+
+def _preflight_dpo(cfg: Config) -> None:
+    """The DPO stage's data read, made into pairs and tokenized with the base model's tokenizer, so
+    that a mistake there stops the pipeline before SFT has spent any time."""
+    d = cfg.dpo
+    if not d.data.train:
+        raise ConfigError("dpo.data.train is empty: name at least one data file (or builtin:NAME)")
+    _, _, chat = _chat_tokenizer(cfg, cfg.model.name_or_path)
+    for recipe in list(RECIPES) if d.recipe == "all" else [d.recipe]:
+        ropts = _recipe_options(d) if recipe else None
+        for files in (d.data.train, d.data.eval):
+            _tokenized(d.data, files, "preference", chat, None, recipe, ropts)
+
+
+# keys that may change between a run and its resumption: they do not touch the trained weights
+_FREE_KEYS = tuple(
+    f"{stage}.train.{k}"
+    for stage in ("sft", "dpo")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
+) + ("model.device",)
+
+
+def _guard_unfinished(folder: Path, resume: bool) -> None:
+    """A fresh start must not bury an interrupted run: say how to go on or how to start again."""
+    if resume or not folder.is_dir():
+        return
+    found = Checkpointer(folder, {}).valid()
+    if found and found[-1].step < found[-1].info.get("total_steps", 0):
+        raise CheckpointError(
+            f"{folder} holds an unfinished run (step {found[-1].step} of {found[-1].info['total_steps']}): "
+            f"pass --resume to go on from it, or delete {folder} to start again"
+        )
+    if found:  # a finished run is being redone: its checkpoints would mix with the new ones
+        import shutil
+
+        shutil.rmtree(folder)
+
+
+def _checkpoints(
+    cfg: Config, name: str, stage: SFTConfig | DPOConfig, model_spec: str, run_dir: Path, train: list, **run
+) -> tuple[Checkpointer, Checkpoint | None]:
+    """The stage's checkpointer and, with ``resume``, the checkpoint to go on from (checked)."""
+    resume = run.pop("resume")
+    config = {"model": {**to_dict(cfg.model), "name_or_path": model_spec}, name: to_dict(stage), **run}
+    info = {"config": config, "data": fingerprint(train), "examples": len(train)}
+    ck = Checkpointer(
+        run_dir / "checkpoints", info, stage.train.checkpoint_every, stage.train.keep_checkpoints
+    )
+    latest = ck.latest() if resume else None
+    if latest is not None:
+        ck.check_compatible(latest, _FREE_KEYS)
+        _trim_metrics(run_dir / "metrics.jsonl", latest.step)
+        log.warning("resuming from %s (step %d)", latest.path, latest.step)
+    elif resume:
+        log.warning("no checkpoint in %s: starting from the beginning", ck.folder)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return ck, latest
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after ``step``: the resumed run logs those steps again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            break  # a line cut short by the kill: nothing after it is whole
+    path.write_text("".join(keep), encoding="utf-8")
 
 
 def _recipe_options(d: DPOConfig) -> RecipeOptions:
@@ -158,18 +241,29 @@ def _finish(cfg: Config, trainer: Trainer, run_dir: Path, tokenizer, card: Model
     trainer.loggers.close()
     if cfg.tracking.plots:
         plot_run(run_dir)
-    return export_model(trainer.model, tokenizer, run_dir / "model", card)
+    try:
+        return export_model(trainer.model, tokenizer, run_dir / "model", card)
+    except ExportError as e:
+        if trainer.last_checkpoint is None:
+            raise
+        raise ExportError(
+            f"{e}. The trained weights are safe in {trainer.last_checkpoint}: fix the cause and run the "
+            "same command with --resume to export them without training again"
+        ) from e
 
 
 def _progress(cfg: Config, label: str) -> ProgressBar | None:
     return ProgressBar(label) if cfg.tracking.progress else None
 
 
-def run_sft(cfg: Config, model_spec: str | None = None, run_dir: Path | None = None) -> StageResult:
+def run_sft(
+    cfg: Config, model_spec: str | None = None, run_dir: Path | None = None, resume: bool = False
+) -> StageResult:
     model_spec = model_spec or cfg.model.name_or_path
     run_dir = Path(run_dir or Path(cfg.output_dir) / "sft")
     t0 = time.perf_counter()
-    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir)
+    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume)
+    ck, latest = _checkpoints(cfg, "sft", cfg.sft, model_spec, run_dir, train, resume=resume)
     _write_config(run_dir, cfg)
     loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-sft", to_dict(cfg))
     trainer = Trainer(
@@ -181,7 +275,10 @@ def run_sft(cfg: Config, model_spec: str | None = None, run_dir: Path | None = N
         loggers,
         evals,
         _progress(cfg, "sft"),
+        checkpointer=ck,
     )
+    if latest is not None:
+        ck.restore(trainer, latest)
     t1 = time.perf_counter()
     metrics = trainer.train()
     t2 = time.perf_counter()
@@ -233,6 +330,7 @@ def run_dpo(
     run_dir: Path | None = None,
     recipe: str | None = None,
     ref_cache: dict | None = None,
+    resume: bool = False,
 ) -> StageResult:
     """DPO from ``model_spec``. With a recipe, pairs are built from multi-criteria data; ``ref_cache``
     (the starting model's score per sequence) lets several recipes share one reference pass."""
@@ -245,7 +343,8 @@ def run_dpo(
         )
     run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
     t0 = time.perf_counter()
-    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe)
+    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume)
+    ck, latest = _checkpoints(cfg, "dpo", d, model_spec, run_dir, train, recipe=recipe, resume=resume)
     if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
         ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
@@ -256,9 +355,21 @@ def run_dpo(
     _write_config(run_dir, cfg)
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
+    saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    start_eval = score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
-    ref_train, ref_eval, ref_model = _references(cfg, source, model, pad, train, evals, start_eval, ref_cache)
+    start_eval = saved.get("start_eval") or (
+        score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
+    )
+    if "ref_train" in saved:
+        ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
+    else:
+        ref_train, ref_eval, ref_model = _references(
+            cfg, source, model, pad, train, evals, start_eval, ref_cache
+        )
+    # saved with checkpoints; the eval reference is usually the start scores themselves
+    scores = {"start_eval": start_eval, "ref_train": ref_train}
+    if ref_eval is not start_eval:
+        scores["ref_eval"] = ref_eval
     t2 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
     task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
@@ -274,7 +385,13 @@ def run_dpo(
         evals,
         _progress(cfg, f"dpo ({d.loss_type})"),
         eval_task=eval_task,
+        checkpointer=ck,
+        extra_state={
+            f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
+        },
     )
+    if latest is not None:
+        ck.restore(trainer, latest)
     metrics = trainer.train()
     t3 = time.perf_counter()
     before = preference_eval(start_eval, evals) if evals else None
@@ -295,6 +412,17 @@ def run_dpo(
     model_dir = _finish(cfg, trainer, run_dir, tokenizer, card)
     seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
     return StageResult(run_dir, model_dir, metrics, seconds, before, after)
+
+
+def _saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
+    if ckpt is None:
+        return {}
+    tensors = ckpt.tensors("extra.safetensors")
+    out = {}
+    for name in ("start_eval", "ref_train", "ref_eval"):
+        if f"extra.{name}.chosen" in tensors:
+            out[name] = PairScores(**{f.name: tensors[f"extra.{name}.{f.name}"] for f in fields(PairScores)})
+    return out
 
 
 def _reference_note(d: DPOConfig, task: DPOTask) -> str:
@@ -320,7 +448,7 @@ def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str
     return [generate(model, tok, chat_messages(p), max_new_tokens=max_new_tokens) for p in prompts]
 
 
-def run_pipeline(cfg: Config) -> PipelineResult:
+def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     """SFT, then DPO against the SFT model (one run per recipe with ``dpo.recipe: all``, sharing one
     reference pass), generations before and after, and with criteria data a comparison by criterion."""
     out = Path(cfg.output_dir)
@@ -328,12 +456,13 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)  # fetch/check first
     t_fetch = time.perf_counter()
     data_paths([*cfg.sft.data.train, *cfg.dpo.data.train, *cfg.dpo.data.eval])  # built-in data made now
+    _preflight_dpo(cfg)
     t_data = time.perf_counter()
-    sft = run_sft(cfg, run_dir=out / "sft")
+    sft = run_sft(cfg, run_dir=out / "sft", resume=resume)
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
     ref_cache: dict = {}  # the SFT model's log-prob of each sequence, scored once for every recipe
     dpo = {
-        r or "dpo": run_dpo(cfg, str(sft.model_dir), out / (f"dpo-{r}" if r else "dpo"), r, ref_cache)
+        r or "dpo": run_dpo(cfg, str(sft.model_dir), out / (f"dpo-{r}" if r else "dpo"), r, ref_cache, resume)
         for r in recipes
     }
     t_train = time.perf_counter()

@@ -2,27 +2,38 @@
 
 Loss is normalised by the loss units (tokens or pairs) of the whole optimizer step, so 8 micro-
 batches of 1 give the same update as 1 batch of 8. The loss and gradient norm are checked for being
-finite before the optimizer steps. Every stateful part (model, optimizer, data order, RNG, step)
-saves and loads its state.
+finite before the optimizer steps: a step that is not either stops the run (naming its rows) or,
+with ``on_nonfinite: skip``, is dropped. Every stateful part (model, optimizer, data order, RNG,
+step) saves and loads its state; with a checkpointer the state is written every N steps, at the
+end, and when SIGINT or SIGTERM asks the run to stop.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import random
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from criteriapo import faults
 from criteriapo.config import OptimConfig, TrainConfig
-from criteriapo.errors import CriteriaPOError
+from criteriapo.errors import CriteriaPOError, Interrupted
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.batching import DataOrder
+from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.optim import build_optimizer, lr_at
 from criteriapo.train.tasks import Metrics, Task
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(CriteriaPOError):
@@ -34,6 +45,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     tokens: int = 0  # non-padding tokens seen
     examples: int = 0
+    skipped: int = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite: skip)
 
 
 def seed_everything(seed: int) -> None:
@@ -53,6 +65,8 @@ class Trainer:
         eval_set: Sequence[Any] = (),
         progress: Any = None,
         eval_task: Task | None = None,
+        checkpointer: Checkpointer | None = None,
+        extra_state: dict[str, torch.Tensor] | None = None,
     ):
         self.model, self.task, self.train_set, self.eval_set = model, task, train_set, eval_set
         self.eval_task = eval_task or task
@@ -65,24 +79,33 @@ class Trainer:
         self.optimizer = build_optimizer(model, optim)
         self.state = TrainState()
         self.last_metrics: dict[str, float] = {}
+        self.checkpointer, self.extra_state = checkpointer, extra_state or {}
+        self.last_checkpoint: Path | None = None
+        self._stop_signal: str | None = None
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         self.model.train()
         if self.progress is not None:
             self.progress.start(self.total_steps, self.state.step)
-        while self.state.step < self.total_steps:
-            metrics = self.train_step(self.order.next_batch(self.cfg.batch_size))
-            step = self.state.step
-            evaluated = (
-                bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0 and step < self.total_steps
-            )
-            if evaluated:
-                metrics.update(self.evaluate())
-            if evaluated or step % self.cfg.log_every == 0 or step == self.total_steps:
-                self.loggers.log(step, metrics)
-            if self.progress is not None:
-                self.progress.update(step, metrics)
+        with self._stop_requests():
+            while self.state.step < self.total_steps:
+                metrics = self.train_step(self.order.next_batch(self.cfg.batch_size))
+                step = self.state.step
+                evaluated = (
+                    bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0 and step < self.total_steps
+                )
+                if evaluated:
+                    metrics.update(self.evaluate())
+                if evaluated or step % self.cfg.log_every == 0 or step == self.total_steps:
+                    self.loggers.log(step, metrics)
+                if self.progress is not None:
+                    self.progress.update(step, metrics)
+                faults.point("step")
+                if self.checkpointer is not None and self.checkpointer.due(step, self.total_steps):
+                    self.save_checkpoint()
+                if self._stop_signal:
+                    self._interrupted()
         final = dict(self.last_metrics)
         if self.eval_set:
             evaluated = self.evaluate()
@@ -97,20 +120,17 @@ class Trainer:
         loss_total, sums, tokens = self.accumulate_gradients(indices)
         grad_norm = self._clip()
         step = self.state.step
+        lr = lr_at(step, self.optim_cfg, self.total_steps)
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            rows = "; ".join(str(getattr(self.train_set[i], "source", i)) for i in sorted(indices)[:8])
-            raise NonFiniteError(
-                f"step {step + 1}: loss {loss_total} and gradient norm {grad_norm}; the step's rows: {rows}"
-                f"{' ...' if len(indices) > 8 else ''}. Nothing was updated; lower the learning rate or "
-                "check those rows"
-            )
-        lr = lr_at(step, self.optim_cfg, self.total_steps)
+            return self._non_finite(indices, loss_total, grad_norm, tokens, lr)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state = TrainState(step + 1, self.state.tokens + tokens, self.state.examples + len(indices))
+        self.state = TrainState(
+            step + 1, self.state.tokens + tokens, self.state.examples + len(indices), self.state.skipped
+        )
         elapsed = time.perf_counter() - t0
         out = {
             "loss": loss_total,
@@ -123,6 +143,31 @@ class Trainer:
         }
         self.last_metrics = out
         return out
+
+    def _non_finite(self, indices: list[int], loss: float, grad_norm: float, tokens: int, lr: float) -> dict:
+        """Stop, or with ``on_nonfinite: skip`` drop the step (no update) and go on."""
+        step = self.state.step + 1
+        rows = "; ".join(str(getattr(self.train_set[i], "source", i)) for i in sorted(indices)[:8])
+        rows += " ..." if len(indices) > 8 else ""
+        what = f"step {step}: loss {loss} and gradient norm {grad_norm}; the step's rows: {rows}"
+        if self.cfg.on_nonfinite == "stop":
+            where = f" The last checkpoint is {self.last_checkpoint}." if self.last_checkpoint else ""
+            raise NonFiniteError(
+                f"{what}. Nothing was updated.{where} Lower the learning rate, check those rows, or set "
+                "train.on_nonfinite: skip to drop such steps"
+            )
+        log.warning("%s. Skipped: the optimizer did not step", what)
+        s = self.state
+        self.state = TrainState(step, s.tokens + tokens, s.examples + len(indices), s.skipped + 1)
+        self.last_metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "epoch": self.state.examples / len(self.train_set),
+            "skipped_steps": float(self.state.skipped),
+            "num_tokens": float(self.state.tokens),
+        }
+        return dict(self.last_metrics)
 
     def accumulate_gradients(self, indices: list[int]) -> tuple[float, dict[str, tuple[float, float]], int]:
         """Forward and backward every micro-batch of one optimizer step; gradients add up to those of
@@ -173,6 +218,49 @@ class Trainer:
         self.model.train()
         return {"eval/loss": loss_total, **{f"eval/{k}": s / c for k, (s, c) in sums.items() if c}}
 
+    # -- checkpoints and stopping -----------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of this step (once per step)."""
+        if self.checkpointer is None:
+            return None
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.state.step:08d}":
+            self.last_checkpoint = self.checkpointer.save(self, self.extra_state)
+        return self.last_checkpoint
+
+    @contextlib.contextmanager
+    def _stop_requests(self) -> Iterator[None]:
+        """While training, SIGINT and SIGTERM ask for a stop after the current step; a second one of
+        the same kind acts at once, as it would have without us."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous: dict[int, Any] = {}
+
+        def request(signum: int, _frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+            signal.signal(signum, previous[signum])
+            log.warning("%s: stopping after this step", self._stop_signal)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, request)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _interrupted(self) -> None:
+        path = self.save_checkpoint()
+        if self.progress is not None:
+            self.progress.stop()
+        self.loggers.close()
+        done = f"stopped by {self._stop_signal} after step {self.state.step} of {self.total_steps}"
+        if path is None:
+            raise Interrupted(f"{done}; this run has no checkpointer, so nothing was saved")
+        raise Interrupted(
+            f"{done}; checkpoint written to {path}. Run the same command with --resume to go on"
+        )
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -187,8 +275,9 @@ class Trainer:
             },
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict[str, Any], model: bool = True) -> None:
+        if model:
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state = TrainState(**state["train_state"])
         self.order.load_state_dict(state["data_order"])

@@ -1,0 +1,291 @@
+"""Checkpoints: written atomically every N steps and at the end, the last K kept, checked on resume.
+
+A checkpoint is a folder ``checkpoints/step-00000040`` holding
+
+- ``model.safetensors``: the model's weights (tied weights stored once);
+- ``optimizer.safetensors``: every tensor of the optimizer state, keyed ``<param>.<name>``;
+- ``extra.safetensors``: the torch RNG states and the stage's own tensors (DPO reference scores);
+- ``trainer.json``: step and counters, data position, Python RNG, optimizer settings, last metrics,
+  and what the run was: its config and a fingerprint of its data;
+- ``manifest.json``, written last: the size and SHA-256 of every other file.
+
+It is written into a hidden folder beside the others, flushed to disk, then renamed into place, so a
+process killed at any moment leaves either the whole checkpoint or none. On resume, folders whose
+manifest is missing or whose files do not match it are reported and passed over. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from criteriapo import faults
+from criteriapo.errors import CriteriaPOError
+from criteriapo.fsutil import fsync_dir, publish_dir, staging_dir, write_error
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+FILES = ("model.safetensors", "optimizer.safetensors", "extra.safetensors", "trainer.json")
+
+
+class CheckpointError(CriteriaPOError):
+    """A checkpoint cannot be written, or a run cannot be resumed from one."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    info: dict[str, Any]  # trainer.json
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(self.path / name)
+
+
+def fingerprint(examples: Any) -> str:
+    """SHA-256 of the training examples as the model sees them (token ids, labels, weights, tags),
+    in order; where a row came from (file, line) does not count."""
+    h = hashlib.sha256()
+    for e in examples:
+        fields = {k: v for k, v in vars(e).items() if k != "source"}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Checkpointer:
+    """Writes a trainer's state under ``folder``, keeps the newest ``keep`` and finds the latest
+    valid one. ``run`` (the config and the data fingerprint) is stored with each and must match on
+    resume; keys listed in ``free_keys`` may change between the run and its resumption."""
+
+    def __init__(self, folder: Path, run: dict[str, Any], every: int | None = None, keep: int = 2):
+        self.folder, self.run, self.every, self.keep = Path(folder), run, every, keep
+
+    # -- writing ------------------------------------------------------------------------------
+    def due(self, step: int, total: int) -> bool:
+        return step == total or bool(self.every and step % self.every == 0)
+
+    def save(self, trainer: Any, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write the trainer's state as ``step-N`` (atomically), then drop all but the newest ``keep``.
+        On a write failure the partial folder is removed and the earlier checkpoints stay as they were."""
+        step = trainer.state.step
+        dest = self.folder / f"step-{step:08d}"
+        tmp = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = staging_dir(dest)
+            self._write(tmp, trainer, extra or {})
+            faults.point("checkpoint-publish")
+            publish_dir(tmp, dest)
+        except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.valid()
+            raise CheckpointError(
+                f"could not write checkpoint {dest}: {write_error(e)}. "
+                + (f"The previous checkpoint {kept[-1].path} is intact. " if kept else "")
+                + "Free disk space or fix the folder's permissions, then resume with --resume"
+            ) from e
+        self._rotate()
+        return dest
+
+    def _write(self, tmp: Path, trainer: Any, extra: dict[str, torch.Tensor]) -> None:
+        state = trainer.state_dict()
+        save_model(trainer.model, str(tmp / "model.safetensors"))
+        faults.point("checkpoint-write")
+        optim, scalars = _flatten_optimizer(state["optimizer"])
+        save_file(optim, str(tmp / "optimizer.safetensors"))
+        rng = state["rng"]
+        tensors = {"rng.torch": rng["torch"], **{f"rng.cuda.{i}": t for i, t in enumerate(rng["cuda"])}}
+        save_file(
+            {**tensors, **{f"extra.{k}": v.contiguous() for k, v in extra.items()}},
+            str(tmp / "extra.safetensors"),
+        )
+        info = {
+            "format": FORMAT,
+            "step": trainer.state.step,
+            "train_state": state["train_state"],
+            "data_order": state["data_order"],
+            "python_rng": _python_rng_to_json(rng["python"]),
+            "param_groups": state["optimizer"]["param_groups"],
+            "optimizer_scalars": scalars,
+            "last_metrics": trainer.last_metrics,
+            "total_steps": trainer.total_steps,
+            "run": self.run,
+        }
+        (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in FILES
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+    def _rotate(self) -> None:
+        folders = sorted(p for p in self.folder.glob("step-*") if p.is_dir())
+        for old in folders[: max(0, len(folders) - self.keep)]:
+            trash = old.parent / f".trash-{old.name}"
+            os.rename(old, trash)  # gone from view in one step, then deleted at leisure
+            faults.point("checkpoint-rotate")
+            shutil.rmtree(trash, ignore_errors=True)
+        fsync_dir(self.folder)
+
+    # -- reading ------------------------------------------------------------------------------
+    def valid(self, report: bool = False) -> list[Checkpoint]:
+        """The complete checkpoints, oldest first. Leftovers of interrupted writes are removed;
+        broken checkpoints are passed over (with a warning when ``report``)."""
+        if not self.folder.is_dir():
+            return []
+        for junk in [*self.folder.glob(".tmp-*"), *self.folder.glob(".trash-*")]:
+            shutil.rmtree(junk, ignore_errors=True)
+        out = []
+        for path in sorted(p for p in self.folder.glob("step-*") if p.is_dir()):
+            problem = _problem(path)
+            if problem is None:
+                info = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+                out.append(Checkpoint(path, info["step"], info))
+            elif report:
+                log.warning("passing over checkpoint %s: %s", path, problem)
+        return out
+
+    def latest(self) -> Checkpoint | None:
+        found = self.valid(report=True)
+        return found[-1] if found else None
+
+    def check_compatible(self, ckpt: Checkpoint, free_keys: tuple[str, ...] = ()) -> None:
+        """Refuse to resume when the config or the data differ from the checkpoint's, saying what."""
+        old, new = ckpt.info["run"], self.run
+        if old.get("data") != new.get("data"):
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the training data differ from the run's "
+                f"({old.get('examples')} examples then, {new.get('examples')} now; fingerprint "
+                f"{str(old.get('data'))[:12]} then, {str(new.get('data'))[:12]} now). Resume with the "
+                "same data files and tokenization, or start a new run in another output_dir"
+            )
+        diffs = [
+            f"{k}: {a!r} then, {b!r} now"
+            for k, a, b in _diff(old.get("config", {}), new.get("config", {}))
+            if not any(k == f or k.startswith(f + ".") for f in free_keys)
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {ckpt.path}: the config differs from the run's: "
+                + "; ".join(diffs[:10])
+                + ("; ..." if len(diffs) > 10 else "")
+                + ". Restore those values, or start a new run in another output_dir"
+            )
+
+    def restore(self, trainer: Any, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+        """Load ``ckpt`` into ``trainer``; returns the stage's extra tensors."""
+        info = ckpt.info
+        load_model(trainer.model, str(ckpt.path / "model.safetensors"), strict=True)
+        optim = _unflatten_optimizer(
+            ckpt.tensors("optimizer.safetensors"), info["optimizer_scalars"], info["param_groups"]
+        )
+        extra = ckpt.tensors("extra.safetensors")
+        cuda = [extra[k] for k in sorted((k for k in extra if k.startswith("rng.cuda.")), key=_index)]
+        trainer.load_state_dict(
+            {
+                "optimizer": optim,
+                "train_state": info["train_state"],
+                "data_order": info["data_order"],
+                "rng": {
+                    "torch": extra["rng.torch"],
+                    "python": _python_rng_from_json(info["python_rng"]),
+                    "cuda": cuda,
+                },
+            },
+            model=False,
+        )
+        trainer.last_metrics = info.get("last_metrics", {})
+        return {k.removeprefix("extra."): v for k, v in extra.items() if k.startswith("extra.")}
+
+
+def _index(key: str) -> int:
+    return int(key.rsplit(".", 1)[1])
+
+
+def _problem(path: Path) -> str | None:
+    """Why the checkpoint folder is not usable, or None."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"manifest.json unreadable ({e})"
+    for name in FILES:
+        f = path / name
+        want = entries.get(name) if isinstance(entries, dict) else None
+        if not isinstance(want, dict):
+            return f"manifest.json does not list {name}"
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want.get('bytes')}"
+        if _sha256(f) != want.get("sha256"):
+            return f"{name} does not match its checksum (corrupt)"
+    return None
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, scalars
+
+
+def _unflatten_optimizer(
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], groups: list[dict[str, Any]]
+) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *scalars.items()]:
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = value
+    return {
+        "state": state,
+        "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups],
+    }
+
+
+def _python_rng_to_json(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_rng_from_json(state: list) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old, new) for every leaf that differs between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        a, b = list(a), list(b)
+    return [] if a == b else [(prefix, a, b)]

@@ -1,0 +1,143 @@
+"""Exact resume across processes, with the real CLI on a tiny model. A run is killed with SIGKILL at
+a step, or half way through writing, publishing or deleting a checkpoint, then resumed with
+``--resume``: its final weights and every logged loss are bit-identical to those of a run never
+stopped. SIGTERM stops a run cleanly with a checkpoint. A fresh start over an unfinished run, and a
+resume with another config, are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import write_jsonl
+
+U = {"role": "user", "content": "Name a colour."}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("resume")
+    sft = write_jsonl(
+        root / "sft.jsonl",
+        [{"messages": [U, {"role": "assistant", "content": f"Blue number {i}."}]} for i in range(12)],
+    )
+    pairs = write_jsonl(
+        root / "pairs.jsonl",
+        [{"prompt": U["content"], "chosen": f"Green {i}.", "rejected": f"No {i}!"} for i in range(8)],
+    )
+    common = [
+        f"model.name_or_path={tiny_llama_dir}",
+        f"sft.data.train={sft}",
+        f"dpo.data.train={pairs}",
+        f"dpo.data.eval={pairs}",
+        "sft.train.batch_size=2",
+        "dpo.train.batch_size=2",
+        "sft.train.checkpoint_every=1",
+        "dpo.train.checkpoint_every=1",
+        "sft.optim.lr=1e-3",
+        "dpo.optim.lr=1e-3",
+        "tracking.progress=false",
+        "tracking.plots=false",
+    ]
+    return root, common
+
+
+def cli(args: list[str], failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "CRITERIAPO_FAILPOINT"}
+    env["COLUMNS"] = "500"  # messages on one line
+    if failpoint:
+        env["CRITERIAPO_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "criteriapo", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert losses(a) == losses(b)
+
+
+@pytest.fixture(scope="module")
+def sft_baseline(setup):
+    root, common = setup
+    r = cli(["sft", *common, f"output_dir={root / 'baseline'}"])
+    assert r.returncode == 0, r.stderr
+    run = root / "baseline" / "sft"
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    return run
+
+
+@pytest.mark.parametrize(
+    "failpoint",
+    ["step:2", "step:6", "checkpoint-write:3", "checkpoint-publish:4", "checkpoint-rotate:2"],
+)
+def test_sft_killed_then_resumed_ends_bit_identical(setup, sft_baseline, failpoint):
+    root, common = setup
+    out = root / failpoint.replace(":", "-")
+    args = ["sft", *common, f"output_dir={out}"]
+    killed = cli(args, failpoint)
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert_identical(sft_baseline, out / "sft")
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_goes_on(setup, sft_baseline):
+    root, common = setup
+    out = root / "sigterm"
+    args = ["sft", *common, f"output_dir={out}", "sft.train.checkpoint_every=null"]
+    stopped = cli(args, "step:3:SIGTERM")
+    assert stopped.returncode == 130
+    assert "stopped by SIGTERM after step 3 of 6" in stopped.stderr and "--resume" in stopped.stderr
+    assert sorted(p.name for p in (out / "sft" / "checkpoints").iterdir()) == ["step-00000003"]
+    fresh = cli(args)  # forgetting --resume must not bury the interrupted run
+    assert fresh.returncode == 2 and "holds an unfinished run (step 3 of 6)" in fresh.stderr
+    changed = cli([*args, "sft.optim.lr=2e-3", "--resume"])
+    assert changed.returncode == 2
+    assert "config differs from the run's: sft.optim.lr: 0.001 then, 0.002 now" in changed.stderr
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(sft_baseline, out / "sft")
+
+
+@pytest.fixture(scope="module")
+def pipeline_baseline(setup):
+    root, common = setup
+    r = cli(["pipeline", *common, f"output_dir={root / 'pipe-baseline'}"])
+    assert r.returncode == 0, r.stderr
+    return root / "pipe-baseline"
+
+
+@pytest.mark.parametrize("failpoint", ["step:8", "checkpoint-write:9"])  # both in DPO, after 6 SFT steps
+def test_pipeline_killed_in_dpo_then_resumed_ends_bit_identical(setup, pipeline_baseline, failpoint):
+    root, common = setup
+    out = root / f"pipe-{failpoint.replace(':', '-')}"
+    args = ["pipeline", *common, f"output_dir={out}"]
+    killed = cli(args, failpoint)
+    assert killed.returncode == -9, killed.stderr
+    assert (out / "sft" / "model").is_dir() and not (out / "dpo" / "model").exists()
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(pipeline_baseline / "sft", out / "sft")
+    assert_identical(pipeline_baseline / "dpo", out / "dpo")
