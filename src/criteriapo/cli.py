@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--out", default="data/criteria", help="folder for train.jsonl and heldout.jsonl")
     mk.add_argument("--model", default="smollm2", help="model that samples the candidate replies")
     mk.add_argument("--prompts", type=int, default=160)
-    mk.add_argument("--samples", type=int, default=2, help="sampled replies per prompt (edits come on top)")
+    mk.add_argument("--samples", type=int, default=1, help="sampled replies per prompt (edits come on top)")
     mk.add_argument("--held-out", type=float, default=0.2)
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--max-new-tokens", type=int, default=64)

@@ -103,6 +103,7 @@ class DPOConfig:
 class EvalConfig:
     prompts: list[str] = field(default_factory=list)  # generated from before and after DPO
     max_new_tokens: int = 64
+    compare_base: bool = True  # the comparison by criterion includes the base model (not only SFT and DPO)
 
 
 @dataclass

@@ -395,9 +395,8 @@ def run_dpo(
     metrics = trainer.train()
     t3 = time.perf_counter()
     before = preference_eval(start_eval, evals) if evals else None
-    after = (
-        preference_eval(score_pairs(model, evals, pad, d.train.micro_batch_size), evals) if evals else None
-    )
+    # the trainer's final evaluation scored every held-out pair with the trained weights
+    after = preference_eval(eval_task.scored(len(evals)), evals) if evals else None
     if after is not None:
         metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
     card = ModelCard(
@@ -478,7 +477,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
 
         held = load_data(data_paths(cfg.dpo.data.eval), kind="multi_criteria", on_bad_row="skip").examples
         models = [
-            ("base", cfg.model.name_or_path),
+            *([("base", cfg.model.name_or_path)] if cfg.eval.compare_base else []),
             ("sft", str(sft.model_dir)),
             *((name, str(stage.model_dir)) for name, stage in dpo.items()),
         ]

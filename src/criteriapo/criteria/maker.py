@@ -123,7 +123,7 @@ CONFLICTS = [
 @dataclass(frozen=True)
 class MakerOptions:
     prompts: int = 160
-    samples: int = 2  # sampled replies per prompt (edits come on top)
+    samples: int = 1  # sampled replies per prompt (edits come on top)
     held_out: float = 0.2
     seed: int = 0
     max_new_tokens: int = 64

@@ -110,9 +110,16 @@ class DPOTask:
         if not self.reference_free and reference is None and ref_model is None:
             raise ValueError("DPOTask needs reference scores or a reference model unless reference-free")
         self.reference, self.ref_model = reference, ref_model
+        # per pair (by index): policy log-probs and token counts from the last pass without gradient
+        self.scores: dict[int, tuple[float, float, int, int]] = {}
 
     def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return collate_pairs(examples, indices, self.pad_id)
+
+    def scored(self, n: int) -> PairScores:
+        """Pairs 0..n-1 as scored by the last evaluation."""
+        c, r, nc, nr = zip(*(self.scores[i] for i in range(n)), strict=True)
+        return PairScores(torch.tensor(c), torch.tensor(r), torch.tensor(nc), torch.tensor(nr))
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         b = batch["index"].shape[0]
@@ -136,6 +143,9 @@ class DPOTask:
         b = batch["index"].shape[0]
         s = split_scores(out, b)
         x = LogPs(s.chosen, s.rejected, *self._reference(batch))  # summed over completion tokens
+        if not torch.is_grad_enabled():  # an evaluation: keep each pair's scores
+            for row in zip(batch["index"].tolist(), *(t.tolist() for t in vars(s).values()), strict=True):
+                self.scores[row[0]] = row[1:]
         if self.spec.length_normalized:  # ipo, simpo: the loss sees per-token averages
             nc, nr = s.chosen_tokens.clamp(min=1), s.rejected_tokens.clamp(min=1)
             losses = self.spec.fn(LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr), self.params)  # (B,)
