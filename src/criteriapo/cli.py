@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -364,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     transformers.utils.logging.disable_progress_bar()  # our own output says what is happening
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    console.quiet = not rank0
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=(logging.INFO if args.verbose else logging.WARNING) if rank0 else logging.ERROR,
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
@@ -380,7 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ class TrainConfig:
     checkpoint_every: int | None = 200  # steps; a checkpoint is also written at the end and on SIGINT/SIGTERM
     keep_checkpoints: int = 2  # the newest K are kept
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
+    gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast over float32 weights
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -72,10 +74,23 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # or [all-linear]
+    export: Literal["merged", "adapter"] = "merged"  # full weights, or an adapter folder naming its base
+
+
+@dataclass
 class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5))
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -83,6 +98,7 @@ class DPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the reference is then the adapters switched off
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
@@ -130,6 +146,7 @@ class Config:
 
         for name, stage in (("sft", self.sft), ("dpo", self.dpo)):
             _validate_stage(name, stage.data, stage.optim, stage.train)
+            _validate_lora(name, stage.lora)
         d = self.dpo
         if d.loss_type not in LOSSES:
             raise ConfigError(
@@ -152,6 +169,16 @@ class Config:
         if self.eval.max_new_tokens < 1:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.eval.max_new_tokens}")
         return self
+
+
+def _validate_lora(name: str, lora: LoraConfig) -> None:
+    if lora.r < 1:
+        raise ConfigError(f"{name}.lora.r must be >= 1, got {lora.r}")
+    _positive(f"{name}.lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"{name}.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if not lora.target_modules:
+        raise ConfigError(f"{name}.lora.target_modules is empty: name the layers to adapt, or [all-linear]")
 
 
 def _positive(name: str, value: float) -> None:

@@ -103,6 +103,8 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> 
     try:
         tmp = staging_dir(out_dir)
         model.save_pretrained(tmp, safe_serialization=True)
+        if not (tmp / "generation_config.json").exists() and getattr(model, "generation_config", None):
+            model.generation_config.save_pretrained(tmp)  # an adapter folder keeps its base's settings
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
         publish_dir(tmp, out_dir)

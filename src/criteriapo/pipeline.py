@@ -22,6 +22,7 @@ from criteriapo.criteria.pairs import RECIPES, RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.distributed import World, barrier, check_batch, device_for, gather_model, init_world, shard
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
 from criteriapo.export import ExportError, ModelCard, export_model
@@ -29,10 +30,12 @@ from criteriapo.generation import chat_messages, generate
 from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource
-from criteriapo.tracking.loggers import build_loggers
+from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
+from criteriapo.resume import guard_unfinished, stage_checkpointer
+from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
-from criteriapo.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, fingerprint
+from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.loop import Trainer, seed_everything
 from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
 
@@ -69,10 +72,12 @@ def data_paths(entries: list[str]) -> list[Path]:
 
 
 def _builtin_criteria() -> Path:
-    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset
+    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset, maker_digest
     from criteriapo.fsutil import cache_dir
 
-    folder = cache_dir() / "data" / "criteria-default"
+    folder = (
+        cache_dir() / "data" / f"criteria-{maker_digest(MakerOptions())}"
+    )  # a changed maker, a new folder
     if not (folder / "heldout.jsonl").exists():
         log.warning("making the built-in criteria dataset (sampling from the embedded model, a few minutes)")
         make_criteria_dataset(folder, "smollm2", MakerOptions())
@@ -116,24 +121,43 @@ def _prepare(
     run_dir: Path,
     recipe: str | None = None,
     resume: bool = False,
+    world: World | None = None,
 ):
     """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights."""
-    _guard_unfinished(run_dir / "checkpoints", resume)
+    world = world or init_world()
+    check_batch(world, stage.train.batch_size, stage.train.micro_batch_size, kind)
+    guard_unfinished(run_dir / "checkpoints", resume, world)
     source, tokenizer, chat = _chat_tokenizer(cfg, model_spec)
     if not stage.data.train:
         raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
     run_dir.mkdir(parents=True, exist_ok=True)
     # a rerun into the same folder starts clean; a resumed one keeps its metrics (trimmed later)
-    for stale in ("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl"):
+    for stale in (
+        (("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl")) if world.main else ()
+    ):
         (run_dir / stale).unlink(missing_ok=True)
+    barrier(world)
     data_kind = "sft" if kind == "sft" else "preference"
     ropts = _recipe_options(stage) if recipe else None
-    train = _tokenized(stage.data, stage.data.train, data_kind, chat, run_dir, recipe, ropts)
-    evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, run_dir, recipe, ropts)
+    report = run_dir if world.main else None  # one report, from rank 0
+    train = _tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts)
+    evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts)
     seed_everything(stage.train.seed)
     model = load_model(
-        source, dtype=cfg.model.dtype, device=cfg.model.device, trust_remote_code=cfg.model.trust_remote_code
+        source,
+        dtype=cfg.model.dtype,
+        device=device_for(world, cfg.model.device),
+        trust_remote_code=cfg.model.trust_remote_code,
     )
+    if stage.train.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if stage.lora.enabled:
+        model = apply_lora(model, stage.lora)
+        trainable, total = trainable_parameters(model)
+        log.info("LoRA: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
+    if world.distributed:
+        model = shard(model, stage.train.mixed_precision)
     return source, tokenizer, model, train, evals
 
 
@@ -162,65 +186,6 @@ def _preflight_dpo(cfg: Config) -> None:
             _tokenized(d.data, files, "preference", chat, None, recipe, ropts)
 
 
-# keys that may change between a run and its resumption: they do not touch the trained weights
-_FREE_KEYS = tuple(
-    f"{stage}.train.{k}"
-    for stage in ("sft", "dpo")
-    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
-) + ("model.device",)
-
-
-def _guard_unfinished(folder: Path, resume: bool) -> None:
-    """A fresh start must not bury an interrupted run: say how to go on or how to start again."""
-    if resume or not folder.is_dir():
-        return
-    found = Checkpointer(folder, {}).valid()
-    if found and found[-1].step < found[-1].info.get("total_steps", 0):
-        raise CheckpointError(
-            f"{folder} holds an unfinished run (step {found[-1].step} of {found[-1].info['total_steps']}): "
-            f"pass --resume to go on from it, or delete {folder} to start again"
-        )
-    if found:  # a finished run is being redone: its checkpoints would mix with the new ones
-        import shutil
-
-        shutil.rmtree(folder)
-
-
-def _checkpoints(
-    cfg: Config, name: str, stage: SFTConfig | DPOConfig, model_spec: str, run_dir: Path, train: list, **run
-) -> tuple[Checkpointer, Checkpoint | None]:
-    """The stage's checkpointer and, with ``resume``, the checkpoint to go on from (checked)."""
-    resume = run.pop("resume")
-    config = {"model": {**to_dict(cfg.model), "name_or_path": model_spec}, name: to_dict(stage), **run}
-    info = {"config": config, "data": fingerprint(train), "examples": len(train)}
-    ck = Checkpointer(
-        run_dir / "checkpoints", info, stage.train.checkpoint_every, stage.train.keep_checkpoints
-    )
-    latest = ck.latest() if resume else None
-    if latest is not None:
-        ck.check_compatible(latest, _FREE_KEYS)
-        _trim_metrics(run_dir / "metrics.jsonl", latest.step)
-        log.warning("resuming from %s (step %d)", latest.path, latest.step)
-    elif resume:
-        log.warning("no checkpoint in %s: starting from the beginning", ck.folder)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return ck, latest
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after ``step``: the resumed run logs those steps again."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except ValueError:
-            break  # a line cut short by the kill: nothing after it is whole
-    path.write_text("".join(keep), encoding="utf-8")
-
-
 def _recipe_options(d: DPOConfig) -> RecipeOptions:
     return RecipeOptions(d.mini_size, d.mini_min_margin, d.criterion_weights, d.condition_on_criterion)
 
@@ -237,12 +202,28 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def _finish(cfg: Config, trainer: Trainer, run_dir: Path, tokenizer, card: ModelCard) -> Path:
+def _finish(
+    cfg: Config,
+    stage: SFTConfig | DPOConfig,
+    trainer: Trainer,
+    run_dir: Path,
+    tokenizer,
+    card: ModelCard,
+    source: ModelSource,
+) -> Path:
     trainer.loggers.close()
-    if cfg.tracking.plots:
+    world = trainer.world
+    if cfg.tracking.plots and world.main:
         plot_run(run_dir)
+    model = trainer.model
+    if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
+        model = gather_model(model, source, stage.lora, cfg.model.dtype, world)
+    out = run_dir / "model"
     try:
-        return export_model(trainer.model, tokenizer, run_dir / "model", card)
+        if world.main:
+            export_model(for_export(model, keep_adapter=stage.lora.export == "adapter"), tokenizer, out, card)
+        barrier(world)
+        return out
     except ExportError as e:
         if trainer.last_checkpoint is None:
             raise
@@ -252,8 +233,15 @@ def _finish(cfg: Config, trainer: Trainer, run_dir: Path, tokenizer, card: Model
         ) from e
 
 
-def _progress(cfg: Config, label: str) -> ProgressBar | None:
-    return ProgressBar(label) if cfg.tracking.progress else None
+def _progress(cfg: Config, label: str, world: World) -> ProgressBar | None:
+    return ProgressBar(label) if cfg.tracking.progress and world.main else None
+
+
+def _loggers(cfg: Config, run_dir: Path, name: str, world: World) -> Loggers:
+    if not world.main:
+        return Loggers([])
+    _write_config(run_dir, cfg)
+    return build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-{name}", to_dict(cfg))
 
 
 def run_sft(
@@ -262,10 +250,12 @@ def run_sft(
     model_spec = model_spec or cfg.model.name_or_path
     run_dir = Path(run_dir or Path(cfg.output_dir) / "sft")
     t0 = time.perf_counter()
-    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume)
-    ck, latest = _checkpoints(cfg, "sft", cfg.sft, model_spec, run_dir, train, resume=resume)
-    _write_config(run_dir, cfg)
-    loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-sft", to_dict(cfg))
+    world = init_world()
+    source, tokenizer, model, train, evals = _prepare(
+        cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume, world=world
+    )
+    ck, latest = stage_checkpointer(cfg, "sft", cfg.sft, model_spec, run_dir, train, world, resume)
+    loggers = _loggers(cfg, run_dir, "sft", world)
     trainer = Trainer(
         model,
         SFTTask(tokenizer.pad_token_id),
@@ -274,8 +264,9 @@ def run_sft(
         cfg.sft.train,
         loggers,
         evals,
-        _progress(cfg, "sft"),
+        _progress(cfg, "sft", world),
         checkpointer=ck,
+        world=world,
     )
     if latest is not None:
         ck.restore(trainer, latest)
@@ -290,7 +281,7 @@ def run_sft(
         hyperparameters=to_dict(cfg.sft),
         metrics=metrics,
     )
-    model_dir = _finish(cfg, trainer, run_dir, tokenizer, card)
+    model_dir = _finish(cfg, cfg.sft, trainer, run_dir, tokenizer, card, source)
     seconds = {"prepare": t1 - t0, "train": t2 - t1, "export": time.perf_counter() - t2}
     return StageResult(run_dir, model_dir, metrics, seconds)
 
@@ -309,6 +300,8 @@ def _references(
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
     if d.reference_free or LOSSES[d.loss_type].reference_free:
         return None, None, None
+    if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
+        return None, None, model  # the policy with its adapters off scores each batch: no copy
     if not d.precompute_ref_log_probs:  # a frozen copy scores each batch as training goes
         ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=cfg.model.device)
         return None, None, ref_model.requires_grad_(False)
@@ -321,7 +314,8 @@ def _references(
         )
         return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
     # the starting weights are the reference: score them now, so no copy is ever held
-    return score_pairs(model, train, pad, mbs, cache), start_eval, None
+    with adapters_off(model):
+        return score_pairs(model, train, pad, mbs, cache), start_eval, None
 
 
 def run_dpo(
@@ -343,8 +337,11 @@ def run_dpo(
         )
     run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
     t0 = time.perf_counter()
-    source, tokenizer, model, train, evals = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume)
-    ck, latest = _checkpoints(cfg, "dpo", d, model_spec, run_dir, train, recipe=recipe, resume=resume)
+    world = init_world()
+    source, tokenizer, model, train, evals = _prepare(
+        cfg, model_spec, d, "dpo", run_dir, recipe, resume, world
+    )
+    ck, latest = stage_checkpointer(cfg, "dpo", d, model_spec, run_dir, train, world, resume, recipe=recipe)
     if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
         ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
@@ -352,14 +349,14 @@ def run_dpo(
                 f"dpo.ref_model {d.ref_model} has a different tokenizer from {model_spec}; "
                 "a reference must share the policy's vocabulary"
             )
-    _write_config(run_dir, cfg)
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    start_eval = saved.get("start_eval") or (
-        score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
-    )
+    with adapters_off(model):
+        start_eval = saved.get("start_eval") or (
+            score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
+        )
     if "ref_train" in saved:
         ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
     else:
@@ -374,7 +371,7 @@ def run_dpo(
     vocab = model.get_output_embeddings().weight.shape[0]
     task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
     eval_task = DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model) if evals else None
-    loggers = build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-dpo", to_dict(cfg))
+    loggers = _loggers(cfg, run_dir, "dpo", world)
     trainer = Trainer(
         model,
         task,
@@ -383,9 +380,10 @@ def run_dpo(
         d.train,
         loggers,
         evals,
-        _progress(cfg, f"dpo ({d.loss_type})"),
+        _progress(cfg, f"dpo ({d.loss_type})", world),
         eval_task=eval_task,
         checkpointer=ck,
+        world=world,
         extra_state={
             f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
         },
@@ -408,7 +406,7 @@ def run_dpo(
         metrics=metrics,
         notes=[f"Reference model: {_reference_note(d, task)}"],
     )
-    model_dir = _finish(cfg, trainer, run_dir, tokenizer, card)
+    model_dir = _finish(cfg, d, trainer, run_dir, tokenizer, card, source)
     seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
     return StageResult(run_dir, model_dir, metrics, seconds, before, after)
 
@@ -427,7 +425,7 @@ def _saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
 def _reference_note(d: DPOConfig, task: DPOTask) -> str:
     if task.reference_free:
         return "none (reference-free)"
-    where = d.ref_model or "the starting weights"
+    where = d.ref_model or "the starting weights" + (" (LoRA adapters off)" if d.lora.enabled else "")
     return f"{where}, log-probs precomputed" if d.precompute_ref_log_probs else f"{where}, kept frozen"
 
 
@@ -451,10 +449,14 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     """SFT, then DPO against the SFT model (one run per recipe with ``dpo.recipe: all``, sharing one
     reference pass), generations before and after, and with criteria data a comparison by criterion."""
     out = Path(cfg.output_dir)
+    world = init_world()
     t0 = time.perf_counter()
-    resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)  # fetch/check first
+    if world.main:  # fetch and check first; rank 0 alone downloads nothing and makes the built-in data
+        resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     t_fetch = time.perf_counter()
-    data_paths([*cfg.sft.data.train, *cfg.dpo.data.train, *cfg.dpo.data.eval])  # built-in data made now
+    if world.main:
+        data_paths([*cfg.sft.data.train, *cfg.dpo.data.train, *cfg.dpo.data.eval])
+    barrier(world)
     _preflight_dpo(cfg)
     t_data = time.perf_counter()
     sft = run_sft(cfg, run_dir=out / "sft", resume=resume)
@@ -465,6 +467,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
         for r in recipes
     }
     t_train = time.perf_counter()
+    if not world.main:  # generation and evaluation run on rank 0
+        barrier(world)
+        return PipelineResult(sft, dpo, [], {}, out / "summary.json")
     replies = {"before": sample_replies(cfg, sft.model_dir, cfg.eval.prompts)}
     for name, stage in dpo.items():
         replies[name] = sample_replies(cfg, stage.model_dir, cfg.eval.prompts)
@@ -508,4 +513,5 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     }
     path = out / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    barrier(world)
     return PipelineResult(sft, dpo, generations, seconds, path, comparison)

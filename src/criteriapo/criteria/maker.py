@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from criteriapo.criteria.edits import break_, satisfy
@@ -233,6 +233,17 @@ def make_record(task: str, criteria: list[Criterion], sampled: list[str], model_
         "task": task,
         "completions": completions,
     }
+
+
+def maker_digest(opts: MakerOptions) -> str:
+    """Names what the maker would make: its options and the code of the maker, edits and checkers."""
+    from criteriapo.criteria import edits, library
+
+    h = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode())
+    for module in (edits, library):
+        h.update(Path(module.__file__).read_bytes())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOptions = MakerOptions()) -> dict:

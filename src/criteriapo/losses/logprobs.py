@@ -56,11 +56,40 @@ def token_logps(
     return torch.cat(logps), torch.cat(sums)
 
 
+class LogpsModule(torch.nn.Module):
+    """A causal LM whose forward returns per-sequence log-probs (as a tuple of tensors). Under FSDP2
+    it is the root that is sharded, so the embedding and output weights are gathered for one call."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = _sequence_logps(self.lm, input_ids, attention_mask, labels)
+        return out.logps, out.num_tokens, out.logits_sum
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self.lm.get_decoder()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.lm.get_output_embeddings()
+
+    @property
+    def config(self):
+        return self.lm.config
+
+
 def sequence_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> SequenceLogps:
     """Sum of log p over each row's labelled tokens. ``labels`` (B, T) uses -100 for no label;
     the label at position t is predicted from positions < t (the shift is done here)."""
+    if isinstance(model, LogpsModule):
+        return SequenceLogps(*model(input_ids, attention_mask, labels))
+    return _sequence_logps(model, input_ids, attention_mask, labels)
+
+
+def _sequence_logps(model, input_ids, attention_mask, labels) -> SequenceLogps:
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)

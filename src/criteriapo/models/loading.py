@@ -2,7 +2,8 @@
 
 Accepted: an embedded model's name (fetched on demand), a local Hugging Face folder (safetensors
 only), a ``.gguf`` file (converted once into the cache), or a hub id already in the local Hugging
-Face cache (nothing is downloaded). Every check runs before any weights are read.
+Face cache (nothing is downloaded), or a LoRA adapter folder (``adapter_config.json``) whose base
+model is any of those. Every check runs before any weights are read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class ModelSource:
 
     spec: str
     path: Path
-    origin: str  # embedded | folder | gguf | hub-cache
+    origin: str  # embedded | folder | gguf | hub-cache | adapter
+    base: Path | None = None  # for an adapter folder: its base model's folder
 
 
 def resolve_model(
@@ -39,6 +41,10 @@ def resolve_model(
     if path.exists():
         if path.is_file() and path.suffix.lower() == ".gguf":
             folder, origin = convert_gguf(path, gguf_cache_path(path)), "gguf"
+        elif (
+            path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").exists()
+        ):
+            return _adapter_source(spec, path, need_tokenizer, trust_remote_code)
         elif path.is_dir():
             folder, origin = path, "folder"
         else:
@@ -54,6 +60,32 @@ def resolve_model(
         )
     check_model_folder(folder, need_tokenizer=need_tokenizer, trust_remote_code=trust_remote_code)
     return ModelSource(spec, folder, origin)
+
+
+def _adapter_source(spec: str, folder: Path, need_tokenizer: bool, trust_remote_code: bool) -> ModelSource:
+    """A LoRA adapter folder: its weights checked, its base model resolved like any model."""
+    config_path = folder / "adapter_config.json"
+    try:
+        base = json.loads(config_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ModelLoadError(f"{config_path}: not valid JSON ({e})") from None
+    if not base:
+        raise ModelLoadError(f"{config_path}: names no base_model_name_or_path, so the adapter has no base")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        raise ModelLoadError(
+            f"{folder}: no adapter_model.safetensors"
+            + (f" (only pickle: {', '.join(pickles)}; CriteriaPO reads safetensors only)" if pickles else "")
+        )
+    _check_safetensors(weights)
+    if need_tokenizer and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise ModelLoadError(f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    try:
+        base_source = resolve_model(base, need_tokenizer=False, trust_remote_code=trust_remote_code)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{folder} is a LoRA adapter whose base model cannot be loaded: {e}") from None
+    return ModelSource(spec, folder, "adapter", base_source.path)
 
 
 def _hub_cache(repo_id: str) -> Path:
@@ -185,7 +217,7 @@ def load_model(
     torch_dtype = pick_dtype(dtype, device)
     try:
         m = AutoModelForCausalLM.from_pretrained(
-            source.path,
+            (source.base or source.path).resolve(),  # absolute: an adapter made from it records this path
             dtype=torch_dtype,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
@@ -193,6 +225,10 @@ def load_model(
         )
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"{source.path}: transformers cannot load this model: {e}") from None
+    if source.base is not None:  # the adapter merged into its base: a plain model from here on
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, source.path).merge_and_unload()
     return m.to(device).eval()
 
 

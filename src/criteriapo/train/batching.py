@@ -23,9 +23,10 @@ class DataOrder:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.size, generator=g).tolist()
 
-    def next_batch(self, batch_size: int) -> list[int]:
-        """The next ``batch_size`` indices; an epoch's last batch may be shorter."""
-        if self.position >= self.size:
+    def next_batch(self, batch_size: int, drop_last: bool = False) -> list[int]:
+        """The next ``batch_size`` indices; an epoch's last batch may be shorter, or with
+        ``drop_last`` is skipped (so that every process of a multi-process run gets an equal share)."""
+        if self.position >= self.size or (drop_last and self.position + batch_size > self.size):
             self.epoch, self.position = self.epoch + 1, 0
             self._perm = self._permutation(self.epoch)
         out = self._perm[self.position : self.position + batch_size]

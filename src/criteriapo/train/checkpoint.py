@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from criteriapo import faults
+from criteriapo.distributed import SINGLE, World, all_sum, barrier
 from criteriapo.errors import CriteriaPOError
 from criteriapo.fsutil import fsync_dir, publish_dir, staging_dir, write_error
 
@@ -77,8 +78,15 @@ class Checkpointer:
     valid one. ``run`` (the config and the data fingerprint) is stored with each and must match on
     resume; keys listed in ``free_keys`` may change between the run and its resumption."""
 
-    def __init__(self, folder: Path, run: dict[str, Any], every: int | None = None, keep: int = 2):
-        self.folder, self.run, self.every, self.keep = Path(folder), run, every, keep
+    def __init__(
+        self,
+        folder: Path,
+        run: dict[str, Any],
+        every: int | None = None,
+        keep: int = 2,
+        world: World = SINGLE,
+    ):
+        self.folder, self.run, self.every, self.keep, self.world = Path(folder), run, every, keep, world
 
     # -- writing ------------------------------------------------------------------------------
     def due(self, step: int, total: int) -> bool:
@@ -86,33 +94,55 @@ class Checkpointer:
 
     def save(self, trainer: Any, extra: dict[str, torch.Tensor] | None = None) -> Path:
         """Write the trainer's state as ``step-N`` (atomically), then drop all but the newest ``keep``.
-        On a write failure the partial folder is removed and the earlier checkpoints stay as they were."""
+        On a write failure the partial folder is removed and the earlier checkpoints stay as they were.
+        Under several processes every one gathers the state; rank 0 writes it."""
         step = trainer.state.step
         dest = self.folder / f"step-{step:08d}"
-        tmp = None
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = staging_dir(dest)
-            self._write(tmp, trainer, extra or {})
-            faults.point("checkpoint-publish")
-            publish_dir(tmp, dest)
-        except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            kept = self.valid()
-            raise CheckpointError(
-                f"could not write checkpoint {dest}: {write_error(e)}. "
-                + (f"The previous checkpoint {kept[-1].path} is intact. " if kept else "")
-                + "Free disk space or fix the folder's permissions, then resume with --resume"
-            ) from e
-        self._rotate()
+        weights, optim, layout = _gather(trainer)
+        failure = None
+        if self.world.main:
+            tmp = None
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp = staging_dir(dest)
+                self._write(tmp, trainer, weights, optim, layout, extra or {})
+                faults.point("checkpoint-publish")
+                publish_dir(tmp, dest)
+                self._rotate()
+            except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                kept = self.valid()
+                failure = CheckpointError(
+                    f"could not write checkpoint {dest}: {write_error(e)}. "
+                    + (f"The previous checkpoint {kept[-1].path} is intact. " if kept else "")
+                    + "Free disk space or fix the folder's permissions, then resume with --resume"
+                )
+                failure.__cause__ = e
+        if all_sum([float(failure is not None)], self.world)[0]:  # every process stops together
+            raise failure or CheckpointError(f"rank 0 could not write checkpoint {dest}")
+        barrier(self.world)
         return dest
 
-    def _write(self, tmp: Path, trainer: Any, extra: dict[str, torch.Tensor]) -> None:
-        state = trainer.state_dict()
-        save_model(trainer.model, str(tmp / "model.safetensors"))
+    def _write(
+        self,
+        tmp: Path,
+        trainer: Any,
+        weights: Any,
+        optim_state: dict[str, Any],
+        layout: str,
+        extra: dict[str, torch.Tensor],
+    ) -> None:
+        state = trainer.state_dict(model=False, optimizer=False)
+        trainable_only = any(not p.requires_grad for p in trainer.model.parameters())  # LoRA: base fixed
+        aliases: dict[str, str] = {}
+        if isinstance(weights, dict):
+            weights, aliases = _dedupe(weights)
+            save_file(weights, str(tmp / "model.safetensors"))
+        else:  # one process: the module itself (tied weights stored once)
+            save_model(weights, str(tmp / "model.safetensors"))
         faults.point("checkpoint-write")
-        optim, scalars = _flatten_optimizer(state["optimizer"])
+        optim, scalars = _flatten_optimizer(optim_state)
         save_file(optim, str(tmp / "optimizer.safetensors"))
         rng = state["rng"]
         tensors = {"rng.torch": rng["torch"], **{f"rng.cuda.{i}": t for i, t in enumerate(rng["cuda"])}}
@@ -122,14 +152,18 @@ class Checkpointer:
         )
         info = {
             "format": FORMAT,
+            "layout": layout,
+            "processes": self.world.size,
             "step": trainer.state.step,
             "train_state": state["train_state"],
             "data_order": state["data_order"],
             "python_rng": _python_rng_to_json(rng["python"]),
-            "param_groups": state["optimizer"]["param_groups"],
+            "param_groups": optim_state["param_groups"],
             "optimizer_scalars": scalars,
             "last_metrics": trainer.last_metrics,
             "total_steps": trainer.total_steps,
+            "trainable_only": trainable_only,
+            "aliases": aliases,
             "run": self.run,
         }
         (tmp / "trainer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
@@ -153,8 +187,9 @@ class Checkpointer:
         broken checkpoints are passed over (with a warning when ``report``)."""
         if not self.folder.is_dir():
             return []
-        for junk in [*self.folder.glob(".tmp-*"), *self.folder.glob(".trash-*")]:
-            shutil.rmtree(junk, ignore_errors=True)
+        if self.world.main:
+            for junk in [*self.folder.glob(".tmp-*"), *self.folder.glob(".trash-*")]:
+                shutil.rmtree(junk, ignore_errors=True)
         out = []
         for path in sorted(p for p in self.folder.glob("step-*") if p.is_dir()):
             problem = _problem(path)
@@ -195,27 +230,102 @@ class Checkpointer:
     def restore(self, trainer: Any, ckpt: Checkpoint) -> dict[str, torch.Tensor]:
         """Load ``ckpt`` into ``trainer``; returns the stage's extra tensors."""
         info = ckpt.info
-        load_model(trainer.model, str(ckpt.path / "model.safetensors"), strict=True)
+        layout = "sharded" if self.world.distributed else "single"
+        if info.get("layout", "single") != layout:
+            how = "torchrun" if info.get("layout") == "sharded" else "one process"
+            raise CheckpointError(
+                f"{ckpt.path} was written by {info.get('processes', 1)} process(es) and this run has "
+                f"{self.world.size}: resume with {how}"
+            )
         optim = _unflatten_optimizer(
-            ckpt.tensors("optimizer.safetensors"), info["optimizer_scalars"], info["param_groups"]
+            ckpt.tensors("optimizer.safetensors"), info["optimizer_scalars"], info["param_groups"], layout
         )
+        if layout == "sharded":
+            _set_sharded(trainer, ckpt, optim)
+        elif info.get("trainable_only"):
+            _load_trainable(trainer.model, ckpt.tensors("model.safetensors"), ckpt.path)
+        else:
+            load_model(trainer.model, str(ckpt.path / "model.safetensors"), strict=True)
         extra = ckpt.tensors("extra.safetensors")
         cuda = [extra[k] for k in sorted((k for k in extra if k.startswith("rng.cuda.")), key=_index)]
-        trainer.load_state_dict(
-            {
-                "optimizer": optim,
-                "train_state": info["train_state"],
-                "data_order": info["data_order"],
-                "rng": {
-                    "torch": extra["rng.torch"],
-                    "python": _python_rng_from_json(info["python_rng"]),
-                    "cuda": cuda,
-                },
-            },
-            model=False,
-        )
+        python_rng = _python_rng_from_json(info["python_rng"])
+        rng = {"torch": extra["rng.torch"], "python": python_rng, "cuda": cuda}
+        state = {"train_state": info["train_state"], "data_order": info["data_order"], "rng": rng}
+        if layout == "single":
+            state["optimizer"] = optim
+        trainer.load_state_dict(state, model=False)
         trainer.last_metrics = info.get("last_metrics", {})
         return {k.removeprefix("extra."): v for k, v in extra.items() if k.startswith("extra.")}
+
+
+def _gather(trainer: Any) -> tuple[Any, dict[str, Any], str]:
+    """(weights, optimizer state, layout): the module and its indexed optimizer state for one process;
+    full state dicts keyed by parameter name, gathered from every process, under FSDP2."""
+    if not trainer.world.distributed:
+        trainable_only = any(not p.requires_grad for p in trainer.model.parameters())
+        weights = (
+            {n: p.detach().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
+            if trainable_only
+            else trainer.model
+        )
+        return weights, trainer.optimizer.state_dict(), "single"
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    frozen = any(not p.requires_grad for p in trainer.model.parameters())
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=frozen)
+    model_sd = get_model_state_dict(trainer.model, options=opts)
+    optim_sd = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=opts)
+    return model_sd, optim_sd, "sharded"
+
+
+def _set_sharded(trainer: Any, ckpt: Checkpoint, optim: dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    weights = ckpt.tensors("model.safetensors")
+    for alias, original in ckpt.info.get("aliases", {}).items():
+        weights[alias] = weights[original]
+    opts = StateDictOptions(full_state_dict=True, strict=not ckpt.info.get("trainable_only"))
+    set_model_state_dict(trainer.model, weights, options=opts)
+    set_optimizer_state_dict(
+        trainer.model, trainer.optimizer, optim, options=StateDictOptions(full_state_dict=True)
+    )
+
+
+def _dedupe(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tied weights (one tensor under two names) stored once; returns (weights, alias -> name)."""
+    seen: dict[tuple, str] = {}
+    out, aliases = {}, {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            out[name] = t.contiguous()
+    return out, aliases
+
+
+def _load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Copy the saved trainable weights (e.g. LoRA adapters) into ``model``, whose frozen base came
+    from the starting model."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != tensors.keys():
+        extra, missing = sorted(tensors.keys() - params.keys()), sorted(params.keys() - tensors.keys())
+        raise CheckpointError(
+            f"{where}: its trainable weights do not fit this model (unexpected: {extra[:3]}, missing: "
+            f"{missing[:3]}); resume with the same LoRA settings"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
 
 
 def _index(key: str) -> int:
@@ -246,27 +356,26 @@ def _problem(path: Path) -> str | None:
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as ``<param>::<name>`` tensors and scalars (param: index, or name under FSDP2)."""
     tensors, scalars = {}, {}
-    for idx, per_param in state["state"].items():
+    for param, per_param in state["state"].items():
         for name, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous()
+                tensors[f"{param}::{name}"] = value.detach().contiguous()
             else:
-                scalars[f"{idx}.{name}"] = value
+                scalars[f"{param}::{name}"] = value
     return tensors, scalars
 
 
 def _unflatten_optimizer(
-    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], groups: list[dict[str, Any]]
+    tensors: dict[str, torch.Tensor], scalars: dict[str, Any], groups: list[dict[str, Any]], layout: str
 ) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for key, value in [*tensors.items(), *scalars.items()]:
-        idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = value
-    return {
-        "state": state,
-        "param_groups": [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups],
-    }
+        param, _, name = key.rpartition("::")
+        state.setdefault(int(param) if layout == "single" else param, {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
+    return {"state": state, "param_groups": groups}
 
 
 def _python_rng_to_json(state: tuple) -> list:

@@ -26,6 +26,7 @@ import torch
 
 from criteriapo import faults
 from criteriapo.config import OptimConfig, TrainConfig
+from criteriapo.distributed import SINGLE, World, all_sum
 from criteriapo.errors import CriteriaPOError, Interrupted
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.batching import DataOrder
@@ -67,13 +68,19 @@ class Trainer:
         eval_task: Task | None = None,
         checkpointer: Checkpointer | None = None,
         extra_state: dict[str, torch.Tensor] | None = None,
+        world: World = SINGLE,
     ):
         self.model, self.task, self.train_set, self.eval_set = model, task, train_set, eval_set
         self.eval_task = eval_task or task
         self.optim_cfg, self.cfg, self.loggers, self.progress = optim, train, loggers, progress
         self.device = next(model.parameters()).device
+        self.world = world
         self.order = DataOrder(len(train_set), train.seed)
-        self.steps_per_epoch = math.ceil(len(train_set) / train.batch_size)
+        # several processes split each step's batch equally, so an epoch's short last batch is dropped
+        per_epoch = len(train_set) / train.batch_size
+        self.steps_per_epoch = math.floor(per_epoch) if world.distributed else math.ceil(per_epoch)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(train_set)} examples make no full batch of {train.batch_size}")
         total = train.epochs * self.steps_per_epoch
         self.total_steps = min(total, train.max_steps) if train.max_steps else total
         self.optimizer = build_optimizer(model, optim)
@@ -90,7 +97,7 @@ class Trainer:
             self.progress.start(self.total_steps, self.state.step)
         with self._stop_requests():
             while self.state.step < self.total_steps:
-                metrics = self.train_step(self.order.next_batch(self.cfg.batch_size))
+                metrics = self.train_step(self.order.next_batch(self.cfg.batch_size, self.world.distributed))
                 step = self.state.step
                 evaluated = (
                     bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0 and step < self.total_steps
@@ -104,7 +111,7 @@ class Trainer:
                 faults.point("step")
                 if self.checkpointer is not None and self.checkpointer.due(step, self.total_steps):
                     self.save_checkpoint()
-                if self._stop_signal:
+                if self._stop_requested():
                     self._interrupted()
         final = dict(self.last_metrics)
         if self.eval_set:
@@ -172,22 +179,38 @@ class Trainer:
     def accumulate_gradients(self, indices: list[int]) -> tuple[float, dict[str, tuple[float, float]], int]:
         """Forward and backward every micro-batch of one optimizer step; gradients add up to those of
         the whole batch. Returns the step's loss, metric sums and non-padding token count."""
-        mbs = self.cfg.micro_batch_size
-        batches = [self._collate(indices[i : i + mbs]) for i in range(0, len(indices), mbs)]
+        mbs, w = self.cfg.micro_batch_size, self.world
+        mine = indices[w.rank :: w.size]  # this process's share of the global batch
+        batches = [self._collate(mine[i : i + mbs]) for i in range(0, len(mine), mbs)]
         totals = _totals(self.task, batches)
+        if w.distributed:  # the loss's denominators are those of the whole step, on every process
+            keys = sorted(totals)
+            totals = dict(zip(keys, (int(v) for v in all_sum([totals[k] for k in keys], w)), strict=True))
         loss_total, sums = 0.0, {}
         for b in batches:
             loss, metrics = self.forward_backward(b, totals)
             loss_total += loss
             _accumulate(sums, metrics)
-        return loss_total, sums, sum(int(b["attention_mask"].sum()) for b in batches)
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        if w.distributed:
+            keys = sorted(sums)
+            flat = all_sum([loss_total, float(tokens), *(x for k in keys for x in sums[k])], w)
+            loss_total, tokens = flat[0], int(flat[1])
+            sums = {k: (flat[2 + 2 * i], flat[3 + 2 * i]) for i, k in enumerate(keys)}
+        return loss_total, sums, tokens
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], totals: dict[str, int]
     ) -> tuple[float, Metrics]:
-        loss, metrics = self.task.loss(self.model, batch, totals)
-        loss.backward()
+        with self._autocast():
+            loss, metrics = self.task.loss(self.model, batch, totals)
+        # FSDP2 averages gradients over processes; each loss is already a share of the global one
+        (loss * self.world.size if self.world.distributed else loss).backward()
         return float(loss.detach()), metrics
+
+    def _autocast(self):
+        bf16 = self.cfg.mixed_precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.task.collate([self.train_set[i] for i in indices], indices)
@@ -196,7 +219,8 @@ class Trainer:
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.optim_cfg.max_grad_norm or float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -212,7 +236,8 @@ class Trainer:
         totals = _totals(task, batches)
         loss_total, sums = 0.0, {}
         for b in batches:
-            loss, metrics = task.loss(self.model, b, totals)
+            with self._autocast():
+                loss, metrics = task.loss(self.model, b, totals)
             loss_total += float(loss)
             _accumulate(sums, metrics)
         self.model.train()
@@ -249,6 +274,14 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop: all of them stop after the same step."""
+        if not self.world.distributed:
+            return self._stop_signal is not None
+        if all_sum([float(self._stop_signal is not None)], self.world)[0] and self._stop_signal is None:
+            self._stop_signal = "a signal to another process"
+        return self._stop_signal is not None
+
     def _interrupted(self) -> None:
         path = self.save_checkpoint()
         if self.progress is not None:
@@ -262,10 +295,10 @@ class Trainer:
         )
 
     # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, model: bool = True, optimizer: bool = True) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **({"model": self.model.state_dict()} if model else {}),
+            **({"optimizer": self.optimizer.state_dict()} if optimizer else {}),
             "train_state": asdict(self.state),
             "data_order": self.order.state_dict(),
             "rng": {
@@ -278,7 +311,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], model: bool = True) -> None:
         if model:
             self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.state = TrainState(**state["train_state"])
         self.order.load_state_dict(state["data_order"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -18,6 +18,7 @@ from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
 from criteriapo.losses.logprobs import SequenceLogps, sequence_logps
+from criteriapo.models.lora import adapters_off
 from criteriapo.train.batching import pad_batch
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
@@ -134,7 +135,7 @@ class DPOTask:
         if self.reference is not None:
             i = batch["index"].cpu()
             return self.reference.chosen[i].to(device), self.reference.rejected[i].to(device)
-        with torch.no_grad():
+        with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
             out = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return out.logps[:b], out.logps[b:]
 

@@ -1,0 +1,130 @@
+"""Several processes under ``torchrun``: PyTorch's own engine, FSDP2.
+
+One process per device (``torchrun --nproc-per-node N -m criteriapo ...``; NCCL on GPUs, gloo on
+CPU). Each decoder block is sharded with ``fully_shard``, then the whole model, wrapped so that one
+call computes per-sequence log-probs and the embedding and output weights are gathered for exactly
+that call. The global batch keeps its meaning: ``train.batch_size`` examples per optimizer step in
+all, each process taking every N-th of them, the loss divided by the totals of the whole step
+summed over processes, so N processes with batch b each train like one process with batch N x b.
+Metrics are summed over processes; only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from criteriapo.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+SINGLE = World()
+
+
+def init_world() -> World:
+    """The process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK), or a single process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local)
+
+
+def device_for(world: World, device: str) -> str:
+    if world.distributed and device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def check_batch(world: World, batch_size: int, micro_batch_size: int, where: str) -> None:
+    if world.distributed and batch_size % (world.size * micro_batch_size):
+        raise ConfigError(
+            f"{where}.train.batch_size ({batch_size}) must be a multiple of the number of processes "
+            f"({world.size}) x micro_batch_size ({micro_batch_size}): each process takes an equal share"
+        )
+
+
+def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each decoder block, then the log-prob wrapper around the whole model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from criteriapo.losses.logprobs import LogpsModule
+
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    wrapped = model if isinstance(model, LogpsModule) else LogpsModule(model)
+    for block in wrapped.get_decoder().layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(wrapped, mp_policy=mp)
+    return wrapped
+
+
+def gather_model(model: torch.nn.Module, source, lora, dtype: str, world: World) -> torch.nn.Module | None:
+    """The whole trained model on rank 0 (None elsewhere): every process hands over its shards, rank 0
+    loads them into a fresh, unsharded copy of the starting model (with the same LoRA layers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from criteriapo.models import load_model
+    from criteriapo.models.lora import apply_lora
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.main:
+        return None
+    plain = load_model(source, dtype=dtype, device="cpu")
+    if lora.enabled:
+        plain = apply_lora(plain, lora)
+    plain.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+    return plain
+
+
+def all_sum(values: list[float], world: World) -> list[float]:
+    """Element-wise sum over processes (float64, so counts stay exact)."""
+    if not world.distributed or not values:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )

@@ -1,0 +1,81 @@
+"""Going on from a stage's checkpoints: refuse to bury an unfinished run, check that a resumed run
+is the same run (config and data), trim the metrics logged after the checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from criteriapo.config import Config, to_dict
+from criteriapo.distributed import World, barrier
+from criteriapo.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, fingerprint
+
+log = logging.getLogger(__name__)
+
+# keys that may change between a run and its resumption: they do not touch the trained weights
+FREE_KEYS = tuple(
+    f"{stage}.train.{k}"
+    for stage in ("sft", "dpo")
+    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
+) + ("model.device",)
+
+
+def guard_unfinished(folder: Path, resume: bool, world: World) -> None:
+    """A fresh start must not bury an interrupted run: say how to go on or how to start again."""
+    if resume or not folder.is_dir():
+        return
+    found = Checkpointer(folder, {}, world=world).valid()
+    if found and found[-1].step < found[-1].info.get("total_steps", 0):
+        raise CheckpointError(
+            f"{folder} holds an unfinished run (step {found[-1].step} of {found[-1].info['total_steps']}): "
+            f"pass --resume to go on from it, or delete {folder} to start again"
+        )
+    barrier(world)  # every process has looked before rank 0 clears it
+    if found and world.main:  # a finished run is being redone: its checkpoints would mix with the new
+        shutil.rmtree(folder)
+    barrier(world)
+
+
+def stage_checkpointer(
+    cfg: Config,
+    name: str,
+    stage: Any,
+    model_spec: str,
+    run_dir: Path,
+    train: list,
+    world: World,
+    resume: bool,
+    **run: Any,
+) -> tuple[Checkpointer, Checkpoint | None]:
+    """The stage's checkpointer and, with ``resume``, the checkpoint to go on from (checked)."""
+    config = {"model": {**to_dict(cfg.model), "name_or_path": model_spec}, name: to_dict(stage), **run}
+    info = {"config": config, "data": fingerprint(train), "examples": len(train)}
+    every, keep = stage.train.checkpoint_every, stage.train.keep_checkpoints
+    ck = Checkpointer(run_dir / "checkpoints", info, every, keep, world=world)
+    latest = ck.latest() if resume else None
+    if latest is not None:
+        ck.check_compatible(latest, FREE_KEYS)
+        if world.main:
+            trim_metrics(run_dir / "metrics.jsonl", latest.step)
+            log.warning("resuming from %s (step %d)", latest.path, latest.step)
+    elif resume and world.main:
+        log.warning("no checkpoint in %s: starting from the beginning", ck.folder)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return ck, latest
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines logged after ``step``: the resumed run logs those steps again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            break  # a line cut short by the kill: nothing after it is whole
+    path.write_text("".join(keep), encoding="utf-8")
