@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from tests.helpers import write_jsonl
 
 U = {"role": "user", "content": "Name a colour."}
-# float sums in another order (two half-batches reduced over gloo instead of one accumulation)
-LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
+# float sums in another order (two half-batches reduced over gloo instead of one accumulation): the
+# losses agree to 1e-7 here; Adam's normalised steps turn rounding in near-zero gradients into weight
+# differences of a small fraction of the learning rate (1e-3), measured up to 7.5e-6
+LOSS_RTOL, WEIGHT_ATOL = 1e-5, 5e-5
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,15 @@ def gather_model(model: torch.nn.Module, source, lora, dtype: str, world: World)
     return plain
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """After a forward without backward, FSDP2 leaves the root's weights gathered: put them back in
+    shards, so that the optimizer and the checkpoints see the sharded parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def all_sum(values: list[float], world: World) -> list[float]:
     """Element-wise sum over processes (float64, so counts stay exact)."""
     if not world.distributed or not values:

@@ -26,7 +26,7 @@ import torch
 
 from criteriapo import faults
 from criteriapo.config import OptimConfig, TrainConfig
-from criteriapo.distributed import SINGLE, World, all_sum
+from criteriapo.distributed import SINGLE, World, all_sum, reshard
 from criteriapo.errors import CriteriaPOError, Interrupted
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.batching import DataOrder
@@ -83,6 +83,7 @@ class Trainer:
             raise ValueError(f"{len(train_set)} examples make no full batch of {train.batch_size}")
         total = train.epochs * self.steps_per_epoch
         self.total_steps = min(total, train.max_steps) if train.max_steps else total
+        reshard(model)  # the optimizer must hold the sharded parameters
         self.optimizer = build_optimizer(model, optim)
         self.state = TrainState()
         self.last_metrics: dict[str, float] = {}
@@ -241,6 +242,7 @@ class Trainer:
             loss_total += float(loss)
             _accumulate(sums, metrics)
         self.model.train()
+        reshard(self.model)
         return {"eval/loss": loss_total, **{f"eval/{k}": s / c for k, (s, c) in sums.items() if c}}
 
     # -- checkpoints and stopping -----------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
+from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
 from criteriapo.losses.logprobs import SequenceLogps, sequence_logps
 from criteriapo.models.lora import adapters_off
@@ -205,6 +206,7 @@ def score_pairs(
         for key, lp, nt in zip(chunk, out.logps.tolist(), out.num_tokens.tolist(), strict=True):
             cache[key] = (lp, nt)
     model.train(was_training)
+    reshard(model)
     (c_lp, c_n), (r_lp, r_n) = (
         zip(*(cache[k] for k in side), strict=True) if pairs else ((), ()) for side in keys
     )
