@@ -113,3 +113,20 @@ def test_a_two_process_run_killed_in_dpo_resumes_to_the_same_weights(common, run
     w, want = weights(out / "dpo"), weights(runs[2] / "dpo")
     for k in want:
         assert torch.equal(w[k], want[k]), k
+
+
+def test_lora_dpo_with_the_adapters_off_reference_matches_one_process(common):
+    """LoRA under FSDP2, the reference being the sharded policy with its adapters off; export merged."""
+    root, args = common
+    lora = ["dpo.lora.enabled=true", "dpo.precompute_ref_log_probs=false"]
+    for nproc in (1, 2):
+        r = run(["dpo", *args, *lora, f"output_dir={root / f'lora{nproc}'}"], nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(root / "lora1" / "dpo"), losses(root / "lora2" / "dpo")
+    assert len(one) == 2 and [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=LOSS_RTOL)
+    w1, w2 = weights(root / "lora1" / "dpo"), weights(root / "lora2" / "dpo")
+    assert w1.keys() == w2.keys() and not any("lora" in k for k in w1)  # merged into full weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=k)

@@ -295,23 +295,25 @@ def _references(
     evals: list,
     start_eval: PairScores | None,
     cache: dict | None,
+    world: World,
 ):
-    """Reference scores of the train and eval pairs, or a frozen reference model, or neither."""
+    """Reference scores of the train and eval pairs, or a frozen reference model (sharded like the
+    policy under FSDP2), or neither."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
+    device = device_for(world, cfg.model.device)
     if d.reference_free or LOSSES[d.loss_type].reference_free:
         return None, None, None
     if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
         return None, None, model  # the policy with its adapters off scores each batch: no copy
     if not d.precompute_ref_log_probs:  # a frozen copy scores each batch as training goes
-        ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=cfg.model.device)
-        return None, None, ref_model.requires_grad_(False)
+        ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=device)
+        ref_model.requires_grad_(False)
+        return None, None, shard(ref_model) if world.distributed else ref_model
     if d.ref_model:
         ref = load_model(
-            d.ref_model,
-            dtype=cfg.model.dtype,
-            device=cfg.model.device,
-            trust_remote_code=cfg.model.trust_remote_code,
+            d.ref_model, dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code
         )
+        ref = shard(ref) if world.distributed else ref
         return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
     # the starting weights are the reference: score them now, so no copy is ever held
     with adapters_off(model):
@@ -361,7 +363,7 @@ def run_dpo(
         ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
     else:
         ref_train, ref_eval, ref_model = _references(
-            cfg, source, model, pad, train, evals, start_eval, ref_cache
+            cfg, source, model, pad, train, evals, start_eval, ref_cache, world
         )
     # saved with checkpoints; the eval reference is usually the start scores themselves
     scores = {"start_eval": start_eval, "ref_train": ref_train}

@@ -41,15 +41,20 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> Any:
     return get_peft_model(model, peft_cfg)
 
 
+def _inner(model: Any) -> Any:
+    return getattr(model, "lm", model)  # a LogpsModule (FSDP2's root) holds the model as .lm
+
+
 def is_lora(model: Any) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    inner = _inner(model)
+    return hasattr(inner, "disable_adapter") and hasattr(inner, "peft_config")
 
 
 @contextlib.contextmanager
 def adapters_off(model: Any) -> Iterator[None]:
     """The base model inside a LoRA model: the DPO reference when the policy is a LoRA model."""
     if is_lora(model):
-        with model.disable_adapter():
+        with _inner(model).disable_adapter():
             yield
     else:
         yield
