@@ -1,0 +1,338 @@
+"""Our DPO against TRL's DPOTrainer on the same model, data, batch, length, steps and dtype.
+
+Each contender runs in its own process (so peak memory is its own), in alternating rounds: ours,
+TRL as a user gets it by default, TRL in its fastest setting for the hardware (no gradient
+checkpointing; Liger kernels where installed and on GPU), then again. Reported per contender:
+tokens/s (non-padding chosen + rejected tokens, after one warm-up step), peak memory (RSS on CPU, max
+allocated on GPU), the step-1 loss (parity), and utilisation: (6N, + 2N when the reference runs in
+the loop) x tokens / time, over the GPU's peak bf16 rate or, on CPU, the fp32 matrix-multiply rate
+measured in this run. Results go to benchmarks/results/dpo_vs_trl-<model>.{json,md} with the
+machine described.
+
+    .venv/bin/python benchmarks/dpo_vs_trl.py --model smollm2 --pairs 4 --length 200 --steps 2
+    .venv/bin/python benchmarks/dpo_vs_trl.py --model tiny --steps 2 --rounds 1    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+CONTENDERS = ("ours", "trl-default", "trl-fast")
+H100_BF16_DENSE = 989e12  # FLOP/s, the H100 SXM datasheet figure without sparsity
+
+
+# -- one contender, in its own process ----------------------------------------------------------
+def build_model(name: str, dtype: torch.dtype, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from criteriapo.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    if name == "smollm2":
+        model = load_model("smollm2", dtype=str(dtype).removeprefix("torch."), device=device)
+    else:
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return model, tok
+
+
+def rows(n: int, length: int) -> list[dict]:
+    """``n`` conversational pairs of about ``length`` tokens each (prompt + completion)."""
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "wise",
+        "owls",
+        "watch",
+        "from",
+        "old",
+        "oak",
+        "trees",
+    ]
+    out = []
+    for i in range(n):
+        k = max(4, length // 3)
+        prompt = " ".join(words[(i + j) % len(words)] for j in range(k))
+        chosen = " ".join(words[(2 * i + j) % len(words)] for j in range(k))
+        rejected = " ".join(words[(3 * i + j + 1) % len(words)] for j in range(k))
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
+    return out
+
+
+def peak_memory_gib(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def run_ours(args, model, tok, data) -> dict:
+    from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
+    from criteriapo.data.records import PreferenceExample, RowRef
+    from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+    from criteriapo.tracking.loggers import Loggers
+    from criteriapo.train.loop import Trainer
+    from criteriapo.train.tasks import DPOTask, score_pairs
+
+    chat = ChatTokenizer(tok)
+    opts = TokenizeOptions(max_length=None)
+    pairs = [
+        chat.encode_pair(PreferenceExample(r["prompt"], r["chosen"], r["rejected"], RowRef("bench", i)), opts)
+        for i, r in enumerate(data)
+    ]
+    t0 = time.perf_counter()
+    ref = score_pairs(model, pairs, tok.pad_token_id, args.micro)
+    ref_seconds = time.perf_counter() - t0
+    train = TrainConfig(batch_size=args.pairs, micro_batch_size=args.micro, max_steps=args.steps + 1)
+    task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
+    trainer = Trainer(model, task, pairs, OptimConfig(lr=1e-6, scheduler="constant"), train, Loggers([]))
+    times, tokens, first = [], [], None
+    for _step in range(args.steps + 1):
+        indices = trainer.order.next_batch(args.pairs)
+        sync(args.device)
+        t = time.perf_counter()
+        m = trainer.train_step(indices)
+        sync(args.device)
+        times.append(time.perf_counter() - t)
+        tokens.append(
+            sum(
+                len(pairs[i].prompt_ids) * 2 + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
+                for i in indices
+            )
+        )
+        first = m["loss"] if first is None else first
+    return {
+        "times": times,
+        "tokens": tokens,
+        "step1_loss": first,
+        "ref_in_loop": False,
+        "ref_seconds": ref_seconds,
+    }
+
+
+def run_trl(args, model, tok, data, fast: bool) -> dict:
+    import tempfile
+
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    from criteriapo.models import load_model
+
+    on_gpu = args.device.startswith("cuda")
+    ref = (
+        load_model("smollm2", dtype=str(args.dtype_t).removeprefix("torch."), device=args.device)
+        if args.model == "smollm2"
+        else build_model(args.model, args.dtype_t, args.device)[0]
+    )
+    ref.load_state_dict(model.state_dict())
+    times, tokens, losses = [], [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync(args.device)
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            sync(args.device)
+            times.append(time.perf_counter() - self.t)
+
+    liger = fast and on_gpu and _has("liger_kernel")
+    config = trl.DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        report_to="none",
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        gradient_checkpointing=not fast,  # TRL's default turns it on
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=args.pairs // args.micro,
+        max_steps=args.steps + 1,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_steps=1,
+        max_length=None,
+        **({"use_liger_kernel": True} if liger else {}),
+    )
+    trainer = trl.DPOTrainer(
+        model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(data), processing_class=tok
+    )
+    trainer.add_callback(Clock())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    lengths = [
+        len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
+        for r in trainer.train_dataset
+    ]
+    per_step = sum(lengths) / len(lengths) * args.pairs  # TRL shuffles: the mean pair, times pairs per step
+    tokens = [per_step] * len(times)
+    return {
+        "times": times,
+        "tokens": tokens,
+        "step1_loss": losses[0] if losses else None,
+        "ref_in_loop": True,
+    }
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child(args) -> None:
+    torch.manual_seed(0)
+    args.dtype_t = getattr(torch, args.dtype)
+    model, tok = build_model(args.model, args.dtype_t, args.device)
+    data = rows(args.pairs * (args.steps + 1), args.length)
+    if args.contender == "ours":
+        out = run_ours(args, model, tok, data)
+    else:
+        out = run_trl(args, model, tok, data, fast=args.contender == "trl-fast")
+    out["params"] = sum(p.numel() for p in model.parameters())
+    out["peak_gib"] = peak_memory_gib(args.device)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# -- the driver ----------------------------------------------------------------------------------
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t, k = time.perf_counter(), 10
+    for _ in range(k):
+        a @ b
+    sync(device)
+    return 2 * n**3 * k / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU by default")
+    p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
+    p.add_argument("--micro", type=int, default=None, help="pairs per forward (default: all)")
+    p.add_argument("--length", type=int, default=200, help="about this many tokens per sequence")
+    p.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every contender")
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--contender", help=argparse.SUPPRESS)  # set in the child processes
+    args = p.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.micro = args.micro or args.pairs
+    if args.contender:
+        return child(args)
+    on_gpu = args.device.startswith("cuda")
+    peak = H100_BF16_DENSE if on_gpu else matmul_rate(args.device, torch.float32)
+    results: dict[str, list[dict]] = {c: [] for c in args.contenders.split(",")}
+    for _ in range(args.rounds):
+        for c, runs in results.items():
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--contender", c]
+            r = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
+            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{c} failed:\n{r.stderr[-3000:]}")
+            runs.append(json.loads(line.removeprefix("RESULT ")))
+    rows_md = []
+    summary = {}
+    for c, runs in results.items():
+        timed = [(t, n) for r in runs for t, n in zip(r["times"][1:], r["tokens"][1:], strict=True)]
+        secs, toks = sum(t for t, _ in timed), sum(n for _, n in timed)
+        n_params = runs[0]["params"]
+        flops = (6 + (2 if runs[0]["ref_in_loop"] else 0)) * n_params * toks
+        util = flops / secs / peak
+        summary[c] = {
+            "tokens_per_second": toks / secs,
+            "peak_gib": max(r["peak_gib"] for r in runs),
+            "step1_loss": runs[0]["step1_loss"],
+            "utilisation": util,
+            "runs": runs,
+        }
+        cells = [c, f"{toks / secs:.1f}", f"{summary[c]['peak_gib']:.2f}", f"{runs[0]['step1_loss']:.6f}"]
+        rows_md.append("| " + " | ".join([*cells, f"{util:.1%}"]) + " |")
+    machine = {
+        "device": torch.cuda.get_device_name()
+        if on_gpu
+        else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
+        "peak_flops": peak,
+        "peak_is": "H100 bf16 datasheet" if on_gpu else "fp32 matmul measured in this run",
+        "torch": torch.__version__,
+    }
+    lines = [
+        (
+            f"DPO, {args.model}, {args.pairs} pairs x ~{args.length} tokens per step, {args.dtype}, "
+            f"{args.steps} timed steps x {args.rounds} round(s), on {machine['device']}"
+        ),
+        "",
+        "| contender | tokens/s | peak GiB | step-1 loss | utilisation |",
+        "|---|---|---|---|---|",
+        *rows_md,
+        "",
+        (
+            f"utilisation = (6N, +2N with the reference in the loop) x tokens/s over {machine['peak_is']} "
+            f"({peak / 1e9:.0f} GFLOP/s)"
+        ),
+    ]
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"dpo_vs_trl-{args.model}-{'gpu' if on_gpu else 'cpu'}"
+    (out / f"{name}.json").write_text(
+        json.dumps(
+            {
+                "args": {k: v for k, v in vars(args).items() if k != "dtype_t"},
+                "machine": machine,
+                "results": summary,
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
