@@ -105,6 +105,7 @@ class DPOConfig:
     rpo_alpha: float | None = None
     reference_free: bool = False
     precompute_ref_log_probs: bool = True  # reference = the starting weights, scored once, never held
+    ref_cache: bool = True  # precomputed reference scores kept on disk (cache folder) for later runs
     simpo_gamma: float = 0.5
     ref_model: str | None = None  # another model as reference (kept frozen in memory)
     # criteria recipes: the data files are multi-criteria (UltraFeedback-style) and pairs are built

@@ -31,6 +31,7 @@ from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
+from criteriapo.models.refcache import ReferenceCache, reference_cache
 from criteriapo.resume import guard_unfinished, stage_checkpointer
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
@@ -328,8 +329,9 @@ def run_dpo(
     ref_cache: dict | None = None,
     resume: bool = False,
 ) -> StageResult:
-    """DPO from ``model_spec``. With a recipe, pairs are built from multi-criteria data; ``ref_cache``
-    (the starting model's score per sequence) lets several recipes share one reference pass."""
+    """DPO from ``model_spec``. With a recipe, pairs are built from multi-criteria data. The starting
+    model's score of each sequence is kept in ``ref_cache`` (by default a file in the cache folder,
+    see :mod:`criteriapo.models.refcache`), so recipes, reruns and later epochs score nothing twice."""
     model_spec = model_spec or cfg.model.name_or_path
     d = cfg.dpo
     recipe = recipe or (d.recipe if d.recipe != "all" else None)
@@ -353,6 +355,8 @@ def run_dpo(
             )
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
+    if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
+        ref_cache = reference_cache([p for p in (source.path, source.base) if p], model)
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
     with adapters_off(model):
@@ -365,6 +369,9 @@ def run_dpo(
         ref_train, ref_eval, ref_model = _references(
             cfg, source, model, pad, train, evals, start_eval, ref_cache, world
         )
+    if isinstance(ref_cache, ReferenceCache) and world.main:
+        ref_cache.save()
+    barrier(world)  # every process of a later stage reads the same cache (and so scores the same batches)
     # saved with checkpoints; the eval reference is usually the start scores themselves
     scores = {"start_eval": start_eval, "ref_train": ref_train}
     if ref_eval is not start_eval:
@@ -463,7 +470,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     t_data = time.perf_counter()
     sft = run_sft(cfg, run_dir=out / "sft", resume=resume)
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
-    ref_cache: dict = {}  # the SFT model's log-prob of each sequence, scored once for every recipe
+    # the SFT model's log-prob of each sequence is scored once for every recipe (the on-disk cache,
+    # or with dpo.ref_cache false one dict shared here)
+    ref_cache: dict | None = None if cfg.dpo.ref_cache else {}
     dpo = {
         r or "dpo": run_dpo(cfg, str(sft.model_dir), out / (f"dpo-{r}" if r else "dpo"), r, ref_cache, resume)
         for r in recipes
