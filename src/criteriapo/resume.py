@@ -59,7 +59,8 @@ def stage_checkpointer(
     if latest is not None:
         ck.check_compatible(latest, FREE_KEYS)
         if world.main:
-            trim_metrics(run_dir / "metrics.jsonl", latest.step)
+            final = latest.step >= latest.info.get("total_steps", 0)
+            trim_metrics(run_dir / "metrics.jsonl", latest.step, drop_final_eval=final)
             log.warning("resuming from %s (step %d)", latest.path, latest.step)
     elif resume and world.main:
         log.warning("no checkpoint in %s: starting from the beginning", ck.folder)
@@ -67,14 +68,17 @@ def stage_checkpointer(
     return ck, latest
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the lines logged after ``step``: the resumed run logs those steps again."""
+def trim_metrics(path: Path, step: int, drop_final_eval: bool = False) -> None:
+    """Drop the lines logged after ``step``: the resumed run logs those steps again (and, resuming
+    from the last step, the final evaluation, which runs again)."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
         try:
-            if json.loads(line).get("step", 0) <= step:
+            row = json.loads(line)
+            at = row.get("step", 0)
+            if at < step or (at == step and not (drop_final_eval and "loss" not in row)):
                 keep.append(line)
         except ValueError:
             break  # a line cut short by the kill: nothing after it is whole
