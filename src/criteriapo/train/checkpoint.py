@@ -108,7 +108,6 @@ class Checkpointer:
                 self._write(tmp, trainer, weights, optim, layout, extra or {})
                 faults.point("checkpoint-publish")
                 publish_dir(tmp, dest)
-                self._rotate()
             except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
                 if tmp is not None:
                     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,6 +118,8 @@ class Checkpointer:
                     + "Free disk space or fix the folder's permissions, then resume with --resume"
                 )
                 failure.__cause__ = e
+            else:
+                self._rotate()
         if all_sum([float(failure is not None)], self.world)[0]:  # every process stops together
             raise failure or CheckpointError(f"rank 0 could not write checkpoint {dest}")
         barrier(self.world)
@@ -173,13 +174,17 @@ class Checkpointer:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
     def _rotate(self) -> None:
+        """Drop all but the newest ``keep``; failing to delete an old one only warns."""
         folders = sorted(p for p in self.folder.glob("step-*") if p.is_dir())
-        for old in folders[: max(0, len(folders) - self.keep)]:
-            trash = old.parent / f".trash-{old.name}"
-            os.rename(old, trash)  # gone from view in one step, then deleted at leisure
-            faults.point("checkpoint-rotate")
-            shutil.rmtree(trash, ignore_errors=True)
-        fsync_dir(self.folder)
+        try:
+            for old in folders[: max(0, len(folders) - self.keep)]:
+                trash = old.parent / f".trash-{old.name}"
+                os.rename(old, trash)  # gone from view in one step, then deleted at leisure
+                faults.point("checkpoint-rotate")
+                shutil.rmtree(trash, ignore_errors=True)
+            fsync_dir(self.folder)
+        except OSError as e:
+            log.warning("could not delete an old checkpoint in %s: %s", self.folder, write_error(e))
 
     # -- reading ------------------------------------------------------------------------------
     def valid(self, report: bool = False) -> list[Checkpoint]:
