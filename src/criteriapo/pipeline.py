@@ -22,7 +22,16 @@ from criteriapo.criteria.pairs import RECIPES, RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
-from criteriapo.distributed import World, barrier, check_batch, device_for, gather_model, init_world, shard
+from criteriapo.distributed import (
+    World,
+    all_sum,
+    barrier,
+    check_batch,
+    device_for,
+    gather_model,
+    init_world,
+    shard,
+)
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
 from criteriapo.export import ExportError, ModelCard, export_model
@@ -220,18 +229,21 @@ def _finish(
     if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
         model = gather_model(model, source, stage.lora, cfg.model.dtype, world)
     out = run_dir / "model"
-    try:
-        if world.main:
+    failure = None
+    if world.main:
+        try:
             export_model(for_export(model, keep_adapter=stage.lora.export == "adapter"), tokenizer, out, card)
-        barrier(world)
-        return out
-    except ExportError as e:
+        except ExportError as e:
+            failure = e
+    if all_sum([float(failure is not None)], world)[0]:  # every process stops together
+        e = failure or ExportError(f"rank 0 could not write the model folder {out}")
         if trainer.last_checkpoint is None:
-            raise
+            raise e
         raise ExportError(
             f"{e}. The trained weights are safe in {trainer.last_checkpoint}: fix the cause and run the "
             "same command with --resume to export them without training again"
         ) from e
+    return out
 
 
 def _progress(cfg: Config, label: str, world: World) -> ProgressBar | None:
