@@ -111,10 +111,12 @@ def test_tokenized_batch_is_the_same(setup):
     _trainer, trl_batch, _, _, pairs, tok = setup
     from criteriapo.train.tasks import collate_pairs
 
-    ours = collate_pairs(pairs, range(4), tok.pad_token_id)
+    ours = collate_pairs(pairs, range(4), tok.pad_token_id, packing=False)  # TRL's layout: a padded row each
     assert torch.equal(ours["input_ids"], trl_batch["input_ids"].cpu())
     assert torch.equal(ours["attention_mask"], trl_batch["attention_mask"].cpu())
-    assert torch.equal(ours["labels"] != -100, trl_batch["completion_mask"].cpu().bool())
+    labelled = torch.zeros(ours["input_ids"].numel(), dtype=torch.bool)
+    labelled[ours["src"] + 1] = True  # the state at src predicts the token after it
+    assert torch.equal(labelled.view_as(ours["input_ids"]), trl_batch["completion_mask"].cpu().bool())
 
 
 @pytest.mark.parametrize(
@@ -135,15 +137,13 @@ def test_loss_logps_and_rewards_match_trl(setup, ours, types, weights, eps):
     trl_locals = cap.locals
 
     task = DPOTask(DPOConfig(beta=0.1, **ours), tok.pad_token_id, policy.config.vocab_size, ref_model=ref)
-    batch = collate_pairs(pairs, range(4), tok.pad_token_id)
+    batch = collate_pairs(pairs, range(4), tok.pad_token_id)  # packed: each prompt computed once
     loss, sums = task.loss(policy, batch, task.counts(batch))
     metrics = {k: s / c for k, (s, c) in sums.items()}
 
-    from criteriapo.losses.logprobs import sequence_logps
+    from criteriapo.losses.logprobs import batch_logps
 
-    ours_logps = sequence_logps(
-        policy, batch["input_ids"], batch["attention_mask"], batch["labels"]
-    ).logps.detach()
+    ours_logps = batch_logps(policy, batch, 8).logps.detach()
     trl_logps = torch.cat([trl_locals["chosen_logps"], trl_locals["rejected_logps"]]).detach()
     logps_rel = ((ours_logps - trl_logps).abs() / trl_logps.abs()).max().item()
     loss_rel = abs(float(loss.detach()) / float(trl_loss) - 1)

@@ -67,6 +67,8 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
     gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast over float32 weights
+    packing: bool = True  # several examples per row without padding; a DPO pair computes its prompt once
+    optimizer_in_backward: bool = False  # step each weight when its gradient is done: no gradient memory
 
     def __post_init__(self) -> None:
         if self.micro_batch_size is None:
@@ -214,11 +216,28 @@ def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: Trai
     for key in ("max_steps", "eval_every", "checkpoint_every"):
         if getattr(train, key) is not None and getattr(train, key) < 1:
             raise ConfigError(f"{name}.train.{key} must be >= 1 or null, got {getattr(train, key)}")
+    if train.optimizer_in_backward:
+        _in_backward(name, train, optim)
     if train.batch_size % train.micro_batch_size:
         raise ConfigError(
             f"{name}.train.batch_size ({train.batch_size}) must be a multiple of "
             f"micro_batch_size ({train.micro_batch_size})"
         )
+
+
+def _in_backward(name: str, train: TrainConfig, optim: OptimConfig) -> None:
+    """Stepping each weight inside backward leaves nothing to accumulate into, no global norm to clip
+    by before the update, and no whole step to drop."""
+    wrong = []
+    if train.micro_batch_size != train.batch_size:
+        sizes = f"{train.micro_batch_size} vs {train.batch_size}"
+        wrong.append(f"{name}.train.micro_batch_size equal to batch_size ({sizes})")
+    if optim.max_grad_norm is not None:
+        wrong.append(f"{name}.optim.max_grad_norm: null (it is {optim.max_grad_norm})")
+    if train.on_nonfinite != "stop":
+        wrong.append(f"{name}.train.on_nonfinite: stop")
+    if wrong:
+        raise ConfigError(f"{name}.train.optimizer_in_backward needs " + "; ".join(wrong))
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -271,7 +271,7 @@ def run_sft(
     loggers = _loggers(cfg, run_dir, "sft", world)
     trainer = Trainer(
         model,
-        SFTTask(tokenizer.pad_token_id),
+        SFTTask(tokenizer.pad_token_id, cfg.sft.train.packing),
         train,
         cfg.sft.optim,
         cfg.sft.train,
@@ -327,10 +327,15 @@ def _references(
             d.ref_model, dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code
         )
         ref = shard(ref) if world.distributed else ref
-        return score_pairs(ref, train, pad, mbs), score_pairs(ref, evals, pad, mbs) if evals else None, None
+        pack = d.train.packing
+        return (
+            score_pairs(ref, train, pad, mbs, packing=pack),
+            score_pairs(ref, evals, pad, mbs, packing=pack) if evals else None,
+            None,
+        )
     # the starting weights are the reference: score them now, so no copy is ever held
     with adapters_off(model):
-        return score_pairs(model, train, pad, mbs, cache), start_eval, None
+        return score_pairs(model, train, pad, mbs, cache, d.train.packing), start_eval, None
 
 
 def run_dpo(
@@ -371,9 +376,10 @@ def run_dpo(
         ref_cache = reference_cache([p for p in (source.path, source.base) if p], model)
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
+    mbs, pack = d.train.micro_batch_size, d.train.packing
     with adapters_off(model):
         start_eval = saved.get("start_eval") or (
-            score_pairs(model, evals, pad, d.train.micro_batch_size, ref_cache) if evals else None
+            score_pairs(model, evals, pad, mbs, ref_cache, pack) if evals else None
         )
     if "ref_train" in saved:
         ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
@@ -390,8 +396,10 @@ def run_dpo(
         scores["ref_eval"] = ref_eval
     t2 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
-    task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model)
-    eval_task = DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model) if evals else None
+    task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model, packing=pack)
+    eval_task = (
+        DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model, packing=pack) if evals else None
+    )
     loggers = _loggers(cfg, run_dir, "dpo", world)
     trainer = Trainer(
         model,

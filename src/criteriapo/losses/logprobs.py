@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_TOKENS = 1024
+from criteriapo.train.packing import attention_mask
+
+CHUNK_TOKENS = 256  # a (256, 128k) chunk of float32 logits is 128 MiB
 
 
 @dataclass
@@ -64,8 +66,10 @@ class LogpsModule(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = _sequence_logps(self.lm, input_ids, attention_mask, labels)
+    def forward(
+        self, input_ids, attention_mask, position_ids, src, target, seq, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = _logps(self.lm, input_ids, attention_mask, position_ids, src, target, seq, n)
         return out.logps, out.num_tokens, out.logits_sum
 
     def get_decoder(self) -> torch.nn.Module:
@@ -79,31 +83,53 @@ class LogpsModule(torch.nn.Module):
         return self.lm.config
 
 
+def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> SequenceLogps:
+    """Log-probs of the ``n`` output sequences of a batch from :mod:`criteriapo.train.packing`,
+    padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``)."""
+    if "segment" in batch:
+        implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+        dtype = next(model.parameters()).dtype
+        mask = attention_mask(batch["segment"], batch["branch"], implementation, dtype)
+        position_ids = batch["position_ids"]
+    else:
+        mask, position_ids = batch["attention_mask"], None
+    args = (batch["input_ids"], mask, position_ids, batch["src"], batch["target"], batch["seq"], n)
+    if isinstance(model, LogpsModule):
+        return SequenceLogps(*model(*args))
+    return _logps(model, *args)
+
+
 def sequence_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> SequenceLogps:
     """Sum of log p over each row's labelled tokens. ``labels`` (B, T) uses -100 for no label;
     the label at position t is predicted from positions < t (the shift is done here)."""
-    if isinstance(model, LogpsModule):
-        return SequenceLogps(*model(input_ids, attention_mask, labels))
-    return _sequence_logps(model, input_ids, attention_mask, labels)
+    shifted = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    keep = shifted != -100
+    rows, cols = torch.nonzero(keep, as_tuple=True)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "src": rows * input_ids.shape[1] + cols,
+        "target": shifted[keep],
+        "seq": rows,
+    }
+    return batch_logps(model, batch, input_ids.shape[0])
 
 
-def _sequence_logps(model, input_ids, attention_mask, labels) -> SequenceLogps:
+def _logps(model, input_ids, attention_mask, position_ids, src, target, seq, n: int) -> SequenceLogps:
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    shifted = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    mask = shifted != -100
-    rows = torch.nonzero(mask, as_tuple=True)[0]  # which sequence each labelled position belongs to
-    h = hidden[:, :-1][mask]  # (n, H)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    lp, logit_sums = token_logps(h, head.weight, shifted[mask], softcap=softcap)
     if head.bias is not None:
         raise NotImplementedError("output layers with a bias are not supported")
-    b = input_ids.shape[0]
-    zeros = torch.zeros(b, dtype=torch.float32, device=input_ids.device)
-    logps = zeros.index_add(0, rows, lp)
-    num = torch.bincount(rows, minlength=b)
-    sums = zeros.index_add(0, rows, logit_sums)
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # (R, L, H)
+    h = hidden.flatten(0, 1)[src]  # (n_labels, H): the states that predict the labels
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    lp, logit_sums = token_logps(h, head.weight, target, softcap=softcap)
+    zeros = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
+    logps = zeros.index_add(0, seq, lp)
+    num = torch.bincount(seq, minlength=n)
+    sums = zeros.index_add(0, seq, logit_sums)
     return SequenceLogps(logps, num, sums)

@@ -1,12 +1,8 @@
-"""Seeded data order with a resumable position, and right-padding collation."""
+"""Seeded data order with a resumable position."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-
-IGNORE_INDEX = -100
 
 
 class DataOrder:
@@ -44,18 +40,3 @@ class DataOrder:
             )
         self.epoch, self.position = state["epoch"], state["position"]
         self._perm = self._permutation(self.epoch)
-
-
-def pad_batch(
-    sequences: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence: input_ids, attention_mask, labels (-100 on padding)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    lab = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (s, y) in enumerate(zip(sequences, labels, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(s)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": lab}

@@ -1,22 +1,107 @@
-"""AdamW with decoupled weight decay off for biases and norms, and the learning-rate schedule."""
+"""AdamW with decoupled weight decay off for biases and norms, and the learning-rate schedule.
+
+With ``train.optimizer_in_backward`` each parameter is stepped inside backward as soon as its
+gradient is complete, and the gradient is freed at once: the model's worth of gradient memory that
+a normal step holds until ``optimizer.step()`` is never held.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from criteriapo.config import OptimConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def _groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    on_gpu = any(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=on_gpu or None)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _fused(params: list[torch.Tensor]) -> bool | None:
+    """The fused kernel (one pass, no temporaries) on CPU and GPU; not for FSDP2's sharded tensors."""
+    from torch.distributed.tensor import DTensor
+
+    plain = not any(isinstance(p, DTensor) for p in params)
+    return True if plain and all(p.device.type in ("cpu", "cuda") for p in params) else None
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, in_backward: bool = False):
+    groups = _groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "fused": _fused(params)}
+    if in_backward:
+        return BackwardAdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class BackwardAdamW:
+    """AdamW stepped per parameter from a hook that runs when the parameter's gradient is complete.
+
+    A step is then one micro-batch, and the gradient is not clipped by the global norm, which is not
+    known until every gradient is done (the config refuses both). The squared norm is summed as the
+    hooks run, for the ``grad_norm`` metric and the finite check. ``state_dict`` has the layout of
+    one AdamW over the same groups, so checkpoints are written and read as for the normal optimizer.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], **kwargs: Any):
+        self.param_groups = [{**g, "lr": kwargs["lr"]} for g in groups]
+        self._one: dict[torch.Tensor, tuple[torch.optim.AdamW, dict[str, Any]]] = {}
+        self._handles = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                self._one[p] = (torch.optim.AdamW([p], **{**kwargs, "weight_decay": g["weight_decay"]}), g)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._step_one))
+        self._squares: torch.Tensor | None = None
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        opt, group = self._one[p]
+        sq = p.grad.detach().float().pow(2).sum()
+        self._squares = sq if self._squares is None else self._squares + sq
+        opt.param_groups[0]["lr"] = group["lr"]
+        opt.step()
+        p.grad = None
+
+    def grad_norm(self) -> float:
+        """The norm of the gradients stepped since the last call (all of one step's)."""
+        squares, self._squares = self._squares, None
+        return math.sqrt(float(squares)) if squares is not None else 0.0
+
+    def step(self) -> None:
+        """Nothing left to do: every parameter was stepped in backward."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self._one:
+            p.grad = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state, groups, i = {}, [], 0
+        for g in self.param_groups:
+            ids = []
+            for p in g["params"]:
+                if p in self._one[p][0].state:
+                    state[i] = self._one[p][0].state[p]
+                ids.append(i)
+                i += 1
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        flat = [p for g in self.param_groups for p in g["params"]]
+        if len(flat) != sum(len(g["params"]) for g in sd["param_groups"]):
+            raise ValueError("the optimizer state is for a different set of parameters")
+        for g, saved in zip(self.param_groups, sd["param_groups"], strict=True):
+            g["lr"] = saved["lr"]
+        for i, p in enumerate(flat):
+            opt = self._one[p][0]
+            group = {**{k: v for k, v in opt.param_groups[0].items() if k != "params"}, "params": [0]}
+            state = {0: sd["state"][i]} if i in sd["state"] else {}
+            opt.load_state_dict({"state": state, "param_groups": [group]})
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

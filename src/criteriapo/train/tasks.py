@@ -18,9 +18,9 @@ from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
 from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
-from criteriapo.losses.logprobs import SequenceLogps, sequence_logps
+from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
-from criteriapo.train.batching import pad_batch
+from criteriapo.train.packing import collate, pair_segment, sequence_segment
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
 
@@ -37,26 +37,25 @@ class Task(Protocol):
     ) -> tuple[torch.Tensor, Metrics]: ...
 
 
-def _labelled(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (batch["labels"][:, 1:] != -100).sum(dim=1)  # (B,) tokens that carry a loss
-
-
 class SFTTask:
     """Next-token cross-entropy on completion tokens, averaged over every such token in the step."""
 
     name = "sft"
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, packing: bool = True):
+        self.pad_id, self.packing = pad_id, packing
 
     def collate(self, examples: Sequence[TokenizedSFT], indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        return pad_batch([e.input_ids for e in examples], [e.labels for e in examples], self.pad_id)
+        segments = [sequence_segment(e.input_ids, e.labels, i) for i, e in enumerate(examples)]
+        batch = collate(segments, self.pad_id, self.packing)
+        batch["count"] = torch.tensor(len(examples))
+        return batch
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-        return {"tokens": int(_labelled(batch).sum())}
+        return {"tokens": batch["target"].numel()}
 
     def loss(self, model, batch, totals):
-        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out = batch_logps(model, batch, int(batch["count"]))
         loss = -out.logps.sum() / totals["tokens"]
         n = float(out.num_tokens.sum())
         return loss, {"logps/token": (float(out.logps.detach().sum()), n)}
@@ -73,16 +72,24 @@ class PairScores:
 
 
 def collate_pairs(
-    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, packing: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Chosen sequences in rows [0, B), rejected in [B, 2B); the prompt is masked out of the labels."""
-    seqs, labels = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            completion = getattr(p, side)
-            seqs.append(p.prompt_ids + completion)
-            labels.append([-100] * len(p.prompt_ids) + completion)
-    batch = pad_batch(seqs, labels, pad_id)
+    """Output sequences 0..B-1 are the chosen completions, B..2B-1 the rejected ones. With packing
+    each pair is one segment that computes its prompt once; without, each completion has a padded
+    row of its own with the prompt before it."""
+    b = len(pairs)
+    if packing:
+        segments = [
+            pair_segment(p.prompt_ids, p.chosen_ids, p.rejected_ids, i, b + i) for i, p in enumerate(pairs)
+        ]
+    else:
+        segments = [
+            sequence_segment(p.prompt_ids + c, [-100] * len(p.prompt_ids) + c, i + b * side)
+            for side, attr in enumerate(("chosen_ids", "rejected_ids"))
+            for i, p in enumerate(pairs)
+            for c in [getattr(p, attr)]
+        ]
+    batch = collate(segments, pad_id, packing)
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     return batch
@@ -104,8 +111,9 @@ class DPOTask:
         vocab_size: int,
         reference: PairScores | None = None,
         ref_model: torch.nn.Module | None = None,
+        packing: bool = True,
     ):
-        self.cfg, self.pad_id, self.vocab = cfg, pad_id, vocab_size
+        self.cfg, self.pad_id, self.vocab, self.packing = cfg, pad_id, vocab_size, packing
         self.spec = LOSSES[cfg.loss_type]
         self.params = LossParams(cfg.beta, cfg.label_smoothing, cfg.simpo_gamma)
         self.reference_free = cfg.reference_free or self.spec.reference_free
@@ -116,7 +124,7 @@ class DPOTask:
         self.scores: dict[int, tuple[float, float, int, int]] = {}
 
     def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        return collate_pairs(examples, indices, self.pad_id)
+        return collate_pairs(examples, indices, self.pad_id, self.packing)
 
     def scored(self, n: int) -> PairScores:
         """Pairs 0..n-1 as scored by the last evaluation."""
@@ -125,7 +133,7 @@ class DPOTask:
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         b = batch["index"].shape[0]
-        return {"pairs": b, "chosen_tokens": int(_labelled(batch)[:b].sum())}
+        return {"pairs": b, "chosen_tokens": int((batch["seq"] < b).sum())}
 
     def _reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch["index"].shape[0]
@@ -137,12 +145,12 @@ class DPOTask:
             i = batch["index"].cpu()
             return self.reference.chosen[i].to(device), self.reference.rejected[i].to(device)
         with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
-            out = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = batch_logps(self.ref_model, batch, 2 * b)
         return out.logps[:b], out.logps[b:]
 
     def loss(self, model, batch, totals):
-        out = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         b = batch["index"].shape[0]
+        out = batch_logps(model, batch, 2 * b)
         s = split_scores(out, b)
         x = LogPs(s.chosen, s.rejected, *self._reference(batch))  # summed over completion tokens
         if not torch.is_grad_enabled():  # an evaluation: keep each pair's scores
@@ -183,6 +191,7 @@ def score_pairs(
     pad_id: int,
     micro_batch_size: int = 8,
     cache: dict[SequenceKey, tuple[float, int]] | None = None,
+    packing: bool = True,
 ) -> PairScores:
     """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
 
@@ -199,10 +208,9 @@ def score_pairs(
     device = next(model.parameters()).device
     for start in range(0, len(todo), 2 * micro_batch_size):
         chunk = todo[start : start + 2 * micro_batch_size]
-        batch = pad_batch(
-            [list(ids) for _, ids in chunk], [[-100] * n + list(ids[n:]) for n, ids in chunk], pad_id
-        )
-        out = sequence_logps(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
+        segments = [sequence_segment(ids, [-100] * n + list(ids[n:]), i) for i, (n, ids) in enumerate(chunk)]
+        batch = {k: v.to(device) for k, v in collate(segments, pad_id, packing).items()}
+        out = batch_logps(model, batch, len(chunk))
         for key, lp, nt in zip(chunk, out.logps.tolist(), out.num_tokens.tolist(), strict=True):
             cache[key] = (lp, nt)
     model.train(was_training)

@@ -1,0 +1,157 @@
+"""Batches without padding waste, and a DPO pair's prompt computed once.
+
+A batch is built from *segments*. A segment is one sequence, or one DPO pair laid out as
+``prompt | chosen | rejected``: the rejected tokens see the prompt but not the chosen ones, and
+their positions restart where the prompt ends, so the model computes the prompt once for both
+completions and gets exactly the log-probs of two separate sequences.
+
+With packing, several segments share a row (first fit, longest first), each with its own position
+ids, and attention gets a mask that keeps them apart. A row is never longer than the longest segment
+of the batch, so attention costs no more than with padding. Without packing, each segment has a row
+of its own, right-padded.
+
+Every layout names its labels the same way: ``src`` (flat index, in the (R, L) grid, of the hidden
+state that predicts the label), ``target`` (the label's token) and ``seq`` (which output sequence
+the label counts for), so one log-prob function serves all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from criteriapo.errors import ConfigError
+
+IGNORE_INDEX = -100
+SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token within its segment
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention that takes a custom (R, 1, L, L) mask
+
+
+@dataclass
+class Segment:
+    ids: list[int]
+    positions: list[int]
+    branch: list[int]
+    src: list[int] = field(default_factory=list)  # offsets in the segment of the states that predict labels
+    target: list[int] = field(default_factory=list)
+    seq: list[int] = field(default_factory=list)
+    tokens: int = 0  # the tokens of the sequences it stands for (a pair counts its prompt twice)
+
+
+def sequence_segment(ids: Sequence[int], labels: Sequence[int], seq: int) -> Segment:
+    """One sequence; ``labels`` is aligned with ``ids`` (-100: no label), and the label at t is
+    predicted from position t - 1."""
+    s = Segment(list(ids), list(range(len(ids))), [SHARED] * len(ids), tokens=len(ids))
+    for t in range(1, len(ids)):
+        if labels[t] != IGNORE_INDEX:
+            s.src.append(t - 1)
+            s.target.append(labels[t])
+            s.seq.append(seq)
+    return s
+
+
+def pair_segment(
+    prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], chosen_seq: int, rejected_seq: int
+) -> Segment:
+    """``prompt | chosen | rejected`` with rejected positions restarting after the prompt. The first
+    token of either completion is predicted from the prompt's last state; with an empty prompt it
+    has no predecessor and no label, as in a sequence of its own."""
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    s = Segment(
+        [*prompt, *chosen, *rejected],
+        [*range(p + c), *range(p, p + r)],
+        [SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
+        tokens=2 * p + c + r,
+    )
+    for k, t in enumerate(chosen):
+        if p + k >= 1:
+            s.src.append(p + k - 1)
+            s.target.append(t)
+            s.seq.append(chosen_seq)
+    for k, t in enumerate(rejected):
+        if p + k >= 1:
+            s.src.append(p - 1 if k == 0 else p + c + k - 1)
+            s.target.append(t)
+            s.seq.append(rejected_seq)
+    return s
+
+
+def _rows(segments: Sequence[Segment], packed: bool) -> tuple[list[list[int]], int]:
+    width = max(len(s.ids) for s in segments)
+    if not packed:
+        return [[i] for i in range(len(segments))], width
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(segments)), key=lambda i: -len(segments[i].ids)):
+        n = len(segments[i].ids)
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([i])
+            room.append(width - n)
+        else:
+            rows[r].append(i)
+            room[r] -= n
+    return rows, width
+
+
+def collate(segments: Sequence[Segment], pad_id: int, packed: bool = True) -> dict[str, torch.Tensor]:
+    """Segments -> a batch: ``input_ids`` (R, L), ``src``/``target``/``seq`` (n,), ``tokens`` (),
+    and either ``attention_mask`` (R, L) when each row is one plain sequence, or ``position_ids``,
+    ``segment`` and ``branch`` (R, L) from which :func:`attention_mask` builds the 4D mask."""
+    rows, width = _rows(segments, packed)
+    shape = (len(rows), width)
+    ids = torch.full(shape, pad_id, dtype=torch.long)
+    pos = torch.zeros(shape, dtype=torch.long)
+    seg = torch.full(shape, -1, dtype=torch.long)  # padding is segment -1
+    branch = torch.zeros(shape, dtype=torch.long)
+    src: list[int] = []
+    target: list[int] = []
+    seq: list[int] = []
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            s = segments[i]
+            end = at + len(s.ids)
+            ids[r, at:end] = torch.tensor(s.ids, dtype=torch.long)
+            pos[r, at:end] = torch.tensor(s.positions, dtype=torch.long)
+            seg[r, at:end] = i
+            branch[r, at:end] = torch.tensor(s.branch, dtype=torch.long)
+            src += [r * width + at + o for o in s.src]
+            target += s.target
+            seq += s.seq
+            at = end
+    batch = {
+        "input_ids": ids,
+        "src": torch.tensor(src, dtype=torch.long),
+        "target": torch.tensor(target, dtype=torch.long),
+        "seq": torch.tensor(seq, dtype=torch.long),
+        "tokens": torch.tensor(sum(s.tokens for s in segments)),
+    }
+    if all(len(m) == 1 for m in rows) and not bool((branch != SHARED).any()):
+        batch["attention_mask"] = (seg >= 0).long()
+    else:
+        batch |= {"position_ids": pos, "segment": seg, "branch": branch}
+    return batch
+
+
+def attention_mask(segment: torch.Tensor, branch: torch.Tensor, implementation: str, dtype: torch.dtype):
+    """(R, L) segment ids and branches -> the (R, 1, L, L) mask: token i attends token j when both
+    are in one segment, j is not after i, and i is not a rejected token looking at a chosen one.
+    Padding attends padding, so no row is empty (SDPA gives NaN for an empty row)."""
+    if implementation not in MASK_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"packed batches need attention that takes a custom mask ({', '.join(MASK_IMPLEMENTATIONS)}); "
+            f"this model uses {implementation!r}. Set train.packing: false"
+        )
+    length = segment.shape[1]
+    same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    crossed = (branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN)
+    allowed = (same & causal & ~crossed)[:, None]  # (R, 1, L, L)
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
