@@ -47,6 +47,7 @@ from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.loop import Trainer, seed_everything
+from criteriapo.train.packing import resolve_packing
 from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def run_sft(
     loggers = _loggers(cfg, run_dir, "sft", world)
     trainer = Trainer(
         model,
-        SFTTask(tokenizer.pad_token_id, cfg.sft.train.packing),
+        SFTTask(tokenizer.pad_token_id, resolve_packing(model, cfg.sft.train.packing, "sft.train.packing")),
         train,
         cfg.sft.optim,
         cfg.sft.train,
@@ -376,7 +377,7 @@ def run_dpo(
         ref_cache = reference_cache([p for p in (source.path, source.base) if p], model)
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    mbs, pack = d.train.micro_batch_size, d.train.packing
+    mbs, pack = d.train.micro_batch_size, resolve_packing(model, d.train.packing, "dpo.train.packing")
     with adapters_off(model):
         start_eval = saved.get("start_eval") or (
             score_pairs(model, evals, pad, mbs, ref_cache, pack) if evals else None

@@ -90,6 +90,9 @@ def test_resuming_with_other_data_or_config_is_refused_with_what_differs(tmp_pat
     Checkpointer(tmp_path, other).check_compatible(ck, free_keys=("dpo.beta",))  # a free key may change
     with pytest.raises(CheckpointError, match=r"training data differ.*16 examples then, 15 now"):
         Checkpointer(tmp_path, {**RUN, "data": "abd", "examples": 15}).check_compatible(ck)
+    # a setting added to the config since the checkpoint was written is not a difference
+    newer = {**RUN, "config": {"dpo": {"beta": 0.1, "optim": {"lr": 1e-3}, "train": {"packing": True}}}}
+    Checkpointer(tmp_path, newer).check_compatible(ck)
 
 
 def test_fingerprint_sees_tokens_and_weights_not_file_names():

@@ -99,3 +99,15 @@ def test_refused_under_several_processes():
             Loggers([]),
             world=World(rank=0, size=2, local_rank=0),
         )
+
+
+def test_a_second_optimizer_on_the_same_model_and_closing():
+    t = trainer(True)
+    again = BackwardAdamW([{"params": list(t.model.parameters()), "weight_decay": 0.0}], lr=1e-3)
+    t.train_step(t.order.next_batch(8))  # both hooks fire; the second finds the gradient gone
+    assert all(p.grad is None for p in t.model.parameters())
+    t.optimizer.close()
+    again.close()
+    batch = t._collate(t.order.next_batch(8))
+    t.task.loss(t.model, batch, t.task.counts(batch))[0].backward()
+    assert all(p.grad is not None for p in t.model.parameters())  # no hook stepped or freed them

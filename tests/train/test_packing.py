@@ -17,10 +17,12 @@ from criteriapo.train.packing import (
     SHARED,
     attention_mask,
     collate,
+    packing_problem,
     pair_segment,
+    resolve_packing,
     sequence_segment,
 )
-from criteriapo.train.tasks import collate_pairs
+from criteriapo.train.tasks import collate_pairs, score_pairs
 
 PAD = 0
 SMALL = {
@@ -129,3 +131,25 @@ def test_unsupported_attention_is_refused():
     seg = torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(ConfigError, match="train.packing: false"):
         attention_mask(seg, seg, "flash_attention_2", torch.float32)
+
+
+def test_models_that_packing_would_get_wrong_fall_back_to_padding(caplog):
+    from transformers import MistralConfig
+
+    assert packing_problem(LlamaConfig(**SMALL)) is None
+    assert packing_problem(Qwen2Config(**SMALL)) is None  # sliding window off, as in Qwen2.5
+    windowed_config = Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert "sliding_attention" in packing_problem(windowed_config)
+    assert "sliding window" in packing_problem(MistralConfig(**SMALL, sliding_window=4))
+    assert "flash_attention_2" in packing_problem(
+        LlamaConfig(**SMALL, attn_implementation="flash_attention_2")
+    )
+    windowed = Qwen2ForCausalLM(
+        Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    )
+    with caplog.at_level("WARNING"):
+        assert resolve_packing(windowed, True, "dpo.train.packing") is False
+    assert "dpo.train.packing: off for this model" in caplog.text
+    ps = pairs()  # reference scoring falls back by itself, and gives the windowed model's own scores
+    got, want = score_pairs(windowed, ps, PAD, packing=True), score_pairs(windowed, ps, PAD, packing=False)
+    assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)

@@ -88,7 +88,7 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) 
     padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``)."""
     if "segment" in batch:
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
-        dtype = next(model.parameters()).dtype
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         mask = attention_mask(batch["segment"], batch["branch"], implementation, dtype)
         position_ids = batch["position_ids"]
     else:

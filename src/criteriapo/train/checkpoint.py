@@ -394,10 +394,13 @@ def _python_rng_from_json(state: list) -> tuple:
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old, new) for every leaf that differs between two nested dicts."""
+    """(dotted key, old, new) for every leaf that differs between two nested dicts. A key that ``a``
+    (the checkpoint's config) lacks is a setting added since it was written, and is not a difference."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
+            if k not in a:
+                continue
             out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):

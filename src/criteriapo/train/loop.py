@@ -139,6 +139,8 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop_requested():
                     self._interrupted()
+        if isinstance(self.optimizer, BackwardAdamW):
+            self.optimizer.close()
         final = dict(self.last_metrics)
         if self.eval_set:
             evaluated = self.evaluate()

@@ -60,6 +60,8 @@ class BackwardAdamW:
         self._squares: torch.Tensor | None = None
 
     def _step_one(self, p: torch.Tensor) -> None:
+        if p.grad is None:  # already stepped by another hook on the same weight
+            return
         opt, group = self._one[p]
         sq = p.grad.detach().float().pow(2).sum()
         self._squares = sq if self._squares is None else self._squares + sq
@@ -71,6 +73,12 @@ class BackwardAdamW:
         """The norm of the gradients stepped since the last call (all of one step's)."""
         squares, self._squares = self._squares, None
         return math.sqrt(float(squares)) if squares is not None else 0.0
+
+    def close(self) -> None:
+        """Remove the hooks: backward through the model no longer steps it."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def step(self) -> None:
         """Nothing left to do: every parameter was stepped in backward."""
@@ -88,7 +96,9 @@ class BackwardAdamW:
                     state[i] = self._one[p][0].state[p]
                 ids.append(i)
                 i += 1
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+            settings = self._one[g["params"][0]][0].param_groups[0] if g["params"] else {}
+            settings = {k: v for k, v in settings.items() if k != "params"}  # betas, eps, ...
+            groups.append({**settings, **{k: v for k, v in g.items() if k != "params"}, "params": ids})
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:

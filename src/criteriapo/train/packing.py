@@ -17,12 +17,16 @@ the label counts for), so one log-prob function serves all of them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from criteriapo.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token within its segment
@@ -134,6 +138,30 @@ def collate(segments: Sequence[Segment], pad_id: int, packed: bool = True) -> di
     else:
         batch |= {"position_ids": pos, "segment": seg, "branch": branch}
     return batch
+
+
+def packing_problem(config: Any) -> str | None:
+    """Why packed rows would give this model wrong log-probs, or None. They are exact when every
+    layer is full attention under the mask given to it and positions come from ``position_ids``."""
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in MASK_IMPLEMENTATIONS:
+        return f"its attention ({implementation}) takes no custom mask"
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"}
+    if kinds:
+        return f"it has {', '.join(sorted(kinds))} layers, which would see across packed sequences"
+    if getattr(config, "sliding_window", None) is not None:
+        return "it attends within a sliding window, which a custom mask would override"
+    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+        return "it places tokens by ALiBi biases, not position ids"
+    return None
+
+
+def resolve_packing(model: torch.nn.Module, wanted: bool, key: str) -> bool:
+    """``wanted``, unless the model cannot take packed rows: then one padded row per sequence."""
+    problem = packing_problem(model.config) if wanted else None
+    if problem:
+        log.warning("%s: off for this model, because %s; one padded row per sequence", key, problem)
+    return wanted and problem is None
 
 
 def attention_mask(segment: torch.Tensor, branch: torch.Tensor, implementation: str, dtype: torch.dtype):

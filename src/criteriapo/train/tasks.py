@@ -20,7 +20,7 @@ from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
-from criteriapo.train.packing import collate, pair_segment, sequence_segment
+from criteriapo.train.packing import collate, packing_problem, pair_segment, sequence_segment
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
 
@@ -203,6 +203,7 @@ def score_pairs(
         for side in ("chosen_ids", "rejected_ids")
     ]
     todo = list(dict.fromkeys(k for side in keys for k in side if k not in cache))
+    packing = packing and packing_problem(model.config) is None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
