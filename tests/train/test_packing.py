@@ -153,3 +153,13 @@ def test_models_that_packing_would_get_wrong_fall_back_to_padding(caplog):
     ps = pairs()  # reference scoring falls back by itself, and gives the windowed model's own scores
     got, want = score_pairs(windowed, ps, PAD, packing=True), score_pairs(windowed, ps, PAD, packing=False)
     assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)
+
+
+def test_reference_scores_are_the_policys_own_at_step_one():
+    """Scored in the layout training uses, so the first step's log-ratios are exactly zero."""
+    lm = model("llama", "sdpa")
+    ps = pairs()
+    ref = score_pairs(lm, ps, PAD, micro_batch_size=len(ps))
+    lm.train()
+    out = batch_logps(lm, collate_pairs(ps, range(len(ps)), PAD), 2 * len(ps))
+    assert torch.equal(out.logps[: len(ps)], ref.chosen) and torch.equal(out.logps[len(ps) :], ref.rejected)

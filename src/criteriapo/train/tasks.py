@@ -195,25 +195,31 @@ def score_pairs(
 ) -> PairScores:
     """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
 
-    Each distinct sequence is scored once; with a ``cache`` shared between calls (for one model),
-    sequences scored before are not scored again, e.g. across the recipes built from one dataset."""
+    Pairs are scored in the layout training gives them (with packing, one segment per pair), so at
+    step 1 the policy's log-probs equal these up to the packing of rows. Each sequence is kept once
+    under its tokens; with a ``cache`` shared between calls (for one model), a pair whose two
+    sequences were scored before is not scored again, e.g. across the recipes built from one dataset."""
     cache = {} if cache is None else cache
     keys = [
         [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
         for side in ("chosen_ids", "rejected_ids")
     ]
-    todo = list(dict.fromkeys(k for side in keys for k in side if k not in cache))
+    todo = list(
+        dict.fromkeys(i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache)
+    )
     packing = packing and packing_problem(model.config) is None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    for start in range(0, len(todo), 2 * micro_batch_size):
-        chunk = todo[start : start + 2 * micro_batch_size]
-        segments = [sequence_segment(ids, [-100] * n + list(ids[n:]), i) for i, (n, ids) in enumerate(chunk)]
-        batch = {k: v.to(device) for k, v in collate(segments, pad_id, packing).items()}
-        out = batch_logps(model, batch, len(chunk))
-        for key, lp, nt in zip(chunk, out.logps.tolist(), out.num_tokens.tolist(), strict=True):
-            cache[key] = (lp, nt)
+    for start in range(0, len(todo), micro_batch_size):
+        chunk = todo[start : start + micro_batch_size]
+        b = len(chunk)
+        batch = collate_pairs([pairs[i] for i in chunk], range(b), pad_id, packing)
+        out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
+        logps, counts = out.logps.tolist(), out.num_tokens.tolist()
+        for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
+            cache.setdefault(keys[0][i], (logps[j], counts[j]))
+            cache.setdefault(keys[1][i], (logps[b + j], counts[b + j]))
     model.train(was_training)
     reshard(model)
     (c_lp, c_n), (r_lp, r_n) = (
