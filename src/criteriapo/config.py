@@ -68,6 +68,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast over float32 weights
     packing: bool = True  # several examples per row without padding; a DPO pair computes its prompt once
+    group_by_length: bool = False  # batches of similar lengths (sorted within windows of 64 batches)
     optimizer_in_backward: bool = False  # step each weight when its gradient is done: no gradient memory
 
     def __post_init__(self) -> None:

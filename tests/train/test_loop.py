@@ -54,7 +54,9 @@ def toy_sft(n: int = 8) -> list[TokenizedSFT]:
     return out
 
 
-def dpo_trainer(model, pairs, micro: int, batch: int = 8, lr: float = 1e-3, epochs: int = 1, **dpo):
+def dpo_trainer(
+    model, pairs, micro: int, batch: int = 8, lr: float = 1e-3, epochs: int = 1, group: bool = False, **dpo
+):
     ref = score_pairs(model, pairs, PAD)
     task = DPOTask(DPOConfig(**dpo), PAD, 64, reference=ref)
     return Trainer(
@@ -62,7 +64,7 @@ def dpo_trainer(model, pairs, micro: int, batch: int = 8, lr: float = 1e-3, epoc
         task,
         pairs,
         OptimConfig(lr=lr, scheduler="constant"),
-        TrainConfig(batch_size=batch, micro_batch_size=micro, epochs=epochs),
+        TrainConfig(batch_size=batch, micro_batch_size=micro, epochs=epochs, group_by_length=group),
         Loggers([]),
         pairs,
     )
@@ -171,13 +173,33 @@ def test_data_order_is_seeded_and_resumable():
         DataOrder(11, seed=3).load_state_dict(b.state_dict())
 
 
-def test_trainer_state_round_trip_continues_identically():
+def test_length_grouped_order_batches_similar_lengths_and_resumes():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 1000, (203,), generator=g).tolist()
+    grouped, plain = DataOrder(203, 5, lengths, batch_size=8), DataOrder(203, 5)
+    batches = [grouped.next_batch(8) for _ in range(26)]  # one epoch: 25 full batches, then 3
+    assert sorted(i for b in batches for i in b) == list(range(203)) and len(batches[-1]) == 3
+
+    def spread(order_batches):  # mean of (longest - shortest) within a batch
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in order_batches) / 25
+
+    assert spread(batches[:25]) < spread([plain.next_batch(8) for _ in range(25)]) / 4
+    longest = [max(lengths[i] for i in b) for b in batches[:25]]
+    assert longest != sorted(longest, reverse=True)  # the batches themselves come in random order
+    again = DataOrder(203, 5, lengths, batch_size=8)
+    again.load_state_dict(grouped.state_dict())
+    assert again.next_batch(8) == grouped.next_batch(8)  # the second epoch, from the saved position
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_trainer_state_round_trip_continues_identically(group):
     pairs = toy_pairs(16)
-    straight = dpo_trainer(tiny_model(), pairs, micro=4, epochs=2)
+    straight = dpo_trainer(tiny_model(), pairs, micro=4, epochs=2, group=group)
+    assert (straight.order.lengths is not None) == group
     for _ in range(3):
         straight.train_step(straight.order.next_batch(8))
     state = copy.deepcopy(straight.state_dict())
-    resumed = dpo_trainer(tiny_model(), pairs, micro=4, epochs=2)  # same reference, weights from step 0
+    resumed = dpo_trainer(tiny_model(), pairs, micro=4, epochs=2, group=group)  # weights from step 0
     resumed.load_state_dict(state)
     m1 = straight.train_step(straight.order.next_batch(8))
     m2 = resumed.train_step(resumed.order.next_batch(8))

@@ -1,23 +1,46 @@
-"""Seeded data order with a resumable position."""
+"""Seeded data order with a resumable position, optionally grouped by length."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+GROUP_WINDOW = 64  # batches sorted together when grouping by length
 
 
 class DataOrder:
-    """A fresh seeded permutation each epoch; ``state_dict`` records where the next batch starts."""
+    """A fresh seeded permutation each epoch; ``state_dict`` records where the next batch starts.
 
-    def __init__(self, size: int, seed: int):
+    With ``lengths``, batches hold examples of similar length: each window of 64 batches of the
+    permutation is sorted by length, cut into batches, and those batches are shuffled (an epoch's
+    short last batch stays last). The order is a function of the seed and epoch, so it resumes
+    exactly."""
+
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1):
         if size < 1:
             raise ValueError("no training examples")
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} examples")
         self.size, self.seed = size, seed
+        self.lengths, self.batch_size = lengths, batch_size
         self.epoch, self.position = 0, 0
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.size, generator=g).tolist()
+        perm = torch.randperm(self.size, generator=g).tolist()
+        if self.lengths is None:
+            return perm
+        bs = self.batch_size
+        batches = []
+        for start in range(0, self.size, GROUP_WINDOW * bs):
+            window = sorted(perm[start : start + GROUP_WINDOW * bs], key=lambda i: -self.lengths[i])
+            batches += [window[k : k + bs] for k in range(0, len(window), bs)]
+        full = [b for b in batches if len(b) == bs]
+        rest = [b for b in batches if len(b) < bs]  # at most one: the epoch's last
+        order = torch.randperm(len(full), generator=g).tolist()
+        return [i for b in [*(full[k] for k in order), *rest] for i in b]
 
     def next_batch(self, batch_size: int, drop_last: bool = False) -> list[int]:
         """The next ``batch_size`` indices; an epoch's last batch may be shorter, or with

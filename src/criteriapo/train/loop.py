@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import math
 import random
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def _libc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on
     except (OSError, AttributeError):  # not glibc
         return None
 
@@ -95,7 +94,8 @@ class Trainer:
         self.optim_cfg, self.cfg, self.loggers, self.progress = optim, train, loggers, progress
         self.device = next(model.parameters()).device
         self.world = world
-        self.order = DataOrder(len(train_set), train.seed)
+        lengths = [task.length(e) for e in train_set] if train.group_by_length else None
+        self.order = DataOrder(len(train_set), train.seed, lengths, train.batch_size)
         # several processes split each step's batch equally, so an epoch's short last batch is dropped
         per_epoch = len(train_set) / train.batch_size
         self.steps_per_epoch = math.floor(per_epoch) if world.distributed else math.ceil(per_epoch)

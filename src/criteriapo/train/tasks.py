@@ -30,6 +30,8 @@ class Task(Protocol):
 
     def collate(self, examples: Sequence[Any], indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
 
+    def length(self, example: Any) -> int: ...
+
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]: ...
 
     def loss(
@@ -50,6 +52,9 @@ class SFTTask:
         batch = collate(segments, self.pad_id, self.packing)
         batch["count"] = torch.tensor(len(examples))
         return batch
+
+    def length(self, example: TokenizedSFT) -> int:
+        return len(example.input_ids)
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"tokens": batch["target"].numel()}
@@ -125,6 +130,9 @@ class DPOTask:
 
     def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return collate_pairs(examples, indices, self.pad_id, self.packing)
+
+    def length(self, example: TokenizedPair) -> int:
+        return len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
 
     def scored(self, n: int) -> PairScores:
         """Pairs 0..n-1 as scored by the last evaluation."""
