@@ -51,7 +51,7 @@ _MALLOC_TRIM = _libc_trim()
 def _return_free_memory(device: torch.device) -> None:
     """glibc's allocator keeps freed blocks (the step's activations and gradients) mapped, so a CPU
     run's resident memory creeps up to a fragmented high-water mark; give the free pages back to the
-    system after each step (milliseconds)."""
+    system (milliseconds, but the next step faults them in again)."""
     if device.type == "cpu" and _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -94,6 +94,10 @@ class Trainer:
         self.optim_cfg, self.cfg, self.loggers, self.progress = optim, train, loggers, progress
         self.device = next(model.parameters()).device
         self.world = world
+        # Measured on the embedded model: returning freed memory after each step lowers the lean
+        # settings' peak by 0.4 GiB at no cost, but costs a step without checkpointing 10-15% in
+        # page faults for no lower peak; so only the settings that put memory first do it.
+        self.return_memory = train.gradient_checkpointing or train.optimizer_in_backward
         lengths = [task.length(e) for e in train_set] if train.group_by_length else None
         self.order = DataOrder(len(train_set), train.seed, lengths, train.batch_size)
         # several processes split each step's batch equally, so an epoch's short last batch is dropped
@@ -163,7 +167,8 @@ class Trainer:
             return self._non_finite(indices, loss_total, grad_norm, tokens, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _return_free_memory(self.device)
+        if self.return_memory:
+            _return_free_memory(self.device)
         self.state = TrainState(
             step + 1, self.state.tokens + tokens, self.state.examples + len(indices), self.state.skipped
         )
