@@ -24,6 +24,7 @@ from criteriapo.config import DPOConfig, LoraConfig, OptimConfig, TrainConfig
 from criteriapo.data.records import RowRef
 from criteriapo.data.tokenize import TokenizedPair
 from criteriapo.models.lora import apply_lora
+from criteriapo.models.training import enable_activation_checkpointing
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.loop import Trainer
 from criteriapo.train.tasks import DPOTask
@@ -83,7 +84,7 @@ def run(mode: str, args) -> dict:
     with device:
         model = LlamaForCausalLM(config).to(dtype)
     if args.checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if mode == "lora":
         model = apply_lora(model, LoraConfig(enabled=True, r=16, alpha=32))
         ref = model  # adapters off

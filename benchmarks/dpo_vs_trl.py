@@ -111,6 +111,7 @@ def run_ours(args, model, tok, data) -> dict:
     from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
     from criteriapo.data.records import PreferenceExample, RowRef
     from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+    from criteriapo.models.training import enable_activation_checkpointing
     from criteriapo.tracking.loggers import Loggers
     from criteriapo.train.loop import Trainer
     from criteriapo.train.tasks import DPOTask, score_pairs
@@ -129,7 +130,7 @@ def run_ours(args, model, tok, data) -> dict:
         batch_size=args.pairs, micro_batch_size=args.micro, max_steps=args.steps + 1, **setting["train"]
     )
     if train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     optim = OptimConfig(lr=1e-6, scheduler="constant", **setting["optim"])
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
     trainer = Trainer(model, task, pairs, optim, train, Loggers([]))

@@ -3,9 +3,12 @@
 Parameter counts come from the real architectures, built on the meta device (no weights). The rest is
 arithmetic, stated here so it can be checked:
 
-- weights: bf16 (the configs' ``dtype: bfloat16``), 2 bytes per parameter; LoRA adapters in fp32;
-- gradients: one per trainable parameter, in the weights' dtype;
-- AdamW: two states per trainable parameter, in the weights' dtype;
+- weights: with ``train.precision: bf16-mixed`` (what ``auto`` gives the configs' ``dtype: bfloat16``)
+  trained weights are fp32 master weights, 4 bytes per parameter, and autocast keeps a bf16 copy of
+  each while a step runs (2 more); a frozen LoRA base stays bf16 (2) and its adapters are fp32. With
+  ``bf16-true`` (and ``optim.name: adamw_sr``) weights are bf16, 2 bytes;
+- gradients: one per trainable parameter, in the trained weights' dtype;
+- AdamW: two states per trainable parameter, in the trained weights' dtype;
 - FSDP2 over G GPUs: weights, gradients and optimizer states divided by G; one decoder block is
   gathered whole at a time (counted once);
 - activations: bf16, per token per decoder block ~34 x hidden bytes without gradient checkpointing
@@ -62,12 +65,14 @@ class Setup:
     micro_batch: int
     max_length: int
     checkpointing: bool
+    precision: str = "bf16-mixed"  # or bf16-true
 
 
 SETUPS = [
     Setup("SFT full, 1 GPU", "sft", 1, False, 4, 2048, True),
     Setup("DPO full, 1 GPU", "dpo", 1, False, 2, 2048, True),
     Setup("DPO full, 1 GPU, no checkpointing", "dpo", 1, False, 2, 2048, False),
+    Setup("DPO full, 1 GPU, bf16-true + adamw_sr", "dpo", 1, False, 2, 2048, True, "bf16-true"),
     Setup("SFT LoRA r16, 1 GPU", "sft", 1, True, 4, 2048, True),
     Setup("DPO LoRA r16, 1 GPU", "dpo", 1, True, 2, 2048, True),
     Setup("SFT full, 8 GPUs (FSDP2)", "sft", 8, False, 8, 2048, True),
@@ -92,17 +97,20 @@ def gib(config, s: Setup) -> dict[str, float]:
     n, n_lora, n_block, vocab = counts(config)
     h, layers = config.hidden_size, config.num_hidden_layers
     shard = s.gpus
-    weights = 2 * n / (1 if s.lora else shard) + (2 * n_block if shard > 1 else 0)
-    trainable = n_lora if s.lora else n
-    grads = (4 if s.lora else 2) * trainable / (1 if s.lora else shard)
-    adam = 2 * (4 if s.lora else 2) * trainable / (1 if s.lora else shard)
-    adapters = 4 * n_lora if s.lora else 0
+    master = 2 if s.precision == "bf16-true" else 4  # bytes per trained weight (fp32 master weights)
+    if s.lora:  # a frozen bf16 base, fp32 adapters (peft), their gradients and AdamW states
+        weights = 2 * n + 4 * n_lora
+        grads, adam = 4 * n_lora, 8 * n_lora
+    else:
+        copies = 2 * n / shard if master == 4 else 0  # autocast's bf16 copy of each weight
+        weights = master * n / shard + copies + (2 * n_block if shard > 1 else 0)
+        grads, adam = master * n / shard, 2 * master * n / shard
     tokens = s.micro_batch * (2 if s.stage == "dpo" else 1) * s.max_length
     per_token_block = (2 if s.checkpointing else 34) * h
     acts = tokens * layers * per_token_block + (34 * h * tokens if s.checkpointing else 0)
     logps = 2 * 1024 * vocab * 4
     parts = {
-        "weights": weights + adapters,
+        "weights": weights,
         "grads": grads,
         "adam": adam,
         "activations": acts,

@@ -4,6 +4,7 @@ transformers' pipeline loads and that answers a list of chat messages as the mod
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -180,3 +181,44 @@ def test_pipeline_stops_on_bad_dpo_data_before_sft_trains(config, tmp_path):
     with pytest.raises(BadRowsError, match=r"bad.jsonl, row 1, field 'rejected': identical to chosen"):
         run_pipeline(config)
     assert not (Path(config.output_dir) / "sft").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer random GPT-2 with the embedded model's tokenizer: dropout 0.1, as GPT-2's config has."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(smollm2_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256)
+    assert config.resid_pdrop == config.attn_pdrop == 0.1
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    smollm2_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def first_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in rows if r["step"] == 1 and "loss" in r)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_turns_dropout_off_so_the_first_step_has_loss_ln2(config, tiny_gpt2_dir, disable):
+    config.dpo.disable_dropout = disable
+    config.dpo.train.max_steps = 1
+    result = run_dpo(config, model_spec=str(tiny_gpt2_dir))
+    if disable:
+        assert first_loss(result.run_dir) == pytest.approx(math.log(2), abs=1e-6)
+    else:  # the policy drops activations the reference keeps: its log-ratios are noise
+        assert abs(first_loss(result.run_dir) - math.log(2)) > 1e-4
+    config_json = json.loads((result.model_dir / "config.json").read_text())
+    assert config_json["resid_pdrop"] == 0.1  # the exported model keeps its own settings
+
+
+def test_bf16_mixed_scores_the_reference_as_the_policy_computes(config):
+    config.dpo.train.precision = "bf16-mixed"
+    config.dpo.train.max_steps = 1
+    result = run_dpo(config)
+    assert first_loss(result.run_dir) == pytest.approx(math.log(2), abs=1e-6)
+    assert result.before is not None and result.after is not None

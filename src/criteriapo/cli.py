@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=err_console, show_path=False)],
     )
+    # transformers imports torchao when it is installed; its optional CUDA kernels fail to load on a
+    # CPU build and say so, and its types are registered with a deprecation notice: neither concerns
+    # us (we use its optimizer only), so they are not shown unless --verbose
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
         args.func(args)
     except Interrupted as e:

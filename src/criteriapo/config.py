@@ -51,6 +51,9 @@ class OptimConfig:
     scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # wins over warmup_ratio when > 0
+    # adamw: torch's AdamW. adamw_sr: torchao's AdamW whose bf16 weights and states round
+    # stochastically, so updates far below bf16's spacing still add up (for train.precision bf16-true)
+    name: Literal["adamw", "adamw_sr"] = "adamw"
 
 
 @dataclass
@@ -66,7 +69,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest K are kept
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
     gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast over float32 weights
+    # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.
+    # bf16-mixed: float32 (master) weights, compute under bf16 autocast. bf16-true: bfloat16 weights
+    # and optimizer states (least memory; needs optim.name: adamw_sr unless lr is large, see README)
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = "auto"
     packing: bool = True  # several examples per row without padding; a DPO pair computes its prompt once
     group_by_length: bool = False  # batches of similar lengths (sorted within windows of 64 batches)
     optimizer_in_backward: bool = False  # step each weight when its gradient is done: no gradient memory
@@ -110,6 +116,7 @@ class DPOConfig:
     precompute_ref_log_probs: bool = True  # reference = the starting weights, scored once, never held
     ref_cache: bool = True  # precomputed reference scores kept on disk (cache folder) for later runs
     simpo_gamma: float = 0.5
+    disable_dropout: bool = True  # dropout off in policy, reference and LoRA, so step 1's log-ratios are 0
     ref_model: str | None = None  # another model as reference (kept frozen in memory)
     # criteria recipes: the data files are multi-criteria (UltraFeedback-style) and pairs are built
     recipe: Literal["vanilla", "mini", "finegrained", "all"] | None = None
@@ -219,6 +226,11 @@ def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: Trai
             raise ConfigError(f"{name}.train.{key} must be >= 1 or null, got {getattr(train, key)}")
     if train.optimizer_in_backward:
         _in_backward(name, train, optim)
+    if optim.name == "adamw_sr" and train.precision != "bf16-true":
+        raise ConfigError(
+            f"{name}.optim.name adamw_sr rounds bf16 weights; with {name}.train.precision "
+            f"{train.precision} the trained weights are float32. Use adamw, or train.precision: bf16-true"
+        )
     if train.batch_size % train.micro_batch_size:
         raise ConfigError(
             f"{name}.train.batch_size ({train.batch_size}) must be a multiple of "
@@ -237,6 +249,8 @@ def _in_backward(name: str, train: TrainConfig, optim: OptimConfig) -> None:
         wrong.append(f"{name}.optim.max_grad_norm: null (it is {optim.max_grad_norm})")
     if train.on_nonfinite != "stop":
         wrong.append(f"{name}.train.on_nonfinite: stop")
+    if optim.name != "adamw":
+        wrong.append(f"{name}.optim.name: adamw (it is {optim.name})")
     if wrong:
         raise ConfigError(f"{name}.train.optimizer_in_backward needs " + "; ".join(wrong))
 
@@ -277,6 +291,13 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[last] = value
 
 
+RENAMED = {  # keys of earlier versions, and what to write instead
+    "TrainConfig": {
+        "mixed_precision": "use precision: bf16-mixed (for mixed_precision: bf16) or fp32 (for no)",
+    },
+}
+
+
 def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``raw``, refusing unknown keys and values of the wrong type."""
     if not isinstance(raw, dict):
@@ -286,6 +307,8 @@ def from_dict(cls: type, raw: Any, where: str = "") -> Any:
     kwargs = {}
     for key, value in raw.items():
         path = f"{where}.{key}" if where else str(key)
+        if key in RENAMED.get(cls.__name__, {}):
+            raise ConfigError(f"{path}: renamed; {RENAMED[cls.__name__][key]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"

@@ -66,15 +66,16 @@ def check_batch(world: World, batch_size: int, micro_batch_size: int, where: str
         )
 
 
-def shard(model: torch.nn.Module, mixed_precision: str = "no") -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each decoder block, then the log-prob wrapper around the whole model."""
+def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` each decoder block, then the log-prob wrapper around the whole model.
+    With ``compute_dtype`` (bf16-mixed), parameters are gathered in it and gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from criteriapo.losses.logprobs import LogpsModule
 
     mp = (
-        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if mixed_precision == "bf16"
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        if compute_dtype is not None
         else MixedPrecisionPolicy()
     )
     wrapped = model if isinstance(model, LogpsModule) else LogpsModule(model)

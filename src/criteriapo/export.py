@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 import criteriapo
 from criteriapo.errors import CriteriaPOError
 from criteriapo.fsutil import publish_dir, staging_dir, write_error
+from criteriapo.models.refcache import record_digests
 
 
 class ExportError(CriteriaPOError):
@@ -108,6 +109,7 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> 
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
         publish_dir(tmp, out_dir)
+        record_digests(out_dir)  # the reference cache's key of this folder, while its bytes are warm
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

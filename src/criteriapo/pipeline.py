@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -38,16 +39,18 @@ from criteriapo.export import ExportError, ModelCard, export_model
 from criteriapo.generation import chat_messages, generate
 from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
-from criteriapo.models.loading import ModelSource
+from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
 from criteriapo.models.refcache import ReferenceCache, reference_cache
+from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
 from criteriapo.resume import guard_unfinished, stage_checkpointer
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
 from criteriapo.train.checkpoint import Checkpoint
+from criteriapo.train.guard import PROBE_EXAMPLES, check_logprobs, guard_model
 from criteriapo.train.loop import Trainer, seed_everything
-from criteriapo.train.packing import resolve_packing
+from criteriapo.train.precision import Precision, check_updates_survive, resolve_precision
 from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,17 @@ def _tokenized(
     return tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
 
 
+@dataclass
+class Prepared:
+    source: ModelSource
+    tokenizer: Any
+    model: Any
+    train: list
+    evals: list
+    precision: Precision
+    packing: bool
+
+
 def _prepare(
     cfg: Config,
     model_spec: str,
@@ -133,8 +147,9 @@ def _prepare(
     recipe: str | None = None,
     resume: bool = False,
     world: World | None = None,
-):
-    """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights."""
+) -> Prepared:
+    """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights,
+    then the guard (our log-probs and packing against the model's own forward)."""
     world = world or init_world()
     check_batch(world, stage.train.batch_size, stage.train.micro_batch_size, kind)
     guard_unfinished(run_dir / "checkpoints", resume, world)
@@ -154,22 +169,27 @@ def _prepare(
     train = _tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts)
     evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts)
     seed_everything(stage.train.seed)
+    device = device_for(world, cfg.model.device)
+    precision = resolve_precision(
+        stage.train.precision, pick_dtype(cfg.model.dtype, pick_device(device)), stage.lora.enabled
+    )
     model = load_model(
-        source,
-        dtype=cfg.model.dtype,
-        device=device_for(world, cfg.model.device),
-        trust_remote_code=cfg.model.trust_remote_code,
+        source, dtype=precision.weights, device=device, trust_remote_code=cfg.model.trust_remote_code
     )
     if stage.train.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_activation_checkpointing(model)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora)
         trainable, total = trainable_parameters(model)
         log.info("LoRA: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
+    if kind == "dpo" and stage.disable_dropout:  # after LoRA: its adapters have dropout of their own
+        disable_dropout(model)
+    if precision.name == "bf16-true":
+        check_updates_survive(model, stage.optim, kind)
+    packing = guard_model(model, train, kind, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
-        model = shard(model, stage.train.mixed_precision)
-    return source, tokenizer, model, train, evals
+        model = shard(model, precision.autocast if precision.name == "bf16-mixed" else None)
+    return Prepared(source, tokenizer, model, train, evals, precision, packing)
 
 
 def _chat_tokenizer(cfg: Config, model_spec: str):
@@ -229,6 +249,8 @@ def _finish(
     model = trainer.model
     if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
         model = gather_model(model, source, stage.lora, cfg.model.dtype, world)
+    elif not stage.lora.enabled:  # float32 master weights are saved in the dtype the user asked for
+        model.to(pick_dtype(cfg.model.dtype, str(next(model.parameters()).device)))
     out = run_dir / "model"
     failure = None
     if world.main:
@@ -265,22 +287,22 @@ def run_sft(
     run_dir = Path(run_dir or Path(cfg.output_dir) / "sft")
     t0 = time.perf_counter()
     world = init_world()
-    source, tokenizer, model, train, evals = _prepare(
-        cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume, world=world
-    )
+    prep = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume, world=world)
+    source, tokenizer, train = prep.source, prep.tokenizer, prep.train
     ck, latest = stage_checkpointer(cfg, "sft", cfg.sft, model_spec, run_dir, train, world, resume)
     loggers = _loggers(cfg, run_dir, "sft", world)
     trainer = Trainer(
-        model,
-        SFTTask(tokenizer.pad_token_id, resolve_packing(model, cfg.sft.train.packing, "sft.train.packing")),
+        prep.model,
+        SFTTask(tokenizer.pad_token_id, prep.packing),
         train,
         cfg.sft.optim,
         cfg.sft.train,
         loggers,
-        evals,
+        prep.evals,
         _progress(cfg, "sft", world),
         checkpointer=ck,
         world=world,
+        precision=prep.precision,
     )
     if latest is not None:
         ck.restore(trainer, latest)
@@ -310,33 +332,39 @@ def _references(
     start_eval: PairScores | None,
     cache: dict | None,
     world: World,
+    precision: Precision,
+    packing: bool,
 ):
     """Reference scores of the train and eval pairs, or a frozen reference model (sharded like the
-    policy under FSDP2), or neither."""
+    policy under FSDP2), or neither. Scored under the policy's precision, so that a reference equal
+    to the starting weights gives log-ratios of exactly zero at step 1."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
-    device = device_for(world, cfg.model.device)
     if d.reference_free or LOSSES[d.loss_type].reference_free:
         return None, None, None
     if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
         return None, None, model  # the policy with its adapters off scores each batch: no copy
-    if not d.precompute_ref_log_probs:  # a frozen copy scores each batch as training goes
-        ref_model = load_model(d.ref_model or source, dtype=cfg.model.dtype, device=device)
-        ref_model.requires_grad_(False)
-        return None, None, shard(ref_model) if world.distributed else ref_model
-    if d.ref_model:
+    if not d.precompute_ref_log_probs or d.ref_model:  # a frozen copy, or another model
         ref = load_model(
-            d.ref_model, dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code
+            d.ref_model or source,
+            dtype=precision.weights,
+            device=device_for(world, cfg.model.device),
+            trust_remote_code=cfg.model.trust_remote_code,
         )
+        ref.requires_grad_(False)
+        if d.disable_dropout:
+            disable_dropout(ref)
+        check_logprobs(ref, [p.prompt_ids + p.chosen_ids for p in train[:PROBE_EXAMPLES]], pad)
         ref = shard(ref) if world.distributed else ref
-        pack = d.train.packing
+        if not d.precompute_ref_log_probs:
+            return None, None, ref
         return (
-            score_pairs(ref, train, pad, mbs, packing=pack),
-            score_pairs(ref, evals, pad, mbs, packing=pack) if evals else None,
+            score_pairs(ref, train, pad, mbs, packing=packing, precision=precision),
+            score_pairs(ref, evals, pad, mbs, packing=packing, precision=precision) if evals else None,
             None,
         )
     # the starting weights are the reference: score them now, so no copy is ever held
     with adapters_off(model):
-        return score_pairs(model, train, pad, mbs, cache, d.train.packing), start_eval, None
+        return score_pairs(model, train, pad, mbs, cache, packing, precision), start_eval, None
 
 
 def run_dpo(
@@ -360,9 +388,8 @@ def run_dpo(
     run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
     t0 = time.perf_counter()
     world = init_world()
-    source, tokenizer, model, train, evals = _prepare(
-        cfg, model_spec, d, "dpo", run_dir, recipe, resume, world
-    )
+    prep = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume, world)
+    source, tokenizer, model, train, evals = prep.source, prep.tokenizer, prep.model, prep.train, prep.evals
     ck, latest = stage_checkpointer(cfg, "dpo", d, model_spec, run_dir, train, world, resume, recipe=recipe)
     if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
         ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
@@ -374,19 +401,21 @@ def run_dpo(
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
     if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
-        ref_cache = reference_cache([p for p in (source.path, source.base) if p], model)
+        ref_cache = reference_cache(
+            [p for p in (source.path, source.base) if p], model, prep.precision.autocast
+        )
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    mbs, pack = d.train.micro_batch_size, resolve_packing(model, d.train.packing, "dpo.train.packing")
+    mbs, pack = d.train.micro_batch_size, prep.packing
     with adapters_off(model):
         start_eval = saved.get("start_eval") or (
-            score_pairs(model, evals, pad, mbs, ref_cache, pack) if evals else None
+            score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision) if evals else None
         )
     if "ref_train" in saved:
         ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
     else:
         ref_train, ref_eval, ref_model = _references(
-            cfg, source, model, pad, train, evals, start_eval, ref_cache, world
+            cfg, source, model, pad, train, evals, start_eval, ref_cache, world, prep.precision, pack
         )
     if isinstance(ref_cache, ReferenceCache) and world.main:
         ref_cache.save()
@@ -414,6 +443,7 @@ def run_dpo(
         eval_task=eval_task,
         checkpointer=ck,
         world=world,
+        precision=prep.precision,
         extra_state={
             f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
         },

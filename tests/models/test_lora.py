@@ -11,9 +11,11 @@ from criteriapo.errors import ConfigError
 from criteriapo.export import ModelCard, export_model
 from criteriapo.models import load_model, load_tokenizer
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, trainable_parameters
+from criteriapo.models.training import enable_activation_checkpointing
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.loop import Trainer
+from criteriapo.train.precision import resolve_precision
 from criteriapo.train.tasks import DPOTask, score_pairs
 from tests.train.test_loop import PAD, tiny_model, toy_pairs
 
@@ -121,7 +123,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for gc in (False, True):
         model = tiny_model()
         if gc:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         t = lora_trainer(model, pairs, precompute=True)
         t.model.train()
         t.accumulate_gradients(list(range(8)))
@@ -133,9 +135,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bf16_mixed_precision_stays_close_to_float32():
     pairs = toy_pairs(8)
     losses = []
-    for mp in ("no", "bf16"):
+    for mp in ("fp32", "bf16-mixed"):
         t = lora_trainer(tiny_model(), pairs, precompute=True)
-        t.cfg = TrainConfig(batch_size=8, micro_batch_size=4, mixed_precision=mp)
+        t.cfg = TrainConfig(batch_size=8, micro_batch_size=4, precision=mp)
+        t.precision = resolve_precision(mp, torch.float32)
         losses.append(t.train_step(list(range(8)))["loss"])
         assert all(p.dtype == torch.float32 for p in t.model.parameters())  # master weights stay fp32
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 import torch
 
-from criteriapo.models.refcache import ReferenceCache, model_key
+from criteriapo.models.refcache import ReferenceCache, file_digest, model_key
 from criteriapo.train.tasks import score_pairs
 from tests.train.test_loop import PAD, tiny_model, toy_pairs
 
@@ -39,7 +44,50 @@ def test_the_key_follows_the_weights_dtype_and_device(tmp_path):
     key = model_key([tmp_path / "m"], torch.float32, torch.device("cpu"))
     assert key == model_key([tmp_path / "m"], torch.float32, torch.device("cpu"))
     assert key != model_key([tmp_path / "m"], torch.bfloat16, torch.device("cpu"))
+    assert key != model_key([tmp_path / "m"], torch.float32, torch.device("cpu"), autocast=torch.bfloat16)
+    assert key != model_key([tmp_path / "m"], torch.float32, torch.device("cpu"), attention="eager")
     with torch.no_grad():
         model.lm_head.weight[0, 0] += 1.0
     model.save_pretrained(tmp_path / "m")
     assert key != model_key([tmp_path / "m"], torch.float32, torch.device("cpu"))
+
+
+def test_a_change_to_one_middle_tensor_or_to_the_config_changes_the_key(tmp_path):
+    """safetensors sorts tensors by name: an MLP weight of a middle layer is far from both ends of
+    the file, as every tensor a merged LoRA on gate/up/down_proj changes is."""
+    model = tiny_model(0)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    key = model_key([folder], torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 3] += 1e-3
+    model.save_pretrained(folder)
+    changed = model_key([folder], torch.float32, torch.device("cpu"))
+    assert changed != key
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = 5000.0
+    (folder / "config.json").write_text(json.dumps(config))
+    assert model_key([folder], torch.float32, torch.device("cpu")) != changed
+
+
+def test_digests_are_recorded_and_follow_size_and_time(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    first = file_digest(f)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(list((tmp_path / "cache" / "digests").iterdir())) == 1  # recorded for the next run
+    f.write_bytes(b"b" * 1000)  # same size, newer modification time: hashed again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert file_digest(f) == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_an_exported_folder_is_hashed_at_export(tmp_path, monkeypatch, smollm2_tokenizer):
+    from criteriapo.export import ModelCard, export_model
+
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    card = ModelCard(name="m", base_model="tiny", method="DPO", datasets=[], hyperparameters={})
+    out = export_model(tiny_model(0), smollm2_tokenizer, tmp_path / "m", card)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "digests").iterdir()]
+    assert {Path(r["path"]).name for r in records} == {"model.safetensors", "config.json"}
+    assert all(Path(r["path"]).parent == out.resolve() for r in records)

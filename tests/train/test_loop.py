@@ -21,12 +21,12 @@ from criteriapo.train.tasks import DPOTask, SFTTask, score_pairs
 PAD = 0
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
+def tiny_model(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)  # weights ~ N(0, 0.02), as real checkpoints are initialised
     cfg = LlamaConfig(
         vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -220,3 +220,26 @@ def test_reference_cache_scores_each_sequence_once():
     torch.testing.assert_close(again.chosen[:4], first.rejected)
     fresh = score_pairs(model, swapped + pairs[4:], PAD)
     torch.testing.assert_close(again.chosen, fresh.chosen, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "sigmoid", "ipo"])
+def test_rewards_measure_what_the_loss_optimises(loss_type):
+    """SimPO's loss sees per-token averages, so its rewards/* do too (as TRL's CPO trainer logs
+    them); the other losses log whole-sequence rewards, as TRL's DPO trainer does (IPO included)."""
+    from criteriapo.losses.logprobs import batch_logps
+    from criteriapo.train.tasks import collate_pairs
+
+    model, pairs = tiny_model(0), toy_pairs(4)
+    ref = score_pairs(tiny_model(1), pairs, PAD)  # another model, so the log-ratios are not zero
+    task = DPOTask(DPOConfig(loss_type=loss_type, beta=0.5), PAD, 64, reference=ref)
+    batch = collate_pairs(pairs, range(4), PAD)
+    with torch.no_grad():
+        _, sums = task.loss(model, batch, task.counts(batch))
+        out = batch_logps(model, batch, 8)
+    pc, pr, nc, nr = out.logps[:4], out.logps[4:], out.num_tokens[:4], out.num_tokens[4:]
+    rc, rr = (torch.zeros(4), torch.zeros(4)) if loss_type == "simpo" else (ref.chosen, ref.rejected)
+    if loss_type == "simpo":
+        pc, pr = pc / nc, pr / nr
+    margins = 0.5 * ((pc - rc) - (pr - rr))
+    assert sums["rewards/margins"][0] / 4 == pytest.approx(float(margins.mean()), rel=1e-5)
+    assert sums["logps/chosen"][0] / 4 == pytest.approx(float(pc.mean()), rel=1e-5)

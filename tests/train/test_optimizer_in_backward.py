@@ -9,6 +9,7 @@ import torch
 from criteriapo.config import DPOConfig, OptimConfig, TrainConfig, load_config
 from criteriapo.distributed import World
 from criteriapo.errors import ConfigError
+from criteriapo.models.training import enable_activation_checkpointing
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.loop import Trainer
@@ -22,7 +23,7 @@ RUN = {"config": {}, "data": "abc", "examples": 16}
 def trainer(in_backward: bool, task: str = "dpo", gradient_checkpointing: bool = False) -> Trainer:
     model = tiny_model()
     if gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     if task == "dpo":
         data = toy_pairs(16)
         job = DPOTask(DPOConfig(), PAD, 64, reference=score_pairs(model, data, PAD))

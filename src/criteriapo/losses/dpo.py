@@ -90,6 +90,9 @@ class LossSpec:
     fn: Callable[[LogPs, LossParams], torch.Tensor]
     length_normalized: bool = False  # log-probs averaged over completion tokens
     reference_free: bool = False  # never uses a reference model
+    # rewards/* from the per-token averages the loss sees (SimPO, as TRL's CPO trainer logs them);
+    # otherwise from whole-sequence log-probs (IPO included, as TRL's DPO trainer logs them)
+    averaged_rewards: bool = False
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -100,7 +103,7 @@ LOSSES: dict[str, LossSpec] = {
     "apo_zero": LossSpec(apo_zero),
     "sppo_hard": LossSpec(sppo_hard),
     "nca_pair": LossSpec(nca_pair),
-    "simpo": LossSpec(simpo, length_normalized=True, reference_free=True),
+    "simpo": LossSpec(simpo, length_normalized=True, reference_free=True, averaged_rewards=True),
 }
 
 

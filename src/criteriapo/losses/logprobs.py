@@ -3,11 +3,18 @@
 Only positions that carry a label go through the output layer, in chunks; each chunk's logits are
 recomputed in backward (activation checkpointing) instead of stored. Peak extra memory is one
 chunk of (chunk_size, vocab) floats rather than (batch, length, vocab).
+
+The output layer is applied here, not by the model's forward, so whatever that forward does to its
+logits after the output layer must be done here too: :func:`logit_transform` knows the transforms
+of the architectures transformers ships (a scale, a final soft cap), and
+:mod:`criteriapo.train.guard` checks this path against the model's own logits before training, so
+a model that does something else is refused instead of trained on another distribution.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -24,12 +31,74 @@ class SequenceLogps:
     logits_sum: torch.Tensor  # (N,) sum over labelled positions and vocabulary of the logits (detached)
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a model's forward does to the output layer's result: ``logits * multiplier / divisor``
+    (in the model's dtype, as its forward does), then ``softcap * tanh(logits / softcap)``."""
+
+    multiplier: float = 1.0
+    divisor: float = 1.0
+    softcap: float | None = None
+
+
+# model_type prefix -> (config attribute, how it scales the logits), as in each model's forward
+_SCALES: dict[str, tuple[str, str]] = {
+    "granite": ("logits_scaling", "divide"),  # granite, granitemoe*, granite_* (logits / logits_scaling)
+    "hyperclovax": ("logits_scaling", "multiply"),
+    "cohere": ("logit_scale", "multiply"),  # cohere, cohere2, cohere2_moe
+    "falcon_h1": ("lm_head_multiplier", "multiply"),
+}
+
+
+def logit_transform(config: Any) -> LogitTransform:
+    """The transform ``config`` implies, read from a composite model's text config too. What the
+    forward really does can differ by class and version (transformers' composite Gemma 3 ignores a
+    soft cap in its text config; Gemma 3n applies it): the guard calibrates against the forward."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    multiplier = divisor = 1.0
+    model_type = getattr(config, "model_type", "")
+    for prefix, (attr, how) in _SCALES.items():
+        value = getattr(text, attr, None) or getattr(config, attr, None)
+        if value and model_type.startswith(prefix):
+            if how == "divide":
+                divisor = float(value)
+            else:
+                multiplier = float(value)
+    softcap = getattr(text, "final_logit_softcapping", None) or getattr(
+        config, "final_logit_softcapping", None
+    )
+    return LogitTransform(multiplier, divisor, softcap or None)
+
+
+_TRANSFORM_ATTR = "_criteriapo_logit_transform"
+
+
+def set_logit_transform(model: torch.nn.Module, transform: LogitTransform | None) -> None:
+    """Fix the transform used for ``model`` (as calibrated against its forward by the guard); None
+    goes back to the one its config implies. Kept on the output layer, so it follows the model
+    through LoRA and FSDP wrappers and is never saved."""
+    setattr(model.get_output_embeddings(), _TRANSFORM_ATTR, transform)
+
+
+def _transform_of(model: torch.nn.Module, head: torch.nn.Module) -> LogitTransform:
+    return getattr(head, _TRANSFORM_ATTR, None) or logit_transform(model.config)
+
+
 def _chunk_logps(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    transform: LogitTransform,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden @ weight.T).float()  # (n, H) @ (H, V) -> (n, V)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (n, H) @ (H, V) -> (n, V), model dtype
+    if transform.multiplier != 1.0:
+        logits = logits * transform.multiplier
+    if transform.divisor != 1.0:
+        logits = logits / transform.divisor
+    logits = logits.float()
+    if transform.softcap:
+        logits = transform.softcap * torch.tanh(logits / transform.softcap)
     logp = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
     return logp, logits.detach().sum(-1)
 
@@ -39,7 +108,8 @@ def token_logps(
     weight: torch.Tensor,
     labels: torch.Tensor,
     *,
-    softcap: float | None = None,
+    bias: torch.Tensor | None = None,
+    transform: LogitTransform = LogitTransform(),
     chunk: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) at each of ``hidden``'s positions (n, H), and the sum of each position's logits."""
@@ -47,9 +117,9 @@ def token_logps(
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start : start + chunk], labels[start : start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            lp, s = checkpoint(_chunk_logps, h, weight, y, softcap, use_reentrant=False)
+            lp, s = checkpoint(_chunk_logps, h, weight, bias, y, transform, use_reentrant=False)
         else:
-            lp, s = _chunk_logps(h, weight, y, softcap)
+            lp, s = _chunk_logps(h, weight, bias, y, transform)
         logps.append(lp)
         sums.append(s)
     if not logps:
@@ -120,14 +190,12 @@ def sequence_logps(
 def _logps(model, input_ids, attention_mask, position_ids, src, target, seq, n: int) -> SequenceLogps:
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    if head.bias is not None:
-        raise NotImplementedError("output layers with a bias are not supported")
     hidden = decoder(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     ).last_hidden_state  # (R, L, H)
     h = hidden.flatten(0, 1)[src]  # (n_labels, H): the states that predict the labels
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    lp, logit_sums = token_logps(h, head.weight, target, softcap=softcap)
+    transform = _transform_of(model, head)
+    lp, logit_sums = token_logps(h, head.weight, target, bias=head.bias, transform=transform)
     zeros = torch.zeros(n, dtype=torch.float32, device=input_ids.device)
     logps = zeros.index_add(0, seq, lp)
     num = torch.bincount(seq, minlength=n)

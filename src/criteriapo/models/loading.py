@@ -186,9 +186,11 @@ def pick_device(device: str) -> str:
     return device
 
 
-def pick_dtype(dtype: str, device: str) -> Any:
+def pick_dtype(dtype: Any, device: str) -> Any:
     import torch
 
+    if isinstance(dtype, torch.dtype):
+        return dtype
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dtype == "auto":
@@ -201,11 +203,12 @@ def pick_dtype(dtype: str, device: str) -> Any:
 def load_model(
     model: str | Path | ModelSource,
     *,
-    dtype: str = "auto",
+    dtype: Any = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> Any:
-    """A causal LM in eval mode on ``device``; weights read from safetensors only."""
+    """A causal LM in eval mode on ``device``; weights read from safetensors only. ``dtype`` is one
+    of ``DTYPES`` or a ``torch.dtype``."""
     from transformers import AutoModelForCausalLM
 
     source = (

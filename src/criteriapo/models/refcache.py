@@ -3,13 +3,19 @@
 DPO's reference is scored once per sequence (prompt + completion, and where the completion starts);
 the scores are kept under ``<cache>/refcache/<model key>.safetensors`` and reused across epochs,
 runs and recipes: a rerun, a resumed run or another recipe on the same data scores nothing again.
-The model key covers the weight files (names, sizes, safetensors headers, and the first and last
-MiB of each: cheap for a 3B model, and any retraining changes them), the dtype and the device type.
+
+The model key is a SHA-256 of every byte of every weight file and of ``config.json`` (and an
+adapter's files), with the weights' dtype, the device type, the autocast and the attention
+implementation: any change to any tensor, or to how the model computes, is another key. Hashing
+reads the whole model (about 1 GB/s here), so each file's digest is recorded once in
+``<cache>/digests/`` and reused while the file keeps its size and modification time; folders that
+CriteriaPO exports are recorded at export time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -19,20 +25,61 @@ from safetensors.torch import load_file, save_file
 from criteriapo.fsutil import cache_dir, file_lock
 
 SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
-EDGE = 1 << 20
+KEY_FILES = ("config.json", "adapter_config.json")  # besides every *.safetensors
 
 
-def model_key(folders: list[Path], dtype: torch.dtype, device: torch.device) -> str:
-    h = hashlib.sha256(f"{dtype}|{device.type}".encode())
-    files = sorted(p for f in folders for p in Path(f).iterdir() if p.name.endswith(".safetensors"))
-    for p in files:
-        size = p.stat().st_size
-        h.update(f"{p.name}|{size}".encode())
-        with p.open("rb") as f:
-            h.update(f.read(EDGE))
-            f.seek(max(0, size - EDGE))
-            h.update(f.read(EDGE))
-    return h.hexdigest()[:24]
+def model_files(folder: Path) -> list[Path]:
+    """The files that decide what a model folder computes."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name in KEY_FILES)
+
+
+def _record_path(path: Path) -> Path:
+    name = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32]
+    return cache_dir() / "digests" / f"{name}.json"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of every byte of ``path``, from the record while size and mtime are unchanged."""
+    st = path.stat()
+    record = _record_path(path)
+    stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in stamp} == stamp:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no record, or an unreadable one: hash again
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({**stamp, "sha256": digest}), encoding="utf-8")
+        os.replace(tmp, record)
+    except OSError:
+        pass  # a read-only cache only costs hashing again next time
+    return digest
+
+
+def record_digests(folder: Path) -> None:
+    """Hash a model folder's files now (after an export), so the first run from it need not."""
+    for p in model_files(folder):
+        file_digest(p)
+
+
+def model_key(
+    folders: list[Path],
+    dtype: torch.dtype,
+    device: torch.device,
+    autocast: torch.dtype | None = None,
+    attention: str | None = None,
+) -> str:
+    h = hashlib.sha256(f"{dtype}|{device.type}|autocast={autocast}|attention={attention}".encode())
+    for folder in folders:
+        for p in model_files(folder):
+            h.update(f"|{p.name}={file_digest(p)}".encode())
+    return h.hexdigest()[:32]
 
 
 def _digest(key: SequenceKey) -> bytes:
@@ -95,9 +142,14 @@ class ReferenceCache(dict):
             self._saved = merged
 
 
-def reference_cache(folders: list[Path], model: torch.nn.Module) -> ReferenceCache:
-    """The cache for ``model`` as loaded from ``folders`` (its folder, and a LoRA adapter's base)."""
+def reference_cache(
+    folders: list[Path], model: torch.nn.Module, autocast: torch.dtype | None = None
+) -> ReferenceCache:
+    """The cache for ``model`` as loaded from ``folders`` (its folder, and a LoRA adapter's base),
+    scored under ``autocast``."""
     p = next(model.parameters())
-    path = cache_dir() / "refcache" / f"{model_key(folders, p.dtype, p.device)}.safetensors"
+    attention = getattr(model.config, "_attn_implementation", None)
+    key = model_key(folders, p.dtype, p.device, autocast, attention)
+    path = cache_dir() / "refcache" / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     return ReferenceCache(path)

@@ -159,7 +159,10 @@ class Checkpointer:
             "train_state": state["train_state"],
             "data_order": state["data_order"],
             "python_rng": _python_rng_to_json(rng["python"]),
-            "param_groups": optim_state["param_groups"],
+            "param_groups": [  # a tensor setting (torchao keeps lr as one) is written as its number
+                {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                for g in optim_state["param_groups"]
+            ],
             "optimizer_scalars": scalars,
             "last_metrics": trainer.last_metrics,
             "total_steps": trainer.total_steps,

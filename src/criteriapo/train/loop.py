@@ -33,6 +33,7 @@ from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.batching import DataOrder
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.optim import BackwardAdamW, build_optimizer, lr_at
+from criteriapo.train.precision import Precision, precision_of
 from criteriapo.train.tasks import Metrics, Task
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,15 @@ class Trainer:
         checkpointer: Checkpointer | None = None,
         extra_state: dict[str, torch.Tensor] | None = None,
         world: World = SINGLE,
+        precision: Precision | None = None,
     ):
         self.model, self.task, self.train_set, self.eval_set = model, task, train_set, eval_set
         self.eval_task = eval_task or task
         self.optim_cfg, self.cfg, self.loggers, self.progress = optim, train, loggers, progress
         self.device = next(model.parameters()).device
         self.world = world
+        # resolved by the caller from train.precision and model.dtype; else from the loaded weights
+        self.precision = precision or precision_of(model, train.precision)
         # Measured on the embedded model: returning freed memory after each step lowers the lean
         # settings' peak by 0.4 GiB at no cost, but costs a step without checkpointing 10-15% in
         # page faults for no lower peak; so only the settings that put memory first do it.
@@ -159,7 +163,10 @@ class Trainer:
         step = self.state.step
         lr = lr_at(step, self.optim_cfg, self.total_steps)
         for group in self.optimizer.param_groups:  # set before backward, where BackwardAdamW steps
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it as a tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         loss_total, sums, tokens = self.accumulate_gradients(indices)
         grad_norm = self._clip()
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
@@ -249,8 +256,7 @@ class Trainer:
         return float(loss.detach()), metrics
 
     def _autocast(self):
-        bf16 = self.cfg.mixed_precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        return self.precision.context(self.device)
 
     def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = self.task.collate([self.train_set[i] for i in indices], indices)
@@ -355,7 +361,11 @@ class Trainer:
         if model:
             self.model.load_state_dict(state["model"])
         if "optimizer" in state:
+            tensor_lr = [isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for g, was_tensor in zip(self.optimizer.param_groups, tensor_lr, strict=True):
+                if was_tensor and not isinstance(g["lr"], torch.Tensor):  # a checkpoint holds its number
+                    g["lr"] = torch.tensor(float(g["lr"]))
         self.state = TrainState(**state["train_state"])
         self.order.load_state_dict(state["data_order"])
         torch.set_rng_state(state["rng"]["torch"])

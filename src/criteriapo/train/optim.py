@@ -34,6 +34,12 @@ def _fused(params: list[torch.Tensor]) -> bool | None:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, in_backward: bool = False):
     groups = _groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
+    if cfg.name == "adamw_sr":
+        # torchao's AdamW: bf16 weights and states, each update rounded stochastically so that steps
+        # far below bf16's spacing still move the weights on average (its step is torch.compile'd)
+        from torchao.optim import _AdamW
+
+        return _AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, bf16_stochastic_round=True)
     kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "fused": _fused(params)}
     if in_backward:
         return BackwardAdamW(groups, **kwargs)

@@ -142,16 +142,25 @@ def collate(segments: Sequence[Segment], pad_id: int, packed: bool = True) -> di
 
 def packing_problem(config: Any) -> str | None:
     """Why packed rows would give this model wrong log-probs, or None. They are exact when every
-    layer is full attention under the mask given to it and positions come from ``position_ids``."""
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    layer is full attention under the mask given to it and positions come from ``position_ids``.
+    A composite model (Gemma 3 as ``AutoModelForCausalLM`` loads it) keeps these in its text config.
+    The guard (:mod:`criteriapo.train.guard`) checks the answer on the first batch."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    implementation = (
+        getattr(text, "_attn_implementation", None)
+        or getattr(config, "_attn_implementation", None)
+        or "eager"
+    )
     if implementation not in MASK_IMPLEMENTATIONS:
         return f"its attention ({implementation}) takes no custom mask"
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"]) - {"full_attention"}
+    kinds = set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"}
     if kinds:
         return f"it has {', '.join(sorted(kinds))} layers, which would see across packed sequences"
-    if getattr(config, "sliding_window", None) is not None:
-        return "it attends within a sliding window, which a custom mask would override"
-    if getattr(config, "alibi", False) or getattr(config, "model_type", "") in ("bloom", "mpt"):
+    window = getattr(text, "sliding_window", None)
+    if window and getattr(text, "use_sliding_window", True) is not False:  # 0 or None: no window
+        return f"it attends within a sliding window ({window}), which a custom mask would override"
+    model_type = getattr(config, "model_type", "")
+    if getattr(text, "alibi", False) or model_type in ("bloom", "mpt"):
         return "it places tokens by ALiBi biases, not position ids"
     return None
 

@@ -21,6 +21,7 @@ from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
 from criteriapo.train.packing import collate, packing_problem, pair_segment, sequence_segment
+from criteriapo.train.precision import Precision, precision_of
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
 
@@ -164,16 +165,18 @@ class DPOTask:
         if not torch.is_grad_enabled():  # an evaluation: keep each pair's scores
             for row in zip(batch["index"].tolist(), *(t.tolist() for t in vars(s).values()), strict=True):
                 self.scores[row[0]] = row[1:]
-        if self.spec.length_normalized:  # ipo, simpo: the loss sees per-token averages
+        seen = x  # what the loss sees: per-token averages for ipo and simpo
+        if self.spec.length_normalized:
             nc, nr = s.chosen_tokens.clamp(min=1), s.rejected_tokens.clamp(min=1)
-            losses = self.spec.fn(LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr), self.params)  # (B,)
-        else:
-            losses = self.spec.fn(x, self.params)  # (B,)
+            seen = LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr)
+        losses = self.spec.fn(seen, self.params)  # (B,)
         loss = (losses * batch["weight"]).sum() / totals["pairs"]
         if self.cfg.rpo_alpha:
             # NLL of the chosen completions, averaged over every chosen token of the step
             loss = loss + self.cfg.rpo_alpha * -out.logps[:b].sum() / totals["chosen_tokens"]
-        cr, rj = rewards(x, self.cfg.beta)  # implicit rewards of whole sequences, whatever the loss
+        if self.spec.averaged_rewards:
+            x = seen
+        cr, rj = rewards(x, self.cfg.beta)  # implicit rewards
         ntok = out.num_tokens.float()
         n = float(b)
         metrics = {
@@ -200,13 +203,15 @@ def score_pairs(
     micro_batch_size: int = 8,
     cache: dict[SequenceKey, tuple[float, int]] | None = None,
     packing: bool = True,
+    precision: Precision | None = None,
 ) -> PairScores:
     """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
 
     Pairs are scored in the layout training gives them (with packing, one segment per pair), so at
     step 1 the policy's log-probs equal these up to the packing of rows. Each sequence is kept once
     under its tokens; with a ``cache`` shared between calls (for one model), a pair whose two
-    sequences were scored before is not scored again, e.g. across the recipes built from one dataset."""
+    sequences were scored before is not scored again, e.g. across the recipes built from one dataset.
+    ``precision`` is the policy's (its autocast): the reference must be scored as the policy computes."""
     cache = {} if cache is None else cache
     keys = [
         [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
@@ -223,7 +228,8 @@ def score_pairs(
         chunk = todo[start : start + micro_batch_size]
         b = len(chunk)
         batch = collate_pairs([pairs[i] for i in chunk], range(b), pad_id, packing)
-        out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
+        with (precision or precision_of(model, "auto")).context(device):
+            out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
         logps, counts = out.logps.tolist(), out.num_tokens.tolist()
         for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
             cache.setdefault(keys[0][i], (logps[j], counts[j]))
