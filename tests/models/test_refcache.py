@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -55,9 +56,13 @@ def test_the_key_follows_the_weights_dtype_and_device(tmp_path):
 def test_a_change_to_one_middle_tensor_or_to_the_config_changes_the_key(tmp_path):
     """safetensors sorts tensors by name: an MLP weight of a middle layer is far from both ends of
     the file, as every tensor a merged LoRA on gate/up/down_proj changes is."""
-    model = tiny_model(0)
+    model = tiny_model(0, hidden=256)  # 5 MB: the changed tensor is away from both ends
     folder = tmp_path / "m"
     model.save_pretrained(folder)
+    f = folder / "model.safetensors"
+    (n,) = struct.unpack("<Q", f.read_bytes()[:8])
+    start, end = json.loads(f.read_bytes()[8 : 8 + n])["model.layers.0.mlp.up_proj.weight"]["data_offsets"]
+    assert 1 << 20 < 8 + n + start and 8 + n + end < f.stat().st_size - (1 << 20)
     key = model_key([folder], torch.float32, torch.device("cpu"))
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[3, 3] += 1e-3
