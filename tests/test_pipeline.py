@@ -78,6 +78,9 @@ def test_sft_then_dpo_run_folders(config):
     skipped = (dpo.run_dir / "bad_rows.jsonl").read_text().splitlines()
     assert len(skipped) == 2 and all("identical to chosen" in s for s in skipped)  # train and eval files
     assert dpo.before is not None and dpo.after is not None and dpo.after.pairs == 6
+    # the held-out reward accuracy is TRL's eval_rewards/accuracies of the final evaluation
+    assert dpo.after.reward_accuracy == pytest.approx(rows[-1]["eval/rewards/accuracies"], abs=1e-6)
+    assert dpo.before.reward_accuracy == 0.0  # the starting model is the reference
     card = (dpo.model_dir / "README.md").read_text()
     for needle in (
         "base_model:",

@@ -197,7 +197,15 @@ def _preference_table(before, after, name: str = "dpo") -> None:
     table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
     for col in ("", "before DPO", "after DPO"):
         table.add_column(col, justify="right")
-    table.add_row("accuracy", f"{before.accuracy:.3f}", f"{after.accuracy:.3f}")
+    if after.reward_accuracy is not None:  # what DPO optimises: the reward against the reference
+        table.add_row("reward accuracy vs reference", "-", f"{after.reward_accuracy:.3f}")
+        table.add_row("reward margin vs reference", "-", f"{after.reward_margin:.3f}")
+    table.add_row(
+        "log-prob accuracy, per token",
+        f"{before.normalized_accuracy:.3f}",
+        f"{after.normalized_accuracy:.3f}",
+    )
+    table.add_row("log-prob accuracy, summed", f"{before.accuracy:.3f}", f"{after.accuracy:.3f}")
     table.add_row("mean log-prob margin", f"{before.margin:.2f}", f"{after.margin:.2f}")
     for k in after.by_criterion:
         table.add_row(f"accuracy: {k}", f"{before.by_criterion[k]:.3f}", f"{after.by_criterion[k]:.3f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from criteriapo.data.records import Message
@@ -57,7 +58,19 @@ def generate_in_thread(model: Any, tokenizer: Any, messages: list[Message], stre
     return thread
 
 
-def sample_batch(
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    cut_off: bool  # the token limit stopped it before the model ended its reply
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def generate_batch(
     model: Any,
     tokenizer: Any,
     conversations: list[list[Message]],
@@ -67,8 +80,9 @@ def sample_batch(
     top_p: float = 0.95,
     seed: int = 0,
     batch_size: int = 16,
-) -> list[str]:
-    """One reply per conversation, sampled in left-padded batches; the same seed gives the same replies."""
+) -> list[Reply]:
+    """One reply per conversation, sampled in left-padded batches; the same seed gives the same
+    replies. A reply is cut off when none of its new tokens ends the turn."""
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -77,7 +91,8 @@ def sample_batch(
         if temperature > 0
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
-    out: list[str] = []
+    eos = _eos_ids(model, tokenizer)
+    out: list[Reply] = []
     try:
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
@@ -89,8 +104,15 @@ def sample_batch(
                 ids = model.generate(
                     **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
                 )
-            width = enc["input_ids"].shape[1]
-            out += [t.strip() for t in tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)]
+            new = ids[:, enc["input_ids"].shape[1] :]
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for row, text in zip(new.tolist(), texts, strict=True):
+                out.append(Reply(text.strip(), not any(t in eos for t in row)))
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def sample_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], **kw: Any) -> list[str]:
+    """The texts of :func:`generate_batch`."""
+    return [r.text for r in generate_batch(model, tokenizer, conversations, **kw)]

@@ -452,9 +452,12 @@ def run_dpo(
         ck.restore(trainer, latest)
     metrics = trainer.train()
     t3 = time.perf_counter()
-    before = preference_eval(start_eval, evals) if evals else None
-    # the trainer's final evaluation scored every held-out pair with the trained weights
-    after = preference_eval(eval_task.scored(len(evals)), evals) if evals else None
+    # before: the starting model is its own reference (reward accuracy 0); after: the trainer's final
+    # evaluation scored every held-out pair with the trained weights, against the eval reference
+    reference = ref_eval if ref_eval is not None else (None if d.ref_model else start_eval)
+    reference = None if task.reference_free else reference
+    before = preference_eval(start_eval, evals, reference, d.beta) if evals else None
+    after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta) if evals else None
     if after is not None:
         metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
     card = ModelCard(

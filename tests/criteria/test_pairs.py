@@ -105,3 +105,18 @@ def test_unknown_recipe():
 
     with pytest.raises(ConfigError, match="unknown recipe 'best'; choose one of vanilla, mini, finegrained"):
         build_pairs("best", DATA, RecipeOptions())
+
+
+def test_a_reply_that_loops_or_is_empty_is_never_chosen():
+    looping = "Owls hunt at night. Owls hunt at night. Owls hunt at night."
+    data = [
+        ex(1, "Q?", (looping, {"help": 5}), ("Fine.", {"help": 3}), ("Meh.", {"help": 1})),
+        ex(2, "Q?", ("", {"help": 5}), ("Meh.", {"help": 1})),
+        ex(3, "Q?", (looping, {"help": 5}), ("Meh.", {"help": 1})),
+    ]
+    pairs = build_vanilla(data)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("Fine.", "Meh.")]  # the next best is chosen
+    fine = build_finegrained(data)
+    assert [(p.chosen, p.rejected) for p in fine] == [("Fine.", "Meh.")]
+    # a looping reply may still be the rejected one
+    assert build_vanilla([ex(4, "Q?", ("Good.", {"help": 5}), (looping, {"help": 1}))])[0].rejected == looping

@@ -1,6 +1,8 @@
 """Pair builders: the CriteriaPO recipes, from multi-criteria data to preference pairs.
 
 - ``vanilla``: per prompt, the best against the worst response by overall score; ties dropped.
+  In every recipe the chosen response is one a person would accept: a response that loops or is
+  empty is never chosen (it may still be the rejected one).
 - ``mini``: the vanilla pairs on which the criteria agree (none prefers the rejected response),
   with an overall margin of at least ``min_margin``, largest margins first, at most ``size``.
 - ``finegrained``: per prompt and criterion, the best against the worst response on that
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from criteriapo.criteria.quality import acceptable
 from criteriapo.data.records import MultiCriteriaExample, PreferenceExample, RatedCompletion, Text
 from criteriapo.errors import ConfigError
 
@@ -37,13 +40,16 @@ def overall(c: RatedCompletion) -> float | None:
     return sum(rated) / len(rated) if rated else None
 
 
-def _extremes(scored: list[tuple[float, int]]) -> tuple[int, int] | None:
-    """Indices of the best and worst scores (first one on ties), or None when all are equal."""
-    if len(scored) < 2:
+def _extremes(scored: list[tuple[float, int]], ex: MultiCriteriaExample) -> tuple[int, int] | None:
+    """Indices of the best and worst scores (first one on ties), or None when all are equal. The
+    best is chosen among acceptable replies only (see :mod:`criteriapo.criteria.quality`): a reply
+    that loops or is empty is never a chosen one, whatever its scores."""
+    usable = [s for s in scored if acceptable(ex.completions[s[1]].response)]
+    if len(scored) < 2 or not usable:
         return None
-    best = max(scored, key=lambda s: (s[0], -s[1]))
+    best = max(usable, key=lambda s: (s[0], -s[1]))
     worst = min(scored, key=lambda s: (s[0], s[1]))
-    return None if best[0] == worst[0] else (best[1], worst[1])
+    return None if best[0] <= worst[0] else (best[1], worst[1])
 
 
 def _labels(a: RatedCompletion, b: RatedCompletion) -> dict[str, int]:
@@ -70,7 +76,7 @@ def build_vanilla(examples: Iterable[MultiCriteriaExample]) -> list[PreferenceEx
     out = []
     for ex in examples:
         scored = [(s, i) for i, c in enumerate(ex.completions) if (s := overall(c)) is not None]
-        if (ij := _extremes(scored)) is None:
+        if (ij := _extremes(scored, ex)) is None:
             continue
         i, j = ij
         out.append(_pair(ex, i, j, ex.prompt, criteria_labels=_labels(ex.completions[i], ex.completions[j])))
@@ -83,7 +89,7 @@ def build_mini(
     candidates = []
     for ex in examples:
         scored = [(s, i) for i, c in enumerate(ex.completions) if (s := overall(c)) is not None]
-        if (ij := _extremes(scored)) is None:
+        if (ij := _extremes(scored, ex)) is None:
             continue
         i, j = ij
         labels = _labels(ex.completions[i], ex.completions[j])
@@ -133,7 +139,7 @@ def build_finegrained(
     for ex in examples:
         for k in ex.criteria:
             scored = [(v, i) for i, c in enumerate(ex.completions) if (v := c.ratings.get(k)) is not None]
-            if (ij := _extremes(scored)) is None:
+            if (ij := _extremes(scored, ex)) is None:
                 continue
             prompt = (
                 condition_prompt(ex.prompt, [describe(k, descriptions)])

@@ -1,9 +1,10 @@
 """``criteriapo eval``: how each model does on each criterion.
 
 For every model: held-out preference accuracy overall (vanilla pairs) and per criterion
-(finegrained pairs), and the pass rate per criterion of its own replies to the held-out prompts
-(batched, fixed seed), checked by the criteria's programs. Several models make one markdown table
-and one bar chart.
+(finegrained pairs), the pass rate per criterion of its own replies to the held-out prompts
+(batched, fixed seed), checked by the criteria's programs, and how often those replies loop or are
+cut off by the token limit, with their mean length (:mod:`criteriapo.criteria.quality`). Several
+models make one markdown table and one bar chart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from criteriapo.criteria.library import parse_criterion
 from criteriapo.criteria.pairs import build_finegrained, build_vanilla
+from criteriapo.criteria.quality import quality_summary, reply_quality
 from criteriapo.data.records import MultiCriteriaExample
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
 from criteriapo.errors import ConfigError
@@ -29,6 +31,7 @@ class ModelReport:
     pass_rate: float
     pass_by_criterion: dict[str, float]
     samples: list[dict] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)  # repetition, empty and cut-off rates, words
 
 
 def family(criterion: str) -> str:
@@ -45,7 +48,7 @@ def evaluate_model(
     seed: int = 0,
     batch_size: int = 16,
 ) -> ModelReport:
-    from criteriapo.generation import sample_batch
+    from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer, resolve_model
     from criteriapo.train.guard import check_logprobs
     from criteriapo.train.tasks import score_pairs
@@ -67,7 +70,7 @@ def evaluate_model(
     prompts = [
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
-    replies = sample_batch(
+    replies = generate_batch(
         model,
         tok,
         prompts,
@@ -78,11 +81,15 @@ def evaluate_model(
     )
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
-    for e, prompt, reply in zip(examples, prompts, replies, strict=True):
-        verdicts = {c.name: c.passes(reply) for c in _verifiable(e.metadata.get("criteria", e.criteria))}
+    qualities = [reply_quality(r.text, r.cut_off) for r in replies]
+    for e, prompt, reply, q in zip(examples, prompts, replies, qualities, strict=True):
+        text = reply.text
+        verdicts = {c.name: c.passes(text) for c in _verifiable(e.metadata.get("criteria", e.criteria))}
         for c, ok in verdicts.items():
             passes[family(c)].append(float(ok))
-        samples.append({"prompt": prompt[-1]["content"], "reply": reply, "passes": verdicts})
+        samples.append(
+            {"prompt": prompt[-1]["content"], "reply": text, "passes": verdicts, "problems": q.problems()}
+        )
     flat = [v for vs in passes.values() for v in vs]
     return ModelReport(
         name,
@@ -91,6 +98,7 @@ def evaluate_model(
         sum(flat) / max(1, len(flat)),
         {k: sum(v) / len(v) for k, v in sorted(passes.items())},
         samples,
+        quality_summary(qualities),
     )
 
 
@@ -107,13 +115,17 @@ def _verifiable(names: list[str]) -> list:
 
 def markdown_table(reports: list[ModelReport]) -> str:
     fams = sorted({k for r in reports for k in r.pass_by_criterion})
-    head = ["model", "pref. acc.", "pass rate", *fams]
+    head = ["model", "pref. acc.", "pass rate", "loops", "cut off", "words", *fams]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
+        q = r.quality
         cells = [
             r.name,
             f"{r.accuracy:.3f}",
             f"{r.pass_rate:.3f}",
+            f"{q.get('repetition_rate', float('nan')):.2f}",
+            f"{q.get('cut_off_rate', float('nan')):.2f}",
+            f"{q.get('mean_words', float('nan')):.0f}",
             *(f"{r.pass_by_criterion.get(f, float('nan')):.2f}" for f in fams),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,0 +1,79 @@
+"""Quality guards on a reply, whatever criteria it is judged on: a reply that loops, is empty, or was
+cut off by the token limit is not one a person would accept, so it never becomes a chosen reply,
+and evaluation reports how often each happens (with the mean length) beside the pass rates.
+
+Degenerate repetition is defined on tokens (lowercased words, and each punctuation mark on its own):
+a span of ``n`` tokens (1 <= n <= 32) repeated back to back, ``k`` times in all, with k >= 4, or
+k >= 3 when the span has 3 tokens or more (the last copy may lack its last token, as a loop cut off
+mid-way does). "unforgiving, unforgiving, unforgiving, unforgiving",
+"TED-TED-TED-TED" and a sentence said three times in a row loop; "very, very good", "no, no, no"
+and a bulleted list whose items share their first words do not.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+MAX_SPAN = 32  # a sentence said three times in a row loops too
+
+
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def repeated_span(text: str) -> str | None:
+    """The span that loops (as its tokens joined by spaces), or None when the text does not loop.
+    A cut-off last copy counts: the run needs k copies less the span's last token."""
+    toks = _tokens(text)
+    for n in range(1, MAX_SPAN + 1):
+        need = (4 if n < 3 else 3) * n - (n - 1)  # tokens of the periodic run
+        run = n  # tokens in the current run of period n
+        for j in range(n, len(toks)):
+            run = run + 1 if toks[j] == toks[j - n] else n
+            if run >= need:
+                start = j - run + 1
+                return " ".join(toks[start : start + n])
+    return None
+
+
+@dataclass(frozen=True)
+class ReplyQuality:
+    words: int
+    empty: bool
+    loop: str | None  # the repeated span, when the reply loops
+    cut_off: bool  # generation stopped at the token limit, not at the end of the reply
+
+    @property
+    def ok(self) -> bool:
+        return not (self.empty or self.loop or self.cut_off)
+
+    def problems(self) -> list[str]:
+        return [
+            *(["empty"] if self.empty else []),
+            *([f"repeats {self.loop!r}"] if self.loop else []),
+            *(["cut off by the token limit"] if self.cut_off else []),
+        ]
+
+
+def reply_quality(text: str, cut_off: bool = False) -> ReplyQuality:
+    return ReplyQuality(len(re.findall(r"\w+", text)), not text.strip(), repeated_span(text), cut_off)
+
+
+def acceptable(text: str) -> bool:
+    """Whether a reply may be a chosen one (what can be told from its text: not empty, no loop)."""
+    q = reply_quality(text)
+    return not (q.empty or q.loop)
+
+
+def quality_summary(qualities: Sequence[ReplyQuality]) -> dict[str, float]:
+    """Rates over replies (0 to 1) and the mean length in words."""
+    n = max(1, len(qualities))
+    return {
+        "repetition_rate": sum(q.loop is not None for q in qualities) / n,
+        "empty_rate": sum(q.empty for q in qualities) / n,
+        "cut_off_rate": sum(q.cut_off for q in qualities) / n,
+        "mean_words": sum(q.words for q in qualities) / n,
+    }
