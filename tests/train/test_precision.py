@@ -55,17 +55,21 @@ def projection(update: torch.Tensor, reference: torch.Tensor) -> float:
 
 def test_bf16_mixed_applies_the_float32_update(fp32_update):
     mixed = applied_update("bf16-mixed")
+    cos = float(torch.nn.functional.cosine_similarity(mixed, fp32_update, dim=0))
+    print(f"\nbf16-mixed: {projection(mixed, fp32_update):.3f} of the fp32 update applied, cosine {cos:.3f}")
     assert projection(mixed, fp32_update) == pytest.approx(1.0, abs=0.05)
     assert torch.nn.functional.cosine_similarity(mixed, fp32_update, dim=0) > 0.98
 
 
 def test_bf16_weights_with_stochastic_rounding_apply_it_on_average(fp32_update):
     sr = applied_update("bf16-true", "adamw_sr")  # unbiased: each weight's update is noisy
+    print(f"\nbf16-true + adamw_sr: {projection(sr, fp32_update):.3f} of the fp32 update applied")
     assert projection(sr, fp32_update) == pytest.approx(1.0, abs=0.15)
 
 
 def test_bf16_weights_with_plain_adamw_lose_the_update_and_are_refused(fp32_update):
     lost = applied_update("bf16-true")
+    print(f"\nbf16-true + adamw: {projection(lost, fp32_update):.3f} of the fp32 update applied")
     assert projection(lost, fp32_update) < 0.1  # what the seed's 3B configs trained: almost nothing
     m = model(torch.bfloat16)
     assert lost_update_fraction(m, LR) > 0.9
