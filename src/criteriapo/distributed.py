@@ -85,7 +85,7 @@ def shard(model: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> t
     return wrapped
 
 
-def gather_model(model: torch.nn.Module, source, lora, dtype: str, world: World) -> torch.nn.Module | None:
+def gather_model(model: torch.nn.Module, source, lora, dtype, world: World) -> torch.nn.Module | None:
     """The whole trained model on rank 0 (None elsewhere): every process hands over its shards, rank 0
     loads them into a fresh, unsharded copy of the starting model (with the same LoRA layers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

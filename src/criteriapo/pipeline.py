@@ -48,7 +48,7 @@ from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
 from criteriapo.train.checkpoint import Checkpoint
-from criteriapo.train.guard import PROBE_EXAMPLES, check_logprobs, guard_model
+from criteriapo.train.guard import guard_model
 from criteriapo.train.loop import Trainer, seed_everything
 from criteriapo.train.precision import Precision, check_updates_survive, resolve_precision
 from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
@@ -188,8 +188,14 @@ def _prepare(
         check_updates_survive(model, stage.optim, kind)
     packing = guard_model(model, train, kind, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
-        model = shard(model, precision.autocast if precision.name == "bf16-mixed" else None)
+        model = shard(model, _fsdp_dtype(precision))
     return Prepared(source, tokenizer, model, train, evals, precision, packing)
+
+
+def _fsdp_dtype(precision: Precision):
+    """FSDP2 gathers bf16-mixed weights in bf16 (half the traffic); every model of a run is sharded
+    alike, so a frozen reference computes as the policy does."""
+    return precision.autocast if precision.name == "bf16-mixed" else None
 
 
 def _chat_tokenizer(cfg: Config, model_spec: str):
@@ -248,7 +254,8 @@ def _finish(
         plot_run(run_dir)
     model = trainer.model
     if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
-        model = gather_model(model, source, stage.lora, cfg.model.dtype, world)
+        device = str(next(model.parameters()).device)
+        model = gather_model(model, source, stage.lora, pick_dtype(cfg.model.dtype, device), world)
     elif not stage.lora.enabled:  # float32 master weights are saved in the dtype the user asked for
         model.to(pick_dtype(cfg.model.dtype, str(next(model.parameters()).device)))
     out = run_dir / "model"
@@ -353,13 +360,20 @@ def _references(
         ref.requires_grad_(False)
         if d.disable_dropout:
             disable_dropout(ref)
-        check_logprobs(ref, [p.prompt_ids + p.chosen_ids for p in train[:PROBE_EXAMPLES]], pad)
-        ref = shard(ref) if world.distributed else ref
+        ref_packing = guard_model(ref, train, "dpo", pad, packing)
+        if packing and not ref_packing and not d.precompute_ref_log_probs:
+            raise ConfigError(
+                f"dpo.ref_model {d.ref_model} cannot take the packed rows the policy's batches use: set "
+                "dpo.train.packing: false, or dpo.precompute_ref_log_probs: true (it is then scored padded)"
+            )
+        if packing and not ref_packing:
+            log.warning("dpo.ref_model: scored with one padded row per sequence")
+        ref = shard(ref, _fsdp_dtype(precision)) if world.distributed else ref
         if not d.precompute_ref_log_probs:
             return None, None, ref
         return (
-            score_pairs(ref, train, pad, mbs, packing=packing, precision=precision),
-            score_pairs(ref, evals, pad, mbs, packing=packing, precision=precision) if evals else None,
+            score_pairs(ref, train, pad, mbs, packing=ref_packing, precision=precision),
+            score_pairs(ref, evals, pad, mbs, packing=ref_packing, precision=precision) if evals else None,
             None,
         )
     # the starting weights are the reference: score them now, so no copy is ever held
@@ -401,9 +415,9 @@ def run_dpo(
     pad = tokenizer.pad_token_id
     t1 = time.perf_counter()
     if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
-        ref_cache = reference_cache(
-            [p for p in (source.path, source.base) if p], model, prep.precision.autocast
-        )
+        folders = [p for p in (source.path, source.base) if p]
+        layout = f"packing={prep.packing}|fsdp={_fsdp_dtype(prep.precision) if world.distributed else None}"
+        ref_cache = reference_cache(folders, model, prep.precision.autocast, layout)
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
     mbs, pack = d.train.micro_batch_size, prep.packing

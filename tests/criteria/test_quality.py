@@ -15,6 +15,7 @@ LOOPS = [
     ("A: A: A: A: A: A: A: A:", "a :"),
     ("Owls hunt at night. Owls hunt at night. Owls hunt at night.", "owls hunt at night ."),
     ("the the the the cat", "the"),
+    ("Code: `x`. Then: yes yes yes yes", "yes"),  # prose around code is still checked
 ]
 FINE = [
     "Paris is the capital of France.",
@@ -24,6 +25,13 @@ FINE = [
     "1, 2, 3, 4, 5, 6, 7, 8, 9, 10",
     "Ha ha ha!",
     "",
+    "| a | b |\n|---|---|\n| yes | yes |",
+    "| yes | yes | yes | yes | yes |",
+    "#### Step 1\n----\nWell.... Great job!!!! 🎉🎉🎉🎉",
+    "Ping 0.0.0.0 and [0, 0, 0, 0] with VALUES (?, ?, ?, ?).",
+    "Use `std::vector<std::vector<std::vector<int>>>` here.",
+    "```python\nprint(f(g(h(k(1)))))\nx = x = x = x = x\n```",
+    "# ============",
 ]
 
 

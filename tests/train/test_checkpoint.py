@@ -93,6 +93,10 @@ def test_resuming_with_other_data_or_config_is_refused_with_what_differs(tmp_pat
     # a setting added to the config since the checkpoint was written is not a difference
     newer = {**RUN, "config": {"dpo": {"beta": 0.1, "optim": {"lr": 1e-3}, "train": {"packing": True}}}}
     Checkpointer(tmp_path, newer).check_compatible(ck)
+    # a setting the checkpoint has and this version does not (renamed, as mixed_precision was)
+    older = {**RUN, "config": {"dpo": {"optim": {"lr": 1e-3}}}}
+    with pytest.raises(CheckpointError, match=r"dpo.beta: 0.1 then, a setting this version no longer has"):
+        Checkpointer(tmp_path, older).check_compatible(ck)
 
 
 def test_fingerprint_sees_tokens_and_weights_not_file_names():

@@ -54,6 +54,14 @@ def test_a_model_that_scales_its_logits_unannounced_is_stopped():
     check_logprobs(LlamaForCausalLM(LlamaConfig(**SMALL)), sequences(), 0)  # the same model, unscaled
 
 
+def test_half_precision_weights_are_checked_too():
+    torch.manual_seed(0)
+    scaled = ScaledHead(LlamaConfig(**SMALL)).to(torch.bfloat16)
+    with pytest.raises(ModelCheckError, match="on average"):
+        check_logprobs(scaled, sequences(), 0)
+    check_logprobs(zoo_model("granite").to(torch.bfloat16), sequences(), 0)
+
+
 def test_the_transform_is_calibrated_to_what_the_forward_does():
     # transformers' composite Gemma 3 ignores a soft cap in its text config; Gemma 2 applies its own
     model = zoo_model("gemma3", final_logit_softcapping=2.0).eval()

@@ -94,3 +94,16 @@ def test_config_names_the_precision_settings():
         load_config(None, ["dpo.optim.name=adamw_sr"])
     cfg = load_config(None, ["dpo.optim.name=adamw_sr", "dpo.train.precision=bf16-true"])
     assert cfg.dpo.train.precision == "bf16-true"
+
+
+def test_a_restored_number_lr_does_not_stop_torchaos_optimizer():
+    """FSDP2's sharded restore puts the checkpoint's number back where torchao keeps a tensor."""
+    prec = resolve_precision("bf16-true", torch.float32)
+    optim = OptimConfig(lr=LR, scheduler="constant", name="adamw_sr")
+    train = TrainConfig(batch_size=8, precision="bf16-true")
+    t = Trainer(model(torch.bfloat16), SFTTask(0), toy_sft(8), optim, train, Loggers([]), precision=prec)
+    t.train_step(list(range(8)))
+    for group in t.optimizer.param_groups:
+        group["lr"] = float(group["lr"])  # as Optimizer.load_state_dict leaves it
+    t.train_step(list(range(8)))
+    assert all(isinstance(g["lr"], torch.Tensor) for g in t.optimizer.param_groups)

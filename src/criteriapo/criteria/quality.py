@@ -3,9 +3,10 @@ cut off by the token limit is not one a person would accept, so it never becomes
 and evaluation reports how often each happens (with the mean length) beside the pass rates.
 
 Degenerate repetition is defined on tokens (lowercased words, and each punctuation mark on its own):
-a span of ``n`` tokens (1 <= n <= 32) repeated back to back, ``k`` times in all, with k >= 4, or
-k >= 3 when the span has 3 tokens or more (the last copy may lack its last token, as a loop cut off
-mid-way does). "unforgiving, unforgiving, unforgiving, unforgiving",
+a span of ``n`` tokens (1 <= n <= 32) with a letter in it, repeated back to back, ``k`` times in
+all, with k >= 4, or k >= 3 when the span has 3 tokens or more (the last copy may lack its last
+token, as a loop cut off mid-way does). Code (fenced or inline) and markdown table rows are left
+out: their repetition is syntax. "unforgiving, unforgiving, unforgiving, unforgiving",
 "TED-TED-TED-TED" and a sentence said three times in a row loop; "very, very good", "no, no, no"
 and a bulleted list whose items share their first words do not.
 """
@@ -17,16 +18,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+_CODE = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.DOTALL)  # fenced blocks (closed or cut off), inline
 MAX_SPAN = 32  # a sentence said three times in a row loops too
 
 
 def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower())
+    """Lowercased words and punctuation marks of the prose: code and markdown table rows, whose
+    repetition is their syntax, are left out."""
+    prose = _CODE.sub(" ", text)
+    prose = "\n".join(line for line in prose.splitlines() if not line.lstrip().startswith("|"))
+    return _TOKEN.findall(prose.lower())
 
 
 def repeated_span(text: str) -> str | None:
     """The span that loops (as its tokens joined by spaces), or None when the text does not loop.
-    A cut-off last copy counts: the run needs k copies less the span's last token."""
+    A cut-off last copy counts: the run needs k copies less the span's last token. A span without
+    a letter (punctuation, digits, emoji: "!!!!", "----", "0, 0, 0, 0") is not a loop."""
     toks = _tokens(text)
     for n in range(1, MAX_SPAN + 1):
         need = (4 if n < 3 else 3) * n - (n - 1)  # tokens of the periodic run
@@ -35,7 +42,9 @@ def repeated_span(text: str) -> str | None:
             run = run + 1 if toks[j] == toks[j - n] else n
             if run >= need:
                 start = j - run + 1
-                return " ".join(toks[start : start + n])
+                span = toks[start : start + n]
+                if any(any(ch.isalpha() for ch in t) for t in span):
+                    return " ".join(span)
     return None
 
 

@@ -50,7 +50,7 @@ def evaluate_model(
 ) -> ModelReport:
     from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer, resolve_model
-    from criteriapo.train.guard import check_logprobs
+    from criteriapo.train.guard import guard_model
     from criteriapo.train.tasks import score_pairs
 
     source = resolve_model(model_spec)
@@ -59,11 +59,12 @@ def evaluate_model(
     opts = TokenizeOptions(max_length=None)
     vanilla = tokenize_examples(build_vanilla(examples), chat, opts, on_bad_row="skip")
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
-    if vanilla:  # the log-prob path reproduces this model's own distribution, or the run stops
-        check_logprobs(model, [p.prompt_ids + p.chosen_ids for p in vanilla[:4]], tok.pad_token_id)
+    # the log-prob path reproduces this model's own distribution (or this stops), and packing too
+    pack = guard_model(model, vanilla, "dpo", tok.pad_token_id, True) if vanilla else False
     seen: dict = {}  # vanilla and finegrained pairs share most replies: score each sequence once
-    overall = preference_eval(score_pairs(model, vanilla, tok.pad_token_id, batch_size, seen), vanilla)
-    fine_scores = score_pairs(model, fine, tok.pad_token_id, batch_size, seen)
+    pad = tok.pad_token_id
+    overall = preference_eval(score_pairs(model, vanilla, pad, batch_size, seen, pack), vanilla)
+    fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack)
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (fine_scores.chosen > fine_scores.rejected).tolist(), strict=True):
         by_family[family(p.criterion)].append(float(ok))

@@ -25,13 +25,16 @@ from safetensors.torch import load_file, save_file
 from criteriapo.fsutil import cache_dir, file_lock
 
 SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
-KEY_FILES = ("config.json", "adapter_config.json")  # besides every *.safetensors
+KEY_FILES = ("config.json", "adapter_config.json")  # besides every *.safetensors and *.py (remote code)
+KEY_VERSION = 2  # raised whenever how a sequence is scored changes, so old entries are not reused
 
 
 def model_files(folder: Path) -> list[Path]:
     """The files that decide what a model folder computes."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors") or p.name in KEY_FILES)
+    return sorted(
+        p for p in folder.iterdir() if p.name.endswith((".safetensors", ".py")) or p.name in KEY_FILES
+    )
 
 
 def _record_path(path: Path) -> Path:
@@ -40,10 +43,17 @@ def _record_path(path: Path) -> Path:
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of every byte of ``path``, from the record while size and mtime are unchanged."""
+    """SHA-256 of every byte of ``path``, from the record while its inode, size, modification and
+    change times are unchanged (ctime too: a coarse mtime can miss a same-size rewrite)."""
     st = path.stat()
     record = _record_path(path)
-    stamp = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = {
+        "path": str(path.resolve()),
+        "inode": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))
         if {k: saved.get(k) for k in stamp} == stamp:
@@ -74,8 +84,12 @@ def model_key(
     device: torch.device,
     autocast: torch.dtype | None = None,
     attention: str | None = None,
+    layout: str = "",
 ) -> str:
-    h = hashlib.sha256(f"{dtype}|{device.type}|autocast={autocast}|attention={attention}".encode())
+    """``layout`` names anything else that changes the numbers: packing, FSDP's compute dtype."""
+    h = hashlib.sha256(
+        f"v{KEY_VERSION}|{dtype}|{device.type}|autocast={autocast}|attention={attention}|{layout}".encode()
+    )
     for folder in folders:
         for p in model_files(folder):
             h.update(f"|{p.name}={file_digest(p)}".encode())
@@ -143,13 +157,13 @@ class ReferenceCache(dict):
 
 
 def reference_cache(
-    folders: list[Path], model: torch.nn.Module, autocast: torch.dtype | None = None
+    folders: list[Path], model: torch.nn.Module, autocast: torch.dtype | None = None, layout: str = ""
 ) -> ReferenceCache:
     """The cache for ``model`` as loaded from ``folders`` (its folder, and a LoRA adapter's base),
-    scored under ``autocast``."""
+    scored under ``autocast`` in ``layout``."""
     p = next(model.parameters())
     attention = getattr(model.config, "_attn_implementation", None)
-    key = model_key(folders, p.dtype, p.device, autocast, attention)
+    key = model_key(folders, p.dtype, p.device, autocast, attention, layout)
     path = cache_dir() / "refcache" / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     return ReferenceCache(path)

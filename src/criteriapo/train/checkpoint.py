@@ -224,6 +224,8 @@ class Checkpointer:
             )
         diffs = [
             f"{k}: {a!r} then, {b!r} now"
+            if _has(new.get("config", {}), k)
+            else f"{k}: {a!r} then, a setting this version no longer has (renamed or removed, see the README)"
             for k, a, b in _diff(old.get("config", {}), new.get("config", {}))
             if not any(k == f or k.startswith(f + ".") for f in free_keys)
         ]
@@ -394,6 +396,15 @@ def _python_rng_to_json(state: tuple) -> list:
 def _python_rng_from_json(state: list) -> tuple:
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
+
+
+def _has(config: dict, dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -11,7 +11,10 @@ may do something else. So, on a few of the run's own sequences (one small forwar
 - **packing**: the first examples packed against one padded row per sequence. A difference switches
   packing off, with the reason in the log.
 
-Tolerances are per token: 1e-4 for float32 weights, 2e-2 for half-precision weights.
+Tolerances are per token. Float32 weights: at most 1e-4 on every token. Half-precision weights,
+where another matmul kernel may move a logit by one bf16 step: at most 1e-2 on average and 0.25 on
+any token (a transform the path lacks shifts every token). Packing: 1e-4 per token of each sequence
+for float32 weights, 2e-2 for half precision.
 """
 
 from __future__ import annotations
@@ -38,9 +41,20 @@ class ModelCheckError(CriteriaPOError):
     """Our log-prob path does not reproduce the model's own distribution."""
 
 
+def _full_precision(model: torch.nn.Module) -> bool:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.float32
+
+
 def tolerance(model: torch.nn.Module) -> float:
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    return 1e-4 if dtype == torch.float32 else 2e-2
+    """Per token of a sequence, for packed against padded."""
+    return 1e-4 if _full_precision(model) else 2e-2
+
+
+def _matches(diff: torch.Tensor, model: torch.nn.Module) -> bool:
+    """Per-token differences ``diff`` (n,) within the log-prob check's tolerance."""
+    if _full_precision(model):
+        return float(diff.max()) <= 1e-4
+    return float(diff.mean()) <= 1e-2 and float(diff.max()) <= 0.25
 
 
 def _candidates(config) -> list[LogitTransform]:
@@ -84,13 +98,13 @@ def check_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]], p
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         own = logits.float().log_softmax(-1).flatten(0, 1)[batch["src"]]  # (n, V): states that predict
         own = own.gather(-1, batch["target"][:, None]).squeeze(-1)  # (n,)
-        tol, n = tolerance(model), len(batch["target"])
+        n = len(batch["target"])
         errors = {}
         for t in _candidates(model.config):
             set_logit_transform(model, t)
-            ours = batch_logps(model, batch, n).logps
-            errors[t] = float((ours - own).abs().max())
-            if errors[t] <= tol:
+            diff = (batch_logps(model, batch, n).logps - own).abs()
+            errors[t] = (float(diff.max()), float(diff.mean()))
+            if _matches(diff, model):
                 if t != logit_transform(model.config):
                     log.info("log-probs: this model's forward applies %s to its logits", t)
                 return t
@@ -98,13 +112,14 @@ def check_logprobs(model: torch.nn.Module, sequences: Sequence[Sequence[int]], p
         model.train(was_training)
     set_logit_transform(model, None)
     config = model.config
-    best = min(errors.values())
+    worst, mean = min(errors.values())
+    tol = "1e-4" if _full_precision(model) else "1e-2 on average, 0.25 at most"
     raise ModelCheckError(
         f"{type(model).__name__} ({getattr(config, 'model_type', '?')}): CriteriaPO's log-probs differ from "
-        f"the model's own logits by up to {best:.3g} per token (tolerance {tol:g}) on {n} tokens of the "
-        "training data: its forward changes the logits in a way CriteriaPO does not reproduce, so it would "
-        "train on another distribution than the one the model generates with. This architecture is not "
-        "supported; please report it with its config.json"
+        f"the model's own logits by up to {worst:.3g} per token, {mean:.3g} on average (tolerance {tol}) "
+        f"on {n} tokens of the first examples: its forward changes the logits in a way CriteriaPO does "
+        "not reproduce, so it would train on another distribution than the one the model generates "
+        "with. This architecture is not supported; please report it with its config.json"
     )
 
 

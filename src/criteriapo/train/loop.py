@@ -118,6 +118,8 @@ class Trainer:
                 "its reduce-scatter, outside the hook that steps it. Set it to false under torchrun"
             )
         self.optimizer = build_optimizer(model, optim, train.optimizer_in_backward)
+        # torchao's optimizers keep lr as a tensor, and a checkpoint (any layout) restores a number
+        self._tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups)
         self.state = TrainState()
         self.last_metrics: dict[str, float] = {}
         self.checkpointer, self.extra_state = checkpointer, extra_state or {}
@@ -163,10 +165,10 @@ class Trainer:
         step = self.state.step
         lr = lr_at(step, self.optim_cfg, self.total_steps)
         for group in self.optimizer.param_groups:  # set before backward, where BackwardAdamW steps
-            if isinstance(group["lr"], torch.Tensor):  # torchao's optimizers keep it as a tensor
+            if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(lr)
             else:
-                group["lr"] = lr
+                group["lr"] = torch.tensor(lr) if self._tensor_lr else lr
         loss_total, sums, tokens = self.accumulate_gradients(indices)
         grad_norm = self._clip()
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
@@ -361,11 +363,7 @@ class Trainer:
         if model:
             self.model.load_state_dict(state["model"])
         if "optimizer" in state:
-            tensor_lr = [isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
-            for g, was_tensor in zip(self.optimizer.param_groups, tensor_lr, strict=True):
-                if was_tensor and not isinstance(g["lr"], torch.Tensor):  # a checkpoint holds its number
-                    g["lr"] = torch.tensor(float(g["lr"]))
         self.state = TrainState(**state["train_state"])
         self.order.load_state_dict(state["data_order"])
         torch.set_rng_state(state["rng"]["torch"])

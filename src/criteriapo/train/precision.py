@@ -58,9 +58,12 @@ def resolve_precision(name: str, model_dtype: torch.dtype, lora: bool = False) -
 
 
 def precision_of(model: torch.nn.Module, name: str) -> Precision:
-    """The precision of an already loaded model: ``auto`` follows its weights."""
+    """The precision of an already loaded model: ``auto`` follows its weights (float16 weights
+    compute in float16, without autocast)."""
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if name == "auto":
+        if dtype == torch.float16:
+            return Precision("fp16", dtype, None)
         name = "fp32" if dtype == torch.float32 else "bf16-true"
     return resolve_precision(name, dtype)
 
