@@ -7,9 +7,9 @@ import torch
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each decoder block in backward. transformers 5.x before 5.2x names this
-    ``gradient_checkpointing_enable``; later versions ``activation_checkpointing_enable`` (the old
-    name kept as a deprecated alias)."""
+    """Recompute each decoder block in backward. Earlier transformers 5.x releases (5.17 among them)
+    name this ``gradient_checkpointing_enable`` only; later ones ``activation_checkpointing_enable``,
+    keeping the old name as a deprecated alias."""
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -32,7 +32,7 @@ HALF = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Precision:
-    name: str  # fp32 | bf16-mixed | bf16-true
+    name: str  # fp32 | bf16-mixed | bf16-true | fp16 (a float16 model loaded outside training)
     weights: torch.dtype  # what the trained weights are held in
     autocast: torch.dtype | None  # the compute dtype of forward and backward, or None
 
