@@ -253,11 +253,11 @@ def _finish(
     if cfg.tracking.plots and world.main:
         plot_run(run_dir)
     model = trainer.model
+    dtype = pick_dtype(cfg.model.dtype, str(next(model.parameters()).device))  # what the user asked for
     if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
-        device = str(next(model.parameters()).device)
-        model = gather_model(model, source, stage.lora, pick_dtype(cfg.model.dtype, device), world)
-    elif not stage.lora.enabled:  # float32 master weights are saved in the dtype the user asked for
-        model.to(pick_dtype(cfg.model.dtype, str(next(model.parameters()).device)))
+        model = gather_model(model, source, stage.lora, dtype, world)
+    elif not stage.lora.enabled:  # float32 master weights are saved in that dtype
+        model.to(dtype)
     out = run_dir / "model"
     failure = None
     if world.main:

@@ -13,6 +13,7 @@ and a bulleted list whose items share their first words do not.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,10 +72,11 @@ def reply_quality(text: str, cut_off: bool = False) -> ReplyQuality:
     return ReplyQuality(len(re.findall(r"\w+", text)), not text.strip(), repeated_span(text), cut_off)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def acceptable(text: str) -> bool:
-    """Whether a reply may be a chosen one (what can be told from its text: not empty, no loop)."""
-    q = reply_quality(text)
-    return not (q.empty or q.loop)
+    """Whether a reply may be a chosen one (what can be told from its text: not empty, no loop).
+    Cached: the recipes ask it of every reply once per criterion."""
+    return bool(text.strip()) and repeated_span(text) is None
 
 
 def quality_summary(qualities: Sequence[ReplyQuality]) -> dict[str, float]:

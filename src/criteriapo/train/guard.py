@@ -28,6 +28,7 @@ import torch
 from criteriapo.errors import CriteriaPOError
 from criteriapo.losses.logprobs import LogitTransform, batch_logps, logit_transform, set_logit_transform
 from criteriapo.train.packing import resolve_packing
+from criteriapo.train.precision import weights_dtype
 from criteriapo.train.tasks import SFTTask, collate_pairs
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class ModelCheckError(CriteriaPOError):
 
 
 def _full_precision(model: torch.nn.Module) -> bool:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point()) == torch.float32
+    return weights_dtype(model) == torch.float32
 
 
 def tolerance(model: torch.nn.Module) -> float:

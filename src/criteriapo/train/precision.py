@@ -57,10 +57,15 @@ def resolve_precision(name: str, model_dtype: torch.dtype, lora: bool = False) -
     raise ValueError(f"unknown precision {name!r}")  # validated in config
 
 
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point weight."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def precision_of(model: torch.nn.Module, name: str) -> Precision:
     """The precision of an already loaded model: ``auto`` follows its weights (float16 weights
     compute in float16, without autocast)."""
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    dtype = weights_dtype(model)
     if name == "auto":
         if dtype == torch.float16:
             return Precision("fp16", dtype, None)

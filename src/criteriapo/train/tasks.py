@@ -224,11 +224,12 @@ def score_pairs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    compute = (precision or precision_of(model, "auto")).context
     for start in range(0, len(todo), micro_batch_size):
         chunk = todo[start : start + micro_batch_size]
         b = len(chunk)
         batch = collate_pairs([pairs[i] for i in chunk], range(b), pad_id, packing)
-        with (precision or precision_of(model, "auto")).context(device):
+        with compute(device):
             out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
         logps, counts = out.logps.tolist(), out.num_tokens.tolist()
         for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
