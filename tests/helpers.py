@@ -17,3 +17,24 @@ def write_jsonl(path: Path, rows: list) -> Path:
             else:
                 f.write(json.dumps(r).encode() + b"\n")
     return path
+
+
+def write_criteria_data(folder: Path, prompts: int = 12, held_out: float = 0.25) -> Path:
+    """Multi-criteria ``train.jsonl`` and ``heldout.jsonl`` made by the maker's own prompts and
+    scoring, with three written replies per prompt standing in for a model's samples (a tiny random
+    model writes no sentences to score)."""
+    from criteriapo.criteria.maker import draw_prompts, make_record
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list] = {"train": [], "heldout": []}
+    for d in draw_prompts(prompts, seed=0, held_out=held_out):
+        t = d.topic
+        replies = [
+            f"Sure, {t} is lovely. People enjoy {t} a lot, and it has a long history. Done",
+            f"{t} matters to many people. It is very old.".capitalize(),
+            f"I like {t}.",
+        ]
+        rows[d.split].append(make_record(d, [{"text": r, "cut_off": False} for r in replies], "written"))
+    for split, rs in rows.items():
+        write_jsonl(folder / f"{split}.jsonl", rs)
+    return folder

@@ -88,6 +88,11 @@ def test_shipped_configs_load():
         ("dpo.mini_min_margin=-3", "dpo.mini_min_margin must be >= 0"),
         ("dpo.criterion_weights={brevity: -1}", "dpo.criterion_weights.brevity must be >= 0"),
         ("dpo.recipe=best", "dpo.recipe: "),
+        ("dpo.criteria_data.samples=0", "dpo.criteria_data.samples must be >= 1, got 0"),
+        ("dpo.criteria_data.held_out=1", "dpo.criteria_data.held_out must be in (0, 1), got 1"),
+        ("dpo.criteria_data.prompts=2", "held_out 0.2 of 2 prompts leaves no train or no held-out prompt"),
+        ("dpo.criteria_data.top_p=0", "dpo.criteria_data.top_p must be in (0, 1], got 0"),
+        ("dpo.criteria_data.temperature=-1", "dpo.criteria_data.temperature must be >= 0, got -1"),
     ],
 )
 def test_values_that_would_break_later_are_refused_now(override, message):

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from criteriapo.config import load_config
+from criteriapo.errors import ConfigError
 from criteriapo.pipeline import run_dpo, run_sft
-from tests.helpers import write_jsonl
+from tests.helpers import write_criteria_data, write_jsonl
 
 U = {"role": "user", "content": "What is the capital of France?"}
 
@@ -119,13 +120,10 @@ def test_exported_folder_runs_the_model_card_quick_start(config, capsys):
 
 
 def test_recipe_all_trains_three_models_and_compares_them(tmp_path, tiny_llama_dir, monkeypatch):
-    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset
     from criteriapo.pipeline import run_pipeline
 
     monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
-    make_criteria_dataset(
-        tmp_path / "crit", str(tiny_llama_dir), MakerOptions(prompts=12, samples=0, held_out=0.25)
-    )
+    write_criteria_data(tmp_path / "crit", prompts=12, held_out=0.25)
     sft = write_jsonl(
         tmp_path / "sft.jsonl", [{"messages": [U, {"role": "assistant", "content": "Paris."}]}] * 4
     )
@@ -225,3 +223,34 @@ def test_bf16_mixed_scores_the_reference_as_the_policy_computes(config):
     result = run_dpo(config)
     assert first_loss(result.run_dir) == pytest.approx(math.log(2), abs=1e-6)
     assert result.before is not None and result.after is not None
+
+
+def test_builtin_criteria_data_is_sampled_from_the_model_dpo_starts_from(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    """On-policy: the data is made from the given model, once per model (by the digest of its
+    files) and settings; criteria data in the SFT stage is refused with the reason."""
+    import shutil
+
+    from criteriapo.config import CriteriaDataConfig
+    from criteriapo.pipeline import data_paths
+
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    maker = CriteriaDataConfig(prompts=6, samples=2, held_out=0.5, max_new_tokens=4)
+    train, held = data_paths(
+        ["builtin:criteria-train", "builtin:criteria-heldout"], str(tiny_llama_dir), maker
+    )
+    assert train.parent == held.parent and len(train.read_text().splitlines()) == 3
+    assert data_paths(["builtin:criteria-train"], str(tiny_llama_dir), maker) == [train]  # made once
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    assert data_paths(["builtin:criteria-train"], str(other), maker) == [train]  # same bytes, same data
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(other / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    assert data_paths(["builtin:criteria-train"], str(other), maker)[0].parent != train.parent
+    with pytest.raises(ConfigError, match="sampled from the model DPO starts from"):
+        data_paths(["builtin:criteria-train"])

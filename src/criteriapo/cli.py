@@ -98,12 +98,15 @@ def _make_criteria(args: argparse.Namespace) -> None:
         held_out=args.held_out,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     t0 = time.perf_counter()
     counts = make_criteria_dataset(Path(args.out), args.model, opts)
     console.print(
         f"{counts['train']} train and {counts['heldout']} held-out prompts, {counts['completions']} "
-        f"scored replies in {time.perf_counter() - t0:.0f} s -> {args.out}/train.jsonl, heldout.jsonl"
+        f"scored replies ({counts['edited']} edited) in {time.perf_counter() - t0:.0f} s -> "
+        f"{args.out}/train.jsonl, heldout.jsonl"
     )
 
 
@@ -126,6 +129,8 @@ def _eval(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        reference=args.reference,
+        beta=args.beta,
     )
     console.print(
         (Path(args.out) / "comparison.md").read_text(), markup=False, highlight=False, soft_wrap=True
@@ -305,15 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     c.set_defaults(func=_data_check)
     mk = dsub.add_parser(
-        "make-criteria", help="build the multi-criteria dataset from templates, samples and edits"
+        "make-criteria",
+        help="build multi-criteria data: made prompts, replies sampled from the model, scored",
     )
     mk.add_argument("--out", default="data/criteria", help="folder for train.jsonl and heldout.jsonl")
-    mk.add_argument("--model", default="smollm2", help="model that samples the candidate replies")
-    mk.add_argument("--prompts", type=int, default=160)
-    mk.add_argument("--samples", type=int, default=1, help="sampled replies per prompt (edits come on top)")
-    mk.add_argument("--held-out", type=float, default=0.2)
-    mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--max-new-tokens", type=int, default=64)
+    mk.add_argument(
+        "--model", default="smollm2", help="the model to be tuned: it samples the candidate replies"
+    )
+    from criteriapo.criteria.maker import MakerOptions  # light: no torch
+
+    d = MakerOptions()
+    mk.add_argument("--prompts", type=int, default=d.prompts)
+    mk.add_argument("--samples", type=int, default=d.samples, help="sampled replies per prompt")
+    mk.add_argument("--held-out", type=float, default=d.held_out)
+    mk.add_argument("--seed", type=int, default=d.seed)
+    mk.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    mk.add_argument("--temperature", type=float, default=d.temperature)
+    mk.add_argument("--top-p", type=float, default=d.top_p)
     mk.set_defaults(func=_make_criteria)
 
     for name, func, about in (
@@ -340,6 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--reference", default=None, help="the model DPO started from: adds reward accuracy against it"
+    )
+    ev.add_argument("--beta", type=float, default=0.1, help="DPO's beta, scaling the reported margin")
     ev.set_defaults(func=_eval)
 
     ch = sub.add_parser("chat", help="interactive chat with a model, streamed")

@@ -103,6 +103,20 @@ class SFTConfig:
 
 
 @dataclass
+class CriteriaDataConfig:
+    """How ``builtin:criteria-train`` / ``builtin:criteria-heldout`` are made: sampled from the model
+    DPO starts from (see :mod:`criteriapo.criteria.maker`)."""
+
+    prompts: int = 160
+    samples: int = 4  # replies sampled per prompt
+    held_out: float = 0.2
+    seed: int = 0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 0.95
+
+
+@dataclass
 class DPOConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6))
@@ -124,6 +138,7 @@ class DPOConfig:
     mini_min_margin: float = 0.5
     criterion_weights: dict[str, float] = field(default_factory=dict)
     condition_on_criterion: bool = False
+    criteria_data: CriteriaDataConfig = field(default_factory=CriteriaDataConfig)
 
 
 @dataclass
@@ -177,9 +192,27 @@ class Config:
         for k, w in d.criterion_weights.items():
             if w < 0:
                 raise ConfigError(f"dpo.criterion_weights.{k} must be >= 0, got {w}")
+        _validate_criteria_data(d.criteria_data)
         if self.eval.max_new_tokens < 1:
             raise ConfigError(f"eval.max_new_tokens must be >= 1, got {self.eval.max_new_tokens}")
         return self
+
+
+def _validate_criteria_data(m: CriteriaDataConfig) -> None:
+    for key in ("prompts", "samples", "max_new_tokens"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"dpo.criteria_data.{key} must be >= 1, got {getattr(m, key)}")
+    if not 0 < m.held_out < 1:
+        raise ConfigError(f"dpo.criteria_data.held_out must be in (0, 1), got {m.held_out}")
+    if round(m.prompts * m.held_out) < 1 or round(m.prompts * m.held_out) >= m.prompts:
+        raise ConfigError(
+            f"dpo.criteria_data: held_out {m.held_out} of {m.prompts} prompts leaves no train or no "
+            "held-out prompt; raise prompts or move held_out"
+        )
+    if m.temperature < 0:
+        raise ConfigError(f"dpo.criteria_data.temperature must be >= 0, got {m.temperature}")
+    if not 0 < m.top_p <= 1:
+        raise ConfigError(f"dpo.criteria_data.top_p must be in (0, 1], got {m.top_p}")
 
 
 def _validate_lora(name: str, lora: LoraConfig) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from criteriapo.config import Config, DataConfig, DPOConfig, SFTConfig, to_dict
+from criteriapo.config import Config, CriteriaDataConfig, DataConfig, DPOConfig, SFTConfig, to_dict
 from criteriapo.criteria.pairs import RECIPES, RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
 from criteriapo.data.loading import load_data
@@ -66,35 +66,50 @@ class StageResult:
     after: PreferenceEval | None = None
 
 
-def data_paths(entries: list[str]) -> list[Path]:
+CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
+
+
+def data_paths(
+    entries: list[str], model: str | None = None, maker: CriteriaDataConfig | None = None
+) -> list[Path]:
     """Paths as given; ``builtin:NAME`` names a dataset the project makes itself: ``sft``,
-    ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout`` (made by
-    ``data make-criteria`` with its defaults and the embedded model, once, into the cache)."""
+    ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout``: replies
+    sampled from ``model`` (the model DPO starts from, so the data is on-policy) with the settings
+    ``maker`` (``dpo.criteria_data``), made once per model and settings into the cache."""
     out = []
     for e in entries:
         name = e.removeprefix("builtin:")
         if name == e:
             out.append(Path(e))
-        elif name in ("criteria-train", "criteria-heldout"):
-            out.append(_builtin_criteria() / f"{name.removeprefix('criteria-')}.jsonl")
+        elif name in CRITERIA_BUILTINS:
+            if model is None:
+                raise ConfigError(f"{e} is sampled from the model DPO starts from; name it in dpo.data only")
+            out.append(_builtin_criteria(model, maker or CriteriaDataConfig()) / f"{name[9:]}.jsonl")
         else:
             try:
                 out.append(builtin_path(name))
             except ValueError as err:
-                raise ConfigError(f"{err}, criteria-train, criteria-heldout") from None
+                raise ConfigError(f"{err}, {', '.join(CRITERIA_BUILTINS)}") from None
     return out
 
 
-def _builtin_criteria() -> Path:
+def _builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
     from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset, maker_digest
-    from criteriapo.fsutil import cache_dir
+    from criteriapo.fsutil import cache_dir, file_lock
+    from criteriapo.models.refcache import folder_digest
 
-    folder = (
-        cache_dir() / "data" / f"criteria-{maker_digest(MakerOptions())}"
-    )  # a changed maker, a new folder
-    if not (folder / "heldout.jsonl").exists():
-        log.warning("making the built-in criteria dataset (sampling from the embedded model, a few minutes)")
-        make_criteria_dataset(folder, "smollm2", MakerOptions())
+    source = resolve_model(model)
+    opts = MakerOptions(**to_dict(maker))
+    # a changed maker or another model (by the digest of its files), a new folder
+    folder = cache_dir() / "data" / f"criteria-{maker_digest(opts)}-{folder_digest(source.path)[:12]}"
+    with file_lock(folder.with_suffix(".lock")):
+        if not (folder / "heldout.jsonl").exists():
+            log.warning(
+                "making the criteria data: %d replies per prompt sampled from %s (a few minutes)",
+                opts.samples,
+                source.spec,
+            )
+            make_criteria_dataset(folder, str(source.path), opts)
     return folder
 
 
@@ -106,13 +121,16 @@ def _tokenized(
     run_dir: Path | None,
     recipe: str | None = None,
     recipe_opts: RecipeOptions | None = None,
+    model: str | None = None,
+    maker: CriteriaDataConfig | None = None,
 ) -> list:
-    """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs."""
+    """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs.
+    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`)."""
     if not files:
         return []
     report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
     loaded = load_data(
-        data_paths(files),
+        data_paths(files, model, maker),
         kind="multi_criteria" if recipe else kind,
         split=data.split,
         on_bad_row=data.on_bad_row,
@@ -166,8 +184,9 @@ def _prepare(
     data_kind = "sft" if kind == "sft" else "preference"
     ropts = _recipe_options(stage) if recipe else None
     report = run_dir if world.main else None  # one report, from rank 0
-    train = _tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts)
-    evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts)
+    made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
+    train = _tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made)
+    evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made)
     seed_everything(stage.train.seed)
     device = device_for(world, cfg.model.device)
     precision = resolve_precision(
@@ -212,7 +231,8 @@ def _chat_tokenizer(cfg: Config, model_spec: str):
 
 def _preflight_dpo(cfg: Config) -> None:
     """The DPO stage's data read, made into pairs and tokenized with the base model's tokenizer, so
-    that a mistake there stops the pipeline before SFT has spent any time."""
+    that a mistake there stops the pipeline before SFT has spent any time. The built-in criteria
+    data is sampled from the SFT model later; nothing in it can be a user's mistake."""
     d = cfg.dpo
     if not d.data.train:
         raise ConfigError("dpo.data.train is empty: name at least one data file (or builtin:NAME)")
@@ -220,7 +240,8 @@ def _preflight_dpo(cfg: Config) -> None:
     for recipe in list(RECIPES) if d.recipe == "all" else [d.recipe]:
         ropts = _recipe_options(d) if recipe else None
         for files in (d.data.train, d.data.eval):
-            _tokenized(d.data, files, "preference", chat, None, recipe, ropts)
+            given = [f for f in files if f.removeprefix("builtin:") not in CRITERIA_BUILTINS]
+            _tokenized(d.data, given, "preference", chat, None, recipe, ropts)
 
 
 def _recipe_options(d: DPOConfig) -> RecipeOptions:
@@ -532,7 +553,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
         resolve_model(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     t_fetch = time.perf_counter()
     if world.main:
-        data_paths([*cfg.sft.data.train, *cfg.dpo.data.train, *cfg.dpo.data.eval])
+        data_paths(cfg.sft.data.train)
     barrier(world)
     _preflight_dpo(cfg)
     t_data = time.perf_counter()
@@ -559,13 +580,21 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     if cfg.dpo.recipe and cfg.dpo.data.eval:
         from criteriapo.eval.criteria import compare
 
-        held = load_data(data_paths(cfg.dpo.data.eval), kind="multi_criteria", on_bad_row="skip").examples
+        files = data_paths(cfg.dpo.data.eval, str(sft.model_dir), cfg.dpo.criteria_data)
+        held = load_data(files, kind="multi_criteria", on_bad_row="skip").examples
         models = [
             *([("base", cfg.model.name_or_path)] if cfg.eval.compare_base else []),
             ("sft", str(sft.model_dir)),
             *((name, str(stage.model_dir)) for name, stage in dpo.items()),
         ]
-        compare(models, held, out / "comparison", max_new_tokens=cfg.eval.max_new_tokens)
+        compare(
+            models,
+            held,
+            out / "comparison",
+            max_new_tokens=cfg.eval.max_new_tokens,
+            reference=str(sft.model_dir),
+            beta=cfg.dpo.beta,
+        )
         comparison = out / "comparison" / "comparison.md"
     t_end = time.perf_counter()
     seconds = {

@@ -1,4 +1,4 @@
-"""The built-in multi-criteria dataset maker."""
+"""The built-in multi-criteria dataset maker: its prompts, their wordings, and its records."""
 
 from __future__ import annotations
 
@@ -7,44 +7,139 @@ from collections import Counter
 
 import pytest
 
-from criteriapo.criteria import parse_criterion
+from criteriapo.criteria.library import parse_criterion
 from criteriapo.criteria.maker import (
     CONFLICTS,
+    Drawn,
     MakerOptions,
     draw_prompts,
     make_criteria_dataset,
     make_record,
 )
+from criteriapo.criteria.phrasing import CRITERIA, TASKS
 from criteriapo.data.loading import load_data
+from criteriapo.data.records import MultiCriteriaExample, RowRef
+from tests.helpers import write_criteria_data
 
 
 def test_prompts_have_one_to_three_compatible_criteria():
     drawn = draw_prompts(200, seed=0)
-    sizes = Counter(len(cs) for _, cs in drawn)
+    sizes = Counter(len(d.criteria) for d in drawn)
     assert set(sizes) == {1, 2, 3}
-    for _, cs in drawn:
-        fams = [c.name.partition(":")[0] for c in cs]
+    for d in drawn:
+        fams = [c.name.partition(":")[0] for c in d.criteria]
         assert len(set(fams)) == len(fams)
         assert not any({a, b} in CONFLICTS for a in fams for b in fams if a != b)
     assert draw_prompts(200, seed=0) == drawn and draw_prompts(200, seed=1) != drawn
 
 
-def test_record_scores_every_reply_on_every_criterion():
-    cs = [parse_criterion("max_words:20"), parse_criterion("no_commas")]
+def _wordings(split: int) -> list[str]:
+    return [p.split("{")[0] for ps in CRITERIA.values() for p in ps[split]] + [
+        t.split("{")[0] for t in TASKS[split]
+    ]
+
+
+def test_held_out_prompts_are_worded_unlike_any_training_prompt():
+    drawn = draw_prompts(400, seed=0, held_out=0.25)
+    assert Counter(d.split for d in drawn) == {"train": 300, "heldout": 100}
+    train_only = [w for w in _wordings(0) if w not in _wordings(1)]
+    for d in drawn:
+        if d.split == "heldout":
+            assert not any(w and w in d.text for w in train_only), d.text
+    # training prompts use several wordings of one criterion, not one template
+    lowercase = {
+        d.text for d in drawn if d.split == "train" and [c.name for c in d.criteria] == ["lowercase"]
+    }
+    used = {p for p in CRITERIA["lowercase"][0] if any(p in t for t in lowercase)}
+    assert len(used) >= 2
+
+
+def test_every_wording_asks_what_its_checker_tests():
+    """Each phrasing names the criterion's number, keyword or phrase, so the checker's verdict is
+    the one a reader of the prompt would give."""
+    for family, (train, held) in CRITERIA.items():
+        for p in train + held:
+            if family in ("max_words", "min_words", "max_sentences", "paragraphs", "bullets"):
+                assert "{n}" in p, p
+            if family in ("include", "avoid"):
+                assert "{kw}" in p, p
+            if family in ("starts_with", "ends_with"):
+                assert "{a}" in p, p
+
+
+def _drawn(specs: list[str], split: str = "train") -> Drawn:
+    cs = tuple(parse_criterion(s) for s in specs)
+    return Drawn("rain", cs, split, "Describe rain.", "Describe rain. " + " ".join(c.description for c in cs))
+
+
+def _sample(text: str, cut_off: bool = False) -> dict:
+    return {"text": text, "cut_off": cut_off}
+
+
+def test_samples_that_separate_need_no_edit_and_a_decoy_shows_unasked_format():
     row = make_record(
-        "Describe rain.", cs, ["Rain falls from clouds, and it is wet, cold and grey outside today."], "m"
+        _drawn(["max_words:20", "no_commas"]),
+        [_sample("Rain, rain, and more rain falls today."), _sample("Rain falls from clouds and it is wet.")],
+        "m",
     )
-    assert row["criteria"] == ["max_words:20", "no_commas"]
-    by_source = {c["model"]: c["ratings"] for c in row["completions"]}
-    assert by_source["m"] == {"max_words:20": 1.0, "no_commas": 0.0}
-    assert by_source["edit:satisfy-all"] == {"max_words:20": 1.0, "no_commas": 1.0}
-    assert by_source["edit:break:max_words:20"] == {"max_words:20": 0.0, "no_commas": 1.0}
-    assert by_source["edit:break:no_commas"] == {"max_words:20": 1.0, "no_commas": 0.0}
+    assert row["criteria"] == ["max_words:20", "no_commas", "as_asked"]
+    sources = [c["model"] for c in row["completions"]]
+    assert sources[:2] == ["m", "m"] and len(sources) == 3 and sources[2].startswith("decoy:")
+    best, other, decoy = row["completions"]
+    assert best["response"] == "Rain falls from clouds and it is wet."  # the best sample comes first
+    assert best["ratings"] == {"max_words:20": 1.0, "no_commas": 1.0, "as_asked": 1.0}
+    assert other["ratings"] == {"max_words:20": 1.0, "no_commas": 0.0, "as_asked": 1.0}
+    # the decoy is the best sample with a format nobody asked for: a minimal pair on as_asked
+    assert decoy["ratings"]["as_asked"] == 0.0 and "Rain falls from clouds and it is wet" in decoy["response"]
+
+
+def test_a_criterion_no_sample_passes_gets_one_natural_edit_of_the_best_sample():
+    samples = [
+        _sample("Rain falls from clouds. It waters the fields. It fills the rivers."),
+        _sample("Rain is wet."),
+        _sample("Rain falls from clouds", cut_off=True),  # nothing complete to keep
+    ]
+    row = make_record(_drawn(["lowercase", "max_sentences:2"]), samples, "m")
+    by_text = {c["response"]: c for c in row["completions"]}
+    edited = [c for c in row["completions"] if c["model"].startswith("edit:")]
+    # the best sample (it passes max_sentences) is the one edited, for the criterion none passed
+    assert [(c["model"], c["response"]) for c in edited] == [("edit:lowercase", "rain is wet.")]
+    assert edited[0]["ratings"] == {"lowercase": 1.0, "max_sentences:2": 1.0, "as_asked": 1.0}
+    assert row["completions"][0]["response"] == "Rain is wet."  # first: the rejected one on a tie
+    assert by_text["Rain falls from clouds"]["cut_off"] is True  # kept, marked: a rejected one at most
+    assert "cut_off" not in by_text["Rain is wet."]
+
+
+def test_finegrained_pairs_from_a_record_differ_only_where_the_criterion_does():
+    from criteriapo.criteria.pairs import build_finegrained
+    from criteriapo.data.formats import parse_multi_criteria
+
+    row = make_record(_drawn(["lowercase"]), [_sample("Rain is wet."), _sample("It rains a lot here.")], "m")
+    fields = parse_multi_criteria(row)
+    ex = MultiCriteriaExample(
+        fields["prompt"], fields["completions"], RowRef("t", 1), fields.get("metadata", {})
+    )
+    pairs = {p.criterion: (p.chosen[0]["content"], p.rejected[0]["content"]) for p in build_finegrained([ex])}
+    best = row["completions"][0]["response"]
+    assert pairs["lowercase"] == (best.lower(), best)
+    assert pairs["as_asked"][0] == best and best in pairs["as_asked"][1] and pairs["as_asked"][1] != best
+
+
+def test_cut_off_sample_is_trimmed_to_its_last_sentence():
+    row = make_record(_drawn(["max_words:40"]), [_sample("Rain falls. It is wet and", cut_off=True)], "m")
+    assert row["completions"][0]["response"] == "Rain falls."
+
+
+def test_a_looping_sample_is_never_the_one_edited():
+    loop = "Rain is wet wet wet wet wet wet."
+    row = make_record(_drawn(["uppercase"]), [_sample(loop), _sample("Rain falls softly.")], "m")
+    edited = [c["response"] for c in row["completions"] if c["model"].startswith("edit:")]
+    assert edited == ["RAIN FALLS SOFTLY."]
 
 
 def test_dataset_splits_by_prompt_and_loads(tmp_path, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
-    opts = MakerOptions(prompts=10, samples=1, held_out=0.3, max_new_tokens=8, batch_size=5)
+    opts = MakerOptions(prompts=10, samples=2, held_out=0.3, max_new_tokens=8, batch_size=5)
     counts = make_criteria_dataset(tmp_path / "out", str(tiny_llama_dir), opts)
     assert (counts["train"], counts["heldout"]) == (7, 3)
     train = load_data(tmp_path / "out" / "train.jsonl")
@@ -53,20 +148,18 @@ def test_dataset_splits_by_prompt_and_loads(tmp_path, tiny_llama_dir, monkeypatc
     prompts = [e.prompt[0]["content"] for e in train.examples + held.examples]
     assert len(set(prompts)) == 10  # no prompt in both splits
     (cache,) = (tmp_path / "cache" / "samples").glob("*.json")
+    assert all(len(r) == 2 for r in json.loads(cache.read_text()))  # two samples per prompt
     stamp = cache.stat().st_mtime_ns
     first = (tmp_path / "out" / "train.jsonl").read_text()
     make_criteria_dataset(tmp_path / "out", str(tiny_llama_dir), opts)  # served from the cache
     assert cache.stat().st_mtime_ns == stamp and (tmp_path / "out" / "train.jsonl").read_text() == first
-    rows = [json.loads(x) for x in first.splitlines()]
-    assert all(any(c["model"] == str(tiny_llama_dir) for c in r["completions"]) for r in rows)
 
 
 @pytest.mark.parametrize("recipe", ["vanilla", "mini", "finegrained"])
-def test_recipes_build_pairs_from_it(tmp_path, tiny_llama_dir, monkeypatch, recipe):
+def test_recipes_build_pairs_from_it(tmp_path, recipe):
     from criteriapo.criteria.pairs import RecipeOptions, build_pairs
 
-    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
-    make_criteria_dataset(tmp_path / "out", str(tiny_llama_dir), MakerOptions(prompts=12, samples=0))
+    write_criteria_data(tmp_path / "out", prompts=24)
     examples = load_data(tmp_path / "out" / "train.jsonl").examples
     pairs = build_pairs(recipe, examples, RecipeOptions(mini_min_margin=0.5))
     assert pairs

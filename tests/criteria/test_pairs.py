@@ -120,3 +120,19 @@ def test_a_reply_that_loops_or_is_empty_is_never_chosen():
     assert [(p.chosen, p.rejected) for p in fine] == [("Fine.", "Meh.")]
     # a looping reply may still be the rejected one
     assert build_vanilla([ex(4, "Q?", ("Good.", {"help": 5}), (looping, {"help": 1}))])[0].rejected == looping
+
+
+def test_a_reply_cut_off_by_the_token_limit_is_never_chosen():
+    cut = RatedCompletion("Owls hunt at night and they", {"help": 5.0}, cut_off=True)
+    rows = [
+        MultiCriteriaExample("Q?", [cut, RatedCompletion("Fine.", {"help": 3.0})], RowRef("t", 1)),
+        MultiCriteriaExample(
+            "Q?",
+            [
+                RatedCompletion("Fine.", {"help": 5.0}),
+                RatedCompletion(cut.response, {"help": 1.0}, cut_off=True),
+            ],
+            RowRef("t", 2),
+        ),
+    ]  # row 1: the best is cut off and the next best is the worst, so no pair
+    assert [(p.chosen, p.rejected) for p in build_vanilla(rows)] == [("Fine.", cut.response)]

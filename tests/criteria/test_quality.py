@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from criteriapo.criteria.quality import acceptable, quality_summary, repeated_span, reply_quality
+from criteriapo.criteria.quality import (
+    acceptable,
+    quality_summary,
+    repeated_span,
+    reply_quality,
+    unasked_format,
+)
 
 LOOPS = [
     (
@@ -52,9 +58,35 @@ def test_quality_and_summary():
         reply_quality("   "),
         reply_quality("A: A: A: A: A:"),
         reply_quality("It was a long", cut_off=True),
+        reply_quality("<<Owls>>\n\nOwls hunt.", asked=["lowercase"]),
     ]
-    assert [x.ok for x in q] == [True, False, False, False]
+    assert [x.ok for x in q] == [True, False, False, False, False]
     assert q[1].problems() == ["empty"] and q[3].problems() == ["cut off by the token limit"]
+    assert q[4].problems() == ["unasked title"]
     assert not acceptable("") and acceptable("It was a long")
     s = quality_summary(q)
-    assert s == {"repetition_rate": 0.25, "empty_rate": 0.25, "cut_off_rate": 0.25, "mean_words": 2.5}
+    assert s == {
+        "repetition_rate": 0.2,
+        "empty_rate": 0.2,
+        "cut_off_rate": 0.2,
+        "unasked_format_rate": 0.2,
+        "mean_words": 2.6,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "asked", "found"),
+    [
+        ("<<Owls>>\n\nOwls hunt at night.", [], ["title"]),
+        ("<<Owls>>\n\nOwls hunt at night.", ["title"], []),
+        ('"Owls hunt at night."', ["max_words:20"], ["quoted"]),
+        ('{"answer": "Owls hunt."}', [], ["json"]),
+        ("Owls hunt.\n\nP.S. They are quiet.", ["no_commas"], ["postscript"]),
+        ("OWLS HUNT AT NIGHT.", [], ["uppercase"]),
+        ("OK. Yes.", [], []),  # two capitalised words are not shouting
+        ('Owls hunt at night, as the book says: "silently".', [], []),
+        ("", [], []),
+    ],
+)
+def test_unasked_format(text, asked, found):
+    assert unasked_format(text, asked) == found

@@ -1,10 +1,14 @@
-"""``criteriapo data make-criteria``: a multi-criteria dataset the project makes itself.
+"""``criteriapo data make-criteria``: a multi-criteria dataset made from the model being tuned.
 
-Prompts come from task templates, each with 1 to 3 verifiable criteria written into it. Candidate
-replies are sampled from a model (batched, seeded, cached on disk) and joined by controlled edits:
-one that satisfies every criterion and, per criterion, one that breaks only that one. Every reply is
-scored on every criterion of its prompt by the checkers (1 pass, 0 fail). Prompts are split into
-train and held-out. The result is UltraFeedback-like JSONL that the data loader reads as
+Prompts come from task templates, each with 1 to 3 verifiable criteria written into it, in wordings
+drawn from :mod:`criteriapo.criteria.phrasing`: held-out prompts use wordings that training never
+does. Several replies per prompt are sampled from the model (batched, seeded, cached on disk) and
+every one is scored on every criterion of its prompt by the checkers (1 pass, 0 fail), so the pairs
+the recipes build are the model's own best against its own worst. Where no sample passes a
+criterion, one more candidate is added: the best acceptable sample with natural edits for those
+criteria (:mod:`criteriapo.criteria.edits`), never a repeated filler; and one decoy with a format
+nobody asked for, rated 0 on ``as_asked``. A reply stopped by the token limit is cut back to its
+last complete sentence. The result is UltraFeedback-like JSONL that the data loader reads as
 ``multi_criteria``. Same seed, same model, same size: the same files.
 """
 
@@ -16,8 +20,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from criteriapo.criteria.edits import break_, satisfy
+from criteriapo.criteria.edits import plain_sentences, satisfy, satisfy_all, trim_cut_off
 from criteriapo.criteria.library import Criterion, parse_criterion
+from criteriapo.criteria.phrasing import phrase_criterion, phrase_prompt, phrase_task
+from criteriapo.criteria.quality import AS_ASKED, UNASKED, acceptable, unasked_format
 from criteriapo.fsutil import cache_dir, publish_dir, staging_dir
 
 TOPICS = [
@@ -61,13 +67,6 @@ TOPICS = [
     "glass",
     "the alphabet",
     "sleep",
-]
-TASKS = [
-    "Describe {t}.",
-    "Explain why people like {t}.",
-    "Give advice to someone curious about {t}.",
-    "Write a short note about {t}.",
-    "Tell me an interesting fact about {t}.",
 ]
 # criteria drawn for prompts; families that cannot hold together are never drawn together
 POOL = [
@@ -123,73 +122,82 @@ CONFLICTS = [
 @dataclass(frozen=True)
 class MakerOptions:
     prompts: int = 160
-    samples: int = 1  # sampled replies per prompt (edits come on top)
+    samples: int = 4  # sampled replies per prompt (an edited one may come on top)
     held_out: float = 0.2
     seed: int = 0
     max_new_tokens: int = 64
-    temperature: float = 0.8
+    temperature: float = 1.0
     top_p: float = 0.95
     batch_size: int = 64  # larger batches amortise the per-step cost of decoding on CPU
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """One made prompt: its topic, criteria, split and the text the user writes."""
+
+    topic: str
+    criteria: tuple[Criterion, ...]
+    split: str  # "train" or "heldout"
+    task: str
+    text: str
 
 
 def _family(spec: str) -> str:
     return spec.partition(":")[0]
 
 
-def draw_prompts(n: int, seed: int) -> list[tuple[str, list[Criterion]]]:
-    """``n`` (task, criteria) pairs: each task from the templates, 1 to 3 compatible criteria."""
+def _criteria(rng: random.Random, topic: str) -> list[Criterion]:
+    chosen: list[str] = []
+    want = rng.randint(1, 3)
+    for spec in rng.sample(POOL, len(POOL)):
+        fam = _family(spec)
+        if any({fam, _family(c)} in CONFLICTS or fam == _family(c) for c in chosen):
+            continue
+        chosen.append(spec.format(kw=topic.split()[-1]))
+        if len(chosen) == want:
+            break
+    return [parse_criterion(s) for s in chosen]
+
+
+def draw_prompts(n: int, seed: int, held_out: float = 0.2) -> list[Drawn]:
+    """``n`` prompts, each a task with 1 to 3 compatible criteria. ``held_out`` of them (drawn at
+    random) are held out and worded with the held-out phrasings of tasks and criteria."""
+    order = list(range(n))
+    random.Random(seed + 1).shuffle(order)
+    held = set(order[: round(n * held_out)])
     rng = random.Random(seed)
     out = []
     for i in range(n):
         topic = TOPICS[i % len(TOPICS)]
-        task = TASKS[(i // len(TOPICS) + rng.randrange(len(TASKS))) % len(TASKS)].format(t=topic)
-        chosen: list[str] = []
-        want = rng.randint(1, 3)
-        for spec in rng.sample(POOL, len(POOL)):
-            fam = _family(spec)
-            if any({fam, _family(c)} in CONFLICTS or fam == _family(c) for c in chosen):
-                continue
-            chosen.append(spec.format(kw=topic.split()[-1]))
-            if len(chosen) == want:
-                break
-        out.append((task, [parse_criterion(s) for s in chosen]))
+        criteria = _criteria(rng, topic)
+        split = "heldout" if i in held else "train"
+        task = phrase_task(topic, split, rng)
+        text = phrase_prompt(task, [phrase_criterion(c, split, rng) for c in criteria], rng)
+        out.append(Drawn(topic, tuple(criteria), split, task, text))
     return out
 
 
-def prompt_text(task: str, criteria: list[Criterion]) -> str:
-    return " ".join([task, *(c.description for c in criteria)])
+def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> str:
+    from criteriapo.models.refcache import folder_digest
+
+    sampling = [opts.samples, opts.seed, opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size]
+    key = json.dumps({"model": folder_digest(model_path), "prompts": prompts, "opts": sampling})
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> list[list[str]]:
-    """``opts.samples`` replies per prompt, from the disk cache when this exact request was made before."""
-    from criteriapo.generation import sample_batch
+def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> list[list[dict]]:
+    """``opts.samples`` replies per prompt (``{"text", "cut_off"}``), from the disk cache when this
+    model (by the digest of its files), these prompts and these settings were sampled before."""
+    from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer
 
-    marker = (
-        (model_path / "model.safetensors").stat() if (model_path / "model.safetensors").exists() else None
-    )
-    key = json.dumps(
-        {
-            "model": str(model_path.resolve()),
-            "mtime": marker.st_mtime_ns if marker else None,
-            "prompts": prompts,
-            "opts": [
-                opts.samples,
-                opts.seed,
-                opts.max_new_tokens,
-                opts.temperature,
-                opts.top_p,
-                opts.batch_size,
-            ],
-        }
-    )
-    path = cache_dir() / "samples" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    path = cache_dir() / "samples" / f"{_samples_key(model_path, prompts, opts)}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     model, tok = load_model(model_path), load_tokenizer(model_path)
     convs = [[{"role": "user", "content": p}] for p in prompts]
     rounds = [
-        sample_batch(
+        generate_batch(
             model,
             tok,
             convs,
@@ -201,7 +209,7 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
         )
         for k in range(opts.samples)
     ]
-    replies = [list(r) for r in zip(*rounds, strict=True)]
+    replies = [[{"text": r.text, "cut_off": r.cut_off} for r in row] for row in zip(*rounds, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(replies), encoding="utf-8")
@@ -209,38 +217,71 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
     return replies
 
 
-def make_record(task: str, criteria: list[Criterion], sampled: list[str], model_name: str) -> dict:
-    """One multi-criteria row: sampled replies plus edits, each scored on every criterion."""
-    base = sampled[0] if sampled else task
-    candidates = [(r, model_name) for r in sampled]
-    good = base
-    for c in criteria:
-        good = satisfy(good, c)
-    candidates.append((good, "edit:satisfy-all"))
-    for c in criteria:
-        candidates.append((break_(good, c), f"edit:break:{c.name}"))
+def _rate(text: str, drawn: Drawn) -> dict[str, float]:
+    """1 or 0 per criterion of the prompt, and ``as_asked``: 1 when the reply shows no format the
+    prompt did not ask for (see :func:`criteriapo.criteria.quality.unasked_format`)."""
+    asked = [c.name for c in drawn.criteria]
+    return {c.name: float(c.passes(text)) for c in drawn.criteria} | {
+        AS_ASKED: float(not unasked_format(text, asked))
+    }
+
+
+def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
+    """One multi-criteria row, every reply rated on every criterion and on ``as_asked``:
+
+    - the sampled replies (a cut-off one trimmed to its last complete sentence, or kept and marked
+      ``cut_off`` when it has none);
+    - for the criteria no sample passes, the best acceptable sample edited to pass them;
+    - a decoy: the best sample with one format nobody asked for (a title, quotes, JSON, a P.S.,
+      capitals), so that a recipe can teach "when asked", not "always".
+
+    The best sample comes first, so on ties it is the rejected reply against its own edit: a pair
+    that differs only where the criterion does."""
+    candidates: list[tuple[str, str, bool]] = []  # text, source, still cut off
+    for s in sampled:
+        trimmed = trim_cut_off(s["text"]) if s["cut_off"] else s["text"].strip()
+        if trimmed or s["text"].strip():
+            candidates.append((trimmed or s["text"].strip(), model_name, not trimmed))
+    ratings = [_rate(t, drawn) for t, _, _ in candidates]
+    usable = [i for i, (t, _, cut) in enumerate(candidates) if not cut and acceptable(t)]
+    if usable:
+        top = max(usable, key=lambda i: (sum(ratings[i].values()), -i))
+        best = candidates[top][0]
+        candidates.insert(0, candidates.pop(top))
+        extra = [x for t, _, _ in candidates[1:] for x in plain_sentences(t)]
+        unmet = [c for c in drawn.criteria if not any(r[c.name] for r in ratings)]
+        edited = satisfy_all(best, unmet, drawn.topic, extra) if unmet else None
+        if edited is not None:
+            candidates.append((edited, "edit:" + "+".join(c.name for c in unmet), False))
+        asked = {c.name.partition(":")[0] for c in drawn.criteria}
+        unasked = [f for f in UNASKED if f not in asked]
+        if unasked:
+            family = random.Random(drawn.text).choice(unasked)
+            decoy = satisfy(best, parse_criterion(family), drawn.topic, extra)
+            if decoy is not None:
+                candidates.append((decoy, f"decoy:{family}", False))
     seen, completions = set(), []
-    for text, source in candidates:
-        if text in seen or not text.strip():
+    for text, source, cut in candidates:
+        if text in seen:
             continue
         seen.add(text)
-        completions.append(
-            {"response": text, "model": source, "ratings": {c.name: float(c.passes(text)) for c in criteria}}
-        )
+        rated = {"response": text, "model": source, "ratings": _rate(text, drawn)}
+        completions.append(rated | ({"cut_off": True} if cut else {}))
     return {
-        "prompt": [{"role": "user", "content": prompt_text(task, criteria)}],
-        "criteria": [c.name for c in criteria],
-        "task": task,
+        "prompt": [{"role": "user", "content": drawn.text}],
+        "criteria": [c.name for c in drawn.criteria] + [AS_ASKED],
+        "task": drawn.task,
         "completions": completions,
     }
 
 
 def maker_digest(opts: MakerOptions) -> str:
-    """Names what the maker would make: its options and the code of the maker, edits and checkers."""
-    from criteriapo.criteria import edits, library
+    """Names what the maker would make: its options and the code of the maker, wordings, edits and
+    checkers (the model is named by the caller)."""
+    from criteriapo.criteria import edits, library, phrasing, quality
 
     h = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode())
-    for module in (edits, library):
+    for module in (edits, library, phrasing, quality):
         h.update(Path(module.__file__).read_bytes())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:12]
@@ -251,18 +292,17 @@ def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOpti
     from criteriapo.models import resolve_model
 
     source = resolve_model(model)
-    drawn = draw_prompts(opts.prompts, opts.seed)
-    texts = [prompt_text(t, cs) for t, cs in drawn]
+    drawn = draw_prompts(opts.prompts, opts.seed, opts.held_out)
+    texts = [d.text for d in drawn]
     sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
-    rows = [make_record(t, cs, s, source.spec) for (t, cs), s in zip(drawn, sampled, strict=True)]
-    order = list(range(len(rows)))
-    random.Random(opts.seed + 1).shuffle(order)
-    n_held = round(len(rows) * opts.held_out)
-    parts = {"heldout": sorted(order[:n_held]), "train": sorted(order[n_held:])}
+    rows = [make_record(d, s, source.spec) for d, s in zip(drawn, sampled, strict=True)]
     tmp = staging_dir(out_dir)
-    for name, idx in parts.items():
-        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(rows[i]) + "\n" for i in idx), encoding="utf-8")
+    for split in ("heldout", "train"):
+        lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
+        (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     publish_dir(tmp, out_dir)
-    return {name: len(idx) for name, idx in parts.items()} | {
-        "completions": sum(len(r["completions"]) for r in rows)
+    counts = {split: sum(d.split == split for d in drawn) for split in ("train", "heldout")}
+    return counts | {
+        "completions": sum(len(r["completions"]) for r in rows),
+        "edited": sum(c["model"].startswith("edit:") for r in rows for c in r["completions"]),
     }

@@ -1,8 +1,8 @@
 """Pair builders: the CriteriaPO recipes, from multi-criteria data to preference pairs.
 
 - ``vanilla``: per prompt, the best against the worst response by overall score; ties dropped.
-  In every recipe the chosen response is one a person would accept: a response that loops or is
-  empty is never chosen (it may still be the rejected one).
+  In every recipe the chosen response is one a person would accept: a response that loops, is
+  empty or was cut off (``"cut_off": true``) is never chosen (it may still be the rejected one).
 - ``mini``: the vanilla pairs on which the criteria agree (none prefers the rejected response),
   with an overall margin of at least ``min_margin``, largest margins first, at most ``size``.
 - ``finegrained``: per prompt and criterion, the best against the worst response on that
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from criteriapo.criteria.quality import acceptable
+from criteriapo.criteria.quality import AS_ASKED, AS_ASKED_DESCRIPTION, acceptable
 from criteriapo.data.records import MultiCriteriaExample, PreferenceExample, RatedCompletion, Text
 from criteriapo.errors import ConfigError
 
@@ -43,8 +43,11 @@ def overall(c: RatedCompletion) -> float | None:
 def _extremes(scored: list[tuple[float, int]], ex: MultiCriteriaExample) -> tuple[int, int] | None:
     """Indices of the best and worst scores (first one on ties), or None when all are equal. The
     best is chosen among acceptable replies only (see :mod:`criteriapo.criteria.quality`): a reply
-    that loops or is empty is never a chosen one, whatever its scores."""
-    usable = [s for s in scored if acceptable(ex.completions[s[1]].response)]
+    that loops, is empty or was cut off by the token limit is never a chosen one, whatever its
+    scores."""
+    usable = [
+        s for s in scored if not ex.completions[s[1]].cut_off and acceptable(ex.completions[s[1]].response)
+    ]
     if len(scored) < 2 or not usable:
         return None
     best = max(usable, key=lambda s: (s[0], -s[1]))
@@ -120,6 +123,8 @@ def condition_prompt(prompt: Text, instructions: Sequence[str]) -> Text:
 def describe(criterion: str, descriptions: dict[str, str]) -> str:
     if criterion in descriptions:
         return descriptions[criterion]
+    if criterion == AS_ASKED:
+        return AS_ASKED_DESCRIPTION
     from criteriapo.criteria.library import parse_criterion
 
     try:

@@ -9,14 +9,21 @@ token, as a loop cut off mid-way does). Code (fenced or inline) and markdown tab
 out: their repetition is syntax. "unforgiving, unforgiving, unforgiving, unforgiving",
 "TED-TED-TED-TED" and a sentence said three times in a row loop; "very, very good", "no, no, no"
 and a bulleted list whose items share their first words do not.
+
+**Unasked format** is formatting a person did not ask for: a ``<<title>>``, the whole reply in
+double quotes, a JSON reply, a ``P.S.`` line, or a reply in capital letters, when the prompt's
+criteria do not ask for it. A tuned model that learned "add a title" instead of "add a title when
+asked" shows it; the made data rates it (``as_asked``) and evaluation reports its rate.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from criteriapo.criteria.library import FIXED, words
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _CODE = re.compile(r"```.*?(```|$)|`[^`\n]*`", re.DOTALL)  # fenced blocks (closed or cut off), inline
@@ -49,27 +56,56 @@ def repeated_span(text: str) -> str | None:
     return None
 
 
+UNASKED = ("title", "quoted", "json", "postscript", "uppercase")  # criterion families
+AS_ASKED = "as_asked"  # the rating the made data gives: 1 when a reply has no unasked format
+AS_ASKED_DESCRIPTION = "Use no formatting that was not asked for."
+
+
+def unasked_format(text: str, asked: Iterable[str]) -> list[str]:
+    """The format families of :data:`UNASKED` that ``text`` shows although ``asked`` (criterion
+    names or families) does not ask for them. All capitals counts from three words on; JSON is an
+    object, an array or a fenced block."""
+    asked_families = {a.partition(":")[0] for a in asked}
+    found = []
+    for family in UNASKED:
+        if family in asked_families or not text.strip():
+            continue
+        if family == "uppercase" and len([w for w in words(text) if any(c.isalpha() for c in w)]) < 3:
+            continue
+        if family == "json" and not text.lstrip().startswith(("{", "[", "```")):
+            continue  # a quoted sentence is a JSON string, but nobody reads it as a JSON reply
+        if FIXED[family].check(text):
+            found.append(family)
+    return found
+
+
 @dataclass(frozen=True)
 class ReplyQuality:
     words: int
     empty: bool
     loop: str | None  # the repeated span, when the reply loops
     cut_off: bool  # generation stopped at the token limit, not at the end of the reply
+    unasked: tuple[str, ...] = ()  # format families shown but not asked for
 
     @property
     def ok(self) -> bool:
-        return not (self.empty or self.loop or self.cut_off)
+        return not (self.empty or self.loop or self.cut_off or self.unasked)
 
     def problems(self) -> list[str]:
         return [
             *(["empty"] if self.empty else []),
             *([f"repeats {self.loop!r}"] if self.loop else []),
             *(["cut off by the token limit"] if self.cut_off else []),
+            *([f"unasked {', '.join(self.unasked)}"] if self.unasked else []),
         ]
 
 
-def reply_quality(text: str, cut_off: bool = False) -> ReplyQuality:
-    return ReplyQuality(len(re.findall(r"\w+", text)), not text.strip(), repeated_span(text), cut_off)
+def reply_quality(text: str, cut_off: bool = False, asked: Iterable[str] | None = None) -> ReplyQuality:
+    """The guards on one reply; with ``asked`` (the prompt's criteria) also its unasked format."""
+    unasked = tuple(unasked_format(text, asked)) if asked is not None else ()
+    return ReplyQuality(
+        len(re.findall(r"\w+", text)), not text.strip(), repeated_span(text), cut_off, unasked
+    )
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -86,5 +122,6 @@ def quality_summary(qualities: Sequence[ReplyQuality]) -> dict[str, float]:
         "repetition_rate": sum(q.loop is not None for q in qualities) / n,
         "empty_rate": sum(q.empty for q in qualities) / n,
         "cut_off_rate": sum(q.cut_off for q in qualities) / n,
+        "unasked_format_rate": sum(bool(q.unasked) for q in qualities) / n,
         "mean_words": sum(q.words for q in qualities) / n,
     }

@@ -320,7 +320,10 @@ def _rated_completion(c: Any, field: str) -> RatedCompletion:
     if overall is None and all(v is None for v in ratings.values()):
         raise RowProblem(f"{field}.ratings", "no rating on any criterion and no overall score")
     model = c.get("model")
-    return RatedCompletion(response, ratings, overall, model if isinstance(model, str) else None)
+    cut_off = c.get("cut_off", False)
+    if not isinstance(cut_off, bool):
+        raise RowProblem(f"{field}.cut_off", f"must be true or false, got {cut_off!r}")
+    return RatedCompletion(response, ratings, overall, model if isinstance(model, str) else None, cut_off)
 
 
 def parse_multi_criteria(row: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,7 @@ class RatedCompletion:
     ratings: dict[str, float | None]
     overall: float | None = None
     model: str | None = None
+    cut_off: bool = False  # the token limit stopped it: never a chosen response
 
 
 @dataclass

@@ -3,8 +3,9 @@
 For every model: held-out preference accuracy overall (vanilla pairs) and per criterion
 (finegrained pairs), the pass rate per criterion of its own replies to the held-out prompts
 (batched, fixed seed), checked by the criteria's programs, and how often those replies loop or are
-cut off by the token limit, with their mean length (:mod:`criteriapo.criteria.quality`). Several
-models make one markdown table and one bar chart.
+cut off by the token limit, with their mean length (:mod:`criteriapo.criteria.quality`), and with
+a reference model (the one DPO started from) the reward accuracy against it on the vanilla pairs.
+Several models make one markdown table and one bar chart.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
+from math import isnan, nan
 from pathlib import Path
 
 from criteriapo.criteria.library import parse_criterion
@@ -32,6 +34,8 @@ class ModelReport:
     pass_by_criterion: dict[str, float]
     samples: list[dict] = field(default_factory=list)
     quality: dict[str, float] = field(default_factory=dict)  # repetition, empty and cut-off rates, words
+    reward_accuracy: float | None = None  # against the reference, on the vanilla pairs (TRL's name)
+    reward_margin: float | None = None
 
 
 def family(criterion: str) -> str:
@@ -47,6 +51,8 @@ def evaluate_model(
     temperature: float = 0.0,
     seed: int = 0,
     batch_size: int = 16,
+    reference: str | None = None,
+    beta: float = 0.1,
 ) -> ModelReport:
     from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer, resolve_model
@@ -54,6 +60,9 @@ def evaluate_model(
     from criteriapo.train.tasks import score_pairs
 
     source = resolve_model(model_spec)
+    is_reference = reference is not None and resolve_model(reference).path == source.path
+    if is_reference:
+        reference = None  # its own rewards are 0 by definition: reported as "-"
     model, tok = load_model(source), load_tokenizer(source)
     chat = ChatTokenizer(tok, name=name)
     opts = TokenizeOptions(max_length=None)
@@ -63,11 +72,19 @@ def evaluate_model(
     pack = guard_model(model, vanilla, "dpo", tok.pad_token_id, True) if vanilla else False
     seen: dict = {}  # vanilla and finegrained pairs share most replies: score each sequence once
     pad = tok.pad_token_id
-    overall = preference_eval(score_pairs(model, vanilla, pad, batch_size, seen, pack), vanilla)
+    scores = score_pairs(model, vanilla, pad, batch_size, seen, pack)
+    ref_scores = None
+    if reference is not None and vanilla:  # the model DPO started from (its rewards are 0 by definition)
+        ref_scores = _reference_scores(reference, vanilla, pad, batch_size, pack)
+    overall = preference_eval(scores, vanilla, ref_scores, beta)
     fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack)
+    margin = fine_scores.chosen - fine_scores.rejected
+    if reference is not None and fine:  # per criterion, what DPO optimises: the reward, not the sum
+        ref_fine = _reference_scores(reference, fine, pad, batch_size, pack)
+        margin = margin - (ref_fine.chosen - ref_fine.rejected)
     by_family: dict[str, list[float]] = defaultdict(list)
-    for p, ok in zip(fine, (fine_scores.chosen > fine_scores.rejected).tolist(), strict=True):
-        by_family[family(p.criterion)].append(float(ok))
+    for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
+        by_family[family(p.criterion)].append(nan if is_reference else float(ok))
     prompts = [
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
@@ -82,10 +99,13 @@ def evaluate_model(
     )
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
-    qualities = [reply_quality(r.text, r.cut_off) for r in replies]
-    for e, prompt, reply, q in zip(examples, prompts, replies, qualities, strict=True):
+    asked = [_verifiable(e.metadata.get("criteria", e.criteria)) for e in examples]
+    qualities = [
+        reply_quality(r.text, r.cut_off, [c.name for c in cs]) for r, cs in zip(replies, asked, strict=True)
+    ]
+    for prompt, reply, q, criteria in zip(prompts, replies, qualities, asked, strict=True):
         text = reply.text
-        verdicts = {c.name: c.passes(text) for c in _verifiable(e.metadata.get("criteria", e.criteria))}
+        verdicts = {c.name: c.passes(text) for c in criteria}
         for c, ok in verdicts.items():
             passes[family(c)].append(float(ok))
         samples.append(
@@ -100,7 +120,27 @@ def evaluate_model(
         {k: sum(v) / len(v) for k, v in sorted(passes.items())},
         samples,
         quality_summary(qualities),
+        overall.reward_accuracy,
+        overall.reward_margin,
     )
+
+
+def _reference_scores(reference: str, pairs: list, pad: int, batch_size: int, pack: bool):
+    """The reference model's scores of ``pairs``, kept per reference and pairs for the next model."""
+    from criteriapo.models import load_model, resolve_model
+    from criteriapo.train.tasks import score_pairs
+
+    key = (pack, tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in pairs))
+    if _REFERENCE.get("name") != reference:
+        _REFERENCE.clear()
+        _REFERENCE["name"] = reference
+    if key not in _REFERENCE:
+        ref = load_model(resolve_model(reference))
+        _REFERENCE[key] = score_pairs(ref, pairs, pad, batch_size, {}, pack)
+    return _REFERENCE[key]
+
+
+_REFERENCE: dict = {}
 
 
 def _verifiable(names: list[str]) -> list:
@@ -114,34 +154,40 @@ def _verifiable(names: list[str]) -> list:
     return out
 
 
+def _cell(x: float) -> str:
+    return "-" if isnan(x) else f"{x:.2f}"
+
+
 def markdown_table(reports: list[ModelReport]) -> str:
+    rewards = any(r.reward_accuracy is not None for r in reports)
+    basis = "reward against the reference; - for the reference itself" if rewards else "summed log-probs"
     fams = sorted({k for r in reports for k in r.pass_by_criterion})
-    head = ["model", "pref. acc.", "pass rate", "loops", "cut off", "words", *fams]
+    head = ["model", "reward acc.", "pref. acc.", "pass rate", "loops", "cut off", "unasked", "words", *fams]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in reports:
         q = r.quality
         cells = [
             r.name,
+            "-" if r.reward_accuracy is None else f"{r.reward_accuracy:.3f}",
             f"{r.accuracy:.3f}",
             f"{r.pass_rate:.3f}",
             f"{q.get('repetition_rate', float('nan')):.2f}",
             f"{q.get('cut_off_rate', float('nan')):.2f}",
+            f"{q.get('unasked_format_rate', float('nan')):.2f}",
             f"{q.get('mean_words', float('nan')):.0f}",
             *(f"{r.pass_by_criterion.get(f, float('nan')):.2f}" for f in fams),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Held-out preference accuracy per criterion (finegrained pairs):",
+        f"Held-out preference accuracy per criterion (finegrained pairs, {basis}):",
         "",
         "| model | " + " | ".join(fams) + " |",
         "|" + "---|" * (len(fams) + 1),
     ]
     for r in reports:
         lines.append(
-            "| "
-            + " | ".join([r.name, *(f"{r.accuracy_by_criterion.get(f, float('nan')):.2f}" for f in fams)])
-            + " |"
+            "| " + " | ".join([r.name, *(_cell(r.accuracy_by_criterion.get(f, nan)) for f in fams)]) + " |"
         )
     return "\n".join(lines) + "\n"
 
@@ -171,7 +217,8 @@ def bar_chart(reports: list[ModelReport], path: Path) -> Path:
 def compare(
     models: list[tuple[str, str]], data: list[MultiCriteriaExample], out_dir: Path, **kw
 ) -> list[ModelReport]:
-    """Evaluate (name, model) pairs; write comparison.md, comparison.json and comparison.png."""
+    """Evaluate (name, model) pairs; write comparison.md, comparison.json and comparison.png. With
+    ``reference`` (a model), each model's reward accuracy against it is reported too."""
     if not models:
         raise ConfigError("name at least one model to evaluate")
     reports = [evaluate_model(name, spec, data, **kw) for name, spec in models]

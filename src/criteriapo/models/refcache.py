@@ -78,6 +78,14 @@ def record_digests(folder: Path) -> None:
         file_digest(p)
 
 
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over the digests of the files that decide what a model folder computes."""
+    h = hashlib.sha256()
+    for p in model_files(folder):
+        h.update(f"|{p.name}={file_digest(p)}".encode())
+    return h.hexdigest()
+
+
 def model_key(
     folders: list[Path],
     dtype: torch.dtype,
