@@ -125,11 +125,12 @@ def main() -> None:
     counts = make_criteria_dataset(out / "data", model, opts)
     print(f"data: {counts} from {model} in {time.perf_counter() - t0:.0f} s", flush=True)
     held = load_data(out / "data" / "heldout.jsonl").examples
-    base = asdict(evaluate_model("start", model, held, max_new_tokens=cfg0.eval.max_new_tokens))
+    ev = {"max_new_tokens": cfg0.eval.max_new_tokens, "batch_size": 64}
+    base = asdict(evaluate_model("start", model, held, **ev))
     runs: dict[str, list[dict]] = {}
-    for name in args.variants:
-        recipe, extra = VARIANTS[name]
-        for seed in args.seeds:
+    for seed in args.seeds:  # every variant for one seed, then the next: a cut-short run still compares
+        for name in args.variants:
+            recipe, extra = VARIANTS[name]
             cfg = load_config(
                 args.config,
                 [
@@ -147,30 +148,34 @@ def main() -> None:
             t1 = time.perf_counter()
             stage = run_dpo(cfg, model, out / f"{name}-seed{seed}", recipe)
             report = evaluate_model(
-                name,
-                str(stage.model_dir),
-                held,
-                max_new_tokens=cfg.eval.max_new_tokens,
-                reference=model,
-                beta=cfg.dpo.beta,
+                name, str(stage.model_dir), held, reference=model, beta=cfg.dpo.beta, **ev
             )
-            row = asdict(report)
+            row = asdict(report) | {"seed": seed, "seconds": time.perf_counter() - t1}
             runs.setdefault(name, []).append(row)
             print(
                 f"{name} seed {seed}: pass {row['pass_rate']:.3f}, reward acc {row['reward_accuracy']:.3f}, "
-                f"loops {row['quality']['repetition_rate']:.3f} ({time.perf_counter() - t1:.0f} s)",
+                f"loops {row['quality']['repetition_rate']:.3f} ({row['seconds']:.0f} s)",
                 flush=True,
             )
+        write_report(args, model, counts, len(held), base, runs)
+
+
+def write_report(
+    args: argparse.Namespace, model: str, counts: dict, n_held: int, base: dict, runs: dict
+) -> None:
+    """Print and write the table for the runs so far."""
     families = sorted({f for rs in runs.values() for r in rs for f in r["pass_by_criterion"]})
     summary = summarise(runs, families)
     keys = [*HEADLINE, *families]
-    table = markdown(summary, keys, len(held), args.seeds)
+    seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
     setting = f"Config {args.config} with {' '.join(args.overrides) or 'no overrides'}; "
-    table = setting + f"{counts['train']} training prompts, data seed {args.data_seed}.\n\n" + table
+    table = setting + f"{counts['train']} training prompts, data seed {args.data_seed}.\n\n"
+    table += markdown(summary, keys, n_held, seeds)
     diffs = real_differences(summary, keys)
+    q = base["quality"]
     start = (
-        f"Starting model ({model}): pass rate {base['pass_rate']:.3f}, loops "
-        f"{base['quality']['repetition_rate']:.3f}, by criterion "
+        f"Starting model ({model}): pass rate {base['pass_rate']:.3f}, loops {q['repetition_rate']:.3f}, "
+        f"unasked format {q['unasked_format_rate']:.3f}, by criterion "
         + ", ".join(f"{k} {v:.2f}" for k, v in base["pass_by_criterion"].items())
     )
     text = "\n\n".join(
@@ -181,7 +186,7 @@ def main() -> None:
             + ("\n".join(f"- {d}" for d in diffs) or "- none: the recipes do not differ beyond seed noise"),
         ]
     )
-    print(text)
+    print(text, flush=True)
     RESULTS.mkdir(exist_ok=True)
     tag = f"recipes-smollm2-{len(args.seeds)}seeds"
     (RESULTS / f"{tag}.md").write_text(text + "\n", encoding="utf-8")
