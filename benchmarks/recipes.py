@@ -171,7 +171,11 @@ def write_report(
     setting = f"Config {args.config} with {' '.join(args.overrides) or 'no overrides'}; "
     table = setting + f"{counts['train']} training prompts, data seed {args.data_seed}.\n\n"
     table += markdown(summary, keys, n_held, seeds)
-    diffs = real_differences(summary, keys)
+    diffs = (
+        real_differences(summary, keys)
+        if len(seeds) > 1
+        else ["one seed: no spread, so no difference can be called real"]
+    )
     q = base["quality"]
     start = (
         f"Starting model ({model}): pass rate {base['pass_rate']:.3f}, loops {q['repetition_rate']:.3f}, "
@@ -188,7 +192,7 @@ def write_report(
     )
     print(text, flush=True)
     RESULTS.mkdir(exist_ok=True)
-    tag = f"recipes-smollm2-{len(args.seeds)}seeds"
+    tag = f"recipes-smollm2-{len(seeds)}seeds"  # the seeds finished so far
     (RESULTS / f"{tag}.md").write_text(text + "\n", encoding="utf-8")
     (RESULTS / f"{tag}.json").write_text(
         json.dumps({"counts": counts, "start": base, "runs": runs, "differences": diffs}, indent=1) + "\n",
