@@ -84,7 +84,10 @@ def data_paths(
         elif name in CRITERIA_BUILTINS:
             if model is None:
                 raise ConfigError(f"{e} is sampled from the model DPO starts from; name it in dpo.data only")
-            out.append(_builtin_criteria(model, maker or CriteriaDataConfig()) / f"{name[9:]}.jsonl")
+            out.append(
+                _builtin_criteria(model, maker or CriteriaDataConfig())
+                / f"{name.removeprefix('criteria-')}.jsonl"
+            )
         else:
             try:
                 out.append(builtin_path(name))

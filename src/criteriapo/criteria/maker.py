@@ -243,6 +243,7 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
         if trimmed or s["text"].strip():
             candidates.append((trimmed or s["text"].strip(), model_name, not trimmed))
     ratings = [_rate(t, drawn) for t, _, _ in candidates]
+    rated_before = {t: r for (t, _, _), r in zip(candidates, ratings, strict=True)}
     usable = [i for i, (t, _, cut) in enumerate(candidates) if not cut and acceptable(t)]
     if usable:
         top = max(usable, key=lambda i: (sum(ratings[i].values()), -i))
@@ -265,7 +266,8 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
         if text in seen:
             continue
         seen.add(text)
-        rated = {"response": text, "model": source, "ratings": _rate(text, drawn)}
+        rating = rated_before[text] if text in rated_before else _rate(text, drawn)  # edits are new
+        rated = {"response": text, "model": source, "ratings": rating}
         completions.append(rated | ({"cut_off": True} if cut else {}))
     return {
         "prompt": [{"role": "user", "content": drawn.text}],
