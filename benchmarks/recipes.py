@@ -109,6 +109,11 @@ def main() -> None:
     p.add_argument("--held-out", type=float, default=0.5)
     p.add_argument("--data-seed", type=int, default=2, help="prompts unlike the main job's (seed 0)")
     p.add_argument("--out", default="runs/bench-recipes")
+    p.add_argument(
+        "--merge",
+        type=Path,
+        help="a results JSON of an earlier run with the same settings: its runs are kept, not rerun",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. dpo.beta=0.2")
     args = p.parse_args()
     model = args.model if Path(args.model).exists() else "smollm2"
@@ -127,9 +132,11 @@ def main() -> None:
     held = load_data(out / "data" / "heldout.jsonl").examples
     ev = {"max_new_tokens": cfg0.eval.max_new_tokens, "batch_size": 64}
     base = asdict(evaluate_model("start", model, held, **ev))
-    runs: dict[str, list[dict]] = {}
+    runs = earlier_runs(args.merge, counts, setting(args)) if args.merge else {}
     for seed in args.seeds:  # every variant for one seed, then the next: a cut-short run still compares
         for name in args.variants:
+            if any(r["seed"] == seed for r in runs.get(name, [])):
+                continue
             recipe, extra = VARIANTS[name]
             cfg = load_config(
                 args.config,
@@ -160,6 +167,24 @@ def main() -> None:
         write_report(args, model, counts, len(held), base, runs)
 
 
+def setting(args: argparse.Namespace) -> str:
+    return f"Config {args.config} with {' '.join(args.overrides) or 'no overrides'}; "
+
+
+def earlier_runs(path: Path, counts: dict, expected: str) -> dict[str, list[dict]]:
+    """The runs of an earlier results file, refused unless its data and settings are this run's."""
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if earlier["counts"] != counts:
+        raise SystemExit(f"{path}: made from other data ({earlier['counts']}, now {counts}); not merged")
+    if earlier.get("setting", expected) != expected:
+        raise SystemExit(f"{path}: other settings ({earlier['setting']!r}, now {expected!r}); not merged")
+    print(
+        f"kept from {path}: "
+        + ", ".join(f"{k} seeds {[r['seed'] for r in v]}" for k, v in earlier["runs"].items())
+    )
+    return earlier["runs"]
+
+
 def write_report(
     args: argparse.Namespace, model: str, counts: dict, n_held: int, base: dict, runs: dict
 ) -> None:
@@ -168,8 +193,7 @@ def write_report(
     summary = summarise(runs, families)
     keys = [*HEADLINE, *families]
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
-    setting = f"Config {args.config} with {' '.join(args.overrides) or 'no overrides'}; "
-    table = setting + f"{counts['train']} training prompts, data seed {args.data_seed}.\n\n"
+    table = setting(args) + f"{counts['train']} training prompts, data seed {args.data_seed}.\n\n"
     table += markdown(summary, keys, n_held, seeds)
     diffs = (
         real_differences(summary, keys)
@@ -195,7 +219,11 @@ def write_report(
     tag = f"recipes-smollm2-{len(seeds)}seeds"  # the seeds finished so far
     (RESULTS / f"{tag}.md").write_text(text + "\n", encoding="utf-8")
     (RESULTS / f"{tag}.json").write_text(
-        json.dumps({"counts": counts, "start": base, "runs": runs, "differences": diffs}, indent=1) + "\n",
+        json.dumps(
+            {"setting": setting(args), "counts": counts, "start": base, "runs": runs, "differences": diffs},
+            indent=1,
+        )
+        + "\n",
         encoding="utf-8",
     )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from criteriapo.generation import generate_batch
 from criteriapo.models import load_model, load_tokenizer
+from tests.zoo import ZOO, zoo_model
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -18,3 +21,32 @@ def test_a_reply_is_cut_off_only_when_no_token_ended_it(tiny_llama_dir):
     model.generation_config.eos_token_id = next_token  # the first greedy token now ends the turn
     ended = generate_batch(model, tok, [HI, HI], **greedy)
     assert [r.cut_off for r in ended] == [False, False]
+
+
+PROMPTS = [  # of different lengths, so the batch is left-padded
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Tell me three things about owls, and keep it short, please."}],
+    [{"role": "user", "content": "Why?"}],
+]
+
+
+@pytest.mark.parametrize("arch", sorted(set(ZOO) - {"gemma3"}))  # gemma3_text is its text model
+def test_several_samples_per_prompt_reuse_the_prompt_and_change_no_reply(arch, smollm2_tokenizer):
+    """Each prompt computed once and copied to its samples gives, greedily, exactly the replies of
+    computing it once per sample: the cache copy and positions under left padding are right."""
+    # weights larger than usual, so that a random model's replies depend on its prompt
+    model = zoo_model(arch, vocab_size=len(smollm2_tokenizer), initializer_range=0.5, init_std=0.5).eval()
+    greedy = {"max_new_tokens": 6, "temperature": 0.0, "batch_size": 16}
+    alone = generate_batch(model, smollm2_tokenizer, PROMPTS, **greedy)
+    shared = generate_batch(model, smollm2_tokenizer, PROMPTS, samples=3, **greedy)
+    assert shared == [r for r in alone for _ in range(3)]
+    assert len({r.text for r in alone}) > 1, "the prompts gave one reply: the test could not fail"
+
+
+def test_sampled_replies_of_one_prompt_differ_and_repeat_with_the_seed(tiny_llama_dir):
+    model, tok = load_model(tiny_llama_dir), load_tokenizer(tiny_llama_dir)
+    hot = {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0, "samples": 4, "seed": 3}
+    replies = generate_batch(model, tok, PROMPTS, **hot)
+    assert len(replies) == 12
+    assert len({r.text for r in replies[:4]}) > 1
+    assert generate_batch(model, tok, PROMPTS, **hot) == replies

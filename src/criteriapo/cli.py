@@ -100,6 +100,7 @@ def _make_criteria(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        decoys=args.decoys,
     )
     t0 = time.perf_counter()
     counts = make_criteria_dataset(Path(args.out), args.model, opts)
@@ -235,6 +236,8 @@ def _pipeline(args: argparse.Namespace) -> None:
         console.print("\n" + r.comparison.read_text(), markup=False, highlight=False, soft_wrap=True)
     times = "  ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
     console.print(f"\nwall time: {times}")
+    for name, stage in {"sft": r.sft, **r.dpo}.items():  # prepare: data (sampled when made), tokens, model
+        console.print(f"  {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.seconds.items()))
     console.print(f"SFT model: {r.sft.model_dir}")
     for name, stage in r.dpo.items():
         console.print(f"[bold]DPO model ({name}): {stage.model_dir}[/]")
@@ -327,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     mk.add_argument("--temperature", type=float, default=d.temperature)
     mk.add_argument("--top-p", type=float, default=d.top_p)
+    mk.add_argument(
+        "--decoys", type=float, default=d.decoys, help="share of prompts given a reply with unasked format"
+    )
     mk.set_defaults(func=_make_criteria)
 
     for name, func, about in (

@@ -114,6 +114,7 @@ class CriteriaDataConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 0.95
+    decoys: float = 1.0  # share of prompts given a decoy: a reply with a format nobody asked for
 
 
 @dataclass
@@ -213,6 +214,8 @@ def _validate_criteria_data(m: CriteriaDataConfig) -> None:
         raise ConfigError(f"dpo.criteria_data.temperature must be >= 0, got {m.temperature}")
     if not 0 < m.top_p <= 1:
         raise ConfigError(f"dpo.criteria_data.top_p must be in (0, 1], got {m.top_p}")
+    if not 0 <= m.decoys <= 1:
+        raise ConfigError(f"dpo.criteria_data.decoys is a share of prompts, in [0, 1]; got {m.decoys}")
 
 
 def _validate_lora(name: str, lora: LoraConfig) -> None:

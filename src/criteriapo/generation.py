@@ -75,14 +75,19 @@ def generate_batch(
     tokenizer: Any,
     conversations: list[list[Message]],
     *,
+    samples: int = 1,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_p: float = 0.95,
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[Reply]:
-    """One reply per conversation, sampled in left-padded batches; the same seed gives the same
-    replies. A reply is cut off when none of its new tokens ends the turn."""
+    """``samples`` replies per conversation (conversation-major: all of the first's, then the
+    second's, ...), sampled in left-padded batches of about ``batch_size`` sequences; the same seed
+    gives the same replies. A reply is cut off when none of its new tokens ends the turn.
+
+    With several samples, each prompt is computed once and its keys and values copied to its
+    samples (:func:`_prefilled`) instead of computing the same prompt ``samples`` times."""
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -92,17 +97,19 @@ def generate_batch(
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
     eos = _eos_ids(model, tokenizer)
+    per_batch = max(1, batch_size // samples)  # prompts per batch
     out: list[Reply] = []
     try:
-        for start in range(0, len(conversations), batch_size):
-            chunk = conversations[start : start + batch_size]
+        for start in range(0, len(conversations), per_batch):
+            chunk = conversations[start : start + per_batch]
             enc = tokenizer.apply_chat_template(
                 chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
             ).to(model.device)
             torch.manual_seed(seed + start)
             with torch.inference_mode():
+                inputs = _prefilled(model, enc, samples) if samples > 1 else dict(enc)
                 ids = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                    **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
                 )
             new = ids[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
@@ -111,6 +118,36 @@ def generate_batch(
     finally:
         tokenizer.padding_side = side
     return out
+
+
+def _prefilled(model: Any, enc: Any, samples: int) -> dict:
+    """``generate``'s inputs for ``samples`` replies per prompt: every prompt but its last token run
+    once into a cache, the cache and the prompts repeated ``samples`` times; ``generate`` then
+    computes only the last prompt token onwards. Positions count from each prompt's first real
+    token, as ``generate`` counts them under left padding."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    repeated = {
+        "input_ids": ids.repeat_interleave(samples, dim=0),
+        "attention_mask": mask.repeat_interleave(samples, dim=0),
+    }
+    cache = DynamicCache(config=model.config)
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        return repeated  # state-space or linear-attention layers: their state is not copied here
+    if ids.shape[1] > 1:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]  # (P, T-1)
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(samples)
+    return repeated | {"cache": cache}
 
 
 def sample_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], **kw: Any) -> list[str]:

@@ -611,6 +611,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     summary = {
         "sft_model": str(sft.model_dir),
         "seconds": seconds,
+        "stage_seconds": {"sft": sft.seconds, **{name: stage.seconds for name, stage in dpo.items()}},
         "generations": generations,
         "dpo": {
             name: {

@@ -12,6 +12,7 @@ from criteriapo.criteria.maker import (
     CONFLICTS,
     Drawn,
     MakerOptions,
+    decoy_prompts,
     draw_prompts,
     make_criteria_dataset,
     make_record,
@@ -153,6 +154,15 @@ def test_dataset_splits_by_prompt_and_loads(tmp_path, tiny_llama_dir, monkeypatc
     first = (tmp_path / "out" / "train.jsonl").read_text()
     make_criteria_dataset(tmp_path / "out", str(tiny_llama_dir), opts)  # served from the cache
     assert cache.stat().st_mtime_ns == stamp and (tmp_path / "out" / "train.jsonl").read_text() == first
+
+
+def test_decoys_go_to_the_share_of_prompts_asked_for():
+    assert not any(decoy_prompts(200, 0, 0.0)) and all(decoy_prompts(200, 0, 1.0))
+    assert 60 < sum(decoy_prompts(200, 0, 0.5)) < 140
+    assert decoy_prompts(50, 3, 0.5) == decoy_prompts(50, 3, 0.5) != decoy_prompts(50, 4, 0.5)
+    samples = [_sample("Rain falls from clouds and it is wet.")]
+    row = make_record(_drawn(["max_words:20"]), samples, "m", decoy=False)
+    assert [c["model"] for c in row["completions"]] == ["m"]
 
 
 @pytest.mark.parametrize("recipe", ["vanilla", "mini", "finegrained"])

@@ -128,7 +128,8 @@ class MakerOptions:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 0.95
-    batch_size: int = 64  # larger batches amortise the per-step cost of decoding on CPU
+    batch_size: int = 64  # sequences decoded together; larger batches amortise each step's cost on CPU
+    decoys: float = 1.0  # share of prompts given a decoy (a reply with a format nobody asked for)
 
 
 @dataclass(frozen=True)
@@ -196,20 +197,21 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
         return json.loads(path.read_text(encoding="utf-8"))
     model, tok = load_model(model_path), load_tokenizer(model_path)
     convs = [[{"role": "user", "content": p}] for p in prompts]
-    rounds = [
-        generate_batch(
-            model,
-            tok,
-            convs,
-            max_new_tokens=opts.max_new_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            seed=opts.seed * 1000 + k,
-            batch_size=opts.batch_size,
-        )
-        for k in range(opts.samples)
+    flat = generate_batch(
+        model,
+        tok,
+        convs,
+        samples=opts.samples,
+        max_new_tokens=opts.max_new_tokens,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        seed=opts.seed * 1000,
+        batch_size=opts.batch_size,
+    )
+    k = opts.samples
+    replies = [
+        [{"text": r.text, "cut_off": r.cut_off} for r in flat[i : i + k]] for i in range(0, len(flat), k)
     ]
-    replies = [[{"text": r.text, "cut_off": r.cut_off} for r in row] for row in zip(*rounds, strict=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(replies), encoding="utf-8")
@@ -226,14 +228,14 @@ def _rate(text: str, drawn: Drawn) -> dict[str, float]:
     }
 
 
-def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
+def make_record(drawn: Drawn, sampled: list[dict], model_name: str, decoy: bool = True) -> dict:
     """One multi-criteria row, every reply rated on every criterion and on ``as_asked``:
 
     - the sampled replies (a cut-off one trimmed to its last complete sentence, or kept and marked
       ``cut_off`` when it has none);
     - for the criteria no sample passes, the best acceptable sample edited to pass them;
-    - a decoy: the best sample with one format nobody asked for (a title, quotes, JSON, a P.S.,
-      capitals), so that a recipe can teach "when asked", not "always".
+    - when ``decoy``, a decoy: the best sample with one format nobody asked for (a title, quotes,
+      JSON, a P.S., capitals), so that a recipe can teach "when asked", not "always".
 
     The best sample comes first, so on ties it is the rejected reply against its own edit: a pair
     that differs only where the criterion does."""
@@ -256,7 +258,7 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
             candidates.append((edited, "edit:" + "+".join(c.name for c in unmet), False))
         asked = {c.name.partition(":")[0] for c in drawn.criteria}
         unasked = [f for f in UNASKED if f not in asked]
-        if unasked:
+        if decoy and unasked:
             family = random.Random(drawn.text).choice(unasked)
             decoy = satisfy(best, parse_criterion(family), drawn.topic, extra)
             if decoy is not None:
@@ -275,6 +277,12 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str) -> dict:
         "task": drawn.task,
         "completions": completions,
     }
+
+
+def decoy_prompts(n: int, seed: int, share: float) -> list[bool]:
+    """Which of ``n`` prompts get a decoy: each with probability ``share``, seeded."""
+    rng = random.Random(f"decoys {seed}")
+    return [rng.random() < share for _ in range(n)]
 
 
 def maker_digest(opts: MakerOptions) -> str:
@@ -297,7 +305,8 @@ def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOpti
     drawn = draw_prompts(opts.prompts, opts.seed, opts.held_out)
     texts = [d.text for d in drawn]
     sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
-    rows = [make_record(d, s, source.spec) for d, s in zip(drawn, sampled, strict=True)]
+    decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
+    rows = [make_record(*args, source.spec, decoy=y) for *args, y in zip(drawn, sampled, decoys, strict=True)]
     tmp = staging_dir(out_dir)
     for split in ("heldout", "train"):
         lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
