@@ -1,0 +1,58 @@
+"""Sampling speed of the criteria data maker: several replies per prompt, each prompt computed once
+and copied to its samples (``samples=k``) against one round per sample, at two batch sizes; the same
+prompts, model and settings, alternating in one process. Prints replies per second.
+
+    .venv/bin/python benchmarks/sampling.py --model runs/smollm2-pipeline/sft/model --prompts 64
+
+With fewer prompts than the batch, a round per sample decodes smaller batches than the shared
+prompt does: keep ``--prompts`` at 64 or more for a fair comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from criteriapo.criteria.maker import draw_prompts
+from criteriapo.generation import generate_batch
+from criteriapo.models import load_model, load_tokenizer, resolve_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--larger", action="store_true", help="also the shared prompt at batch 128")
+    args = p.parse_args()
+    source = resolve_model(args.model)
+    model, tok = load_model(source.path), load_tokenizer(source.path)
+    convs = [[{"role": "user", "content": d.text}] for d in draw_prompts(args.prompts, 5, 0.2)]
+    kw = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 0.95}
+    k = args.samples
+
+    def per_round(batch: int) -> int:
+        return sum(len(generate_batch(model, tok, convs, seed=s, batch_size=batch, **kw)) for s in range(k))
+
+    def shared(batch: int) -> int:
+        return len(generate_batch(model, tok, convs, samples=k, batch_size=batch, **kw))
+
+    ways = [("one round per sample, batch 64", per_round, 64), ("prompt shared, batch 64", shared, 64)]
+    ways += [("prompt shared, batch 128", shared, 128)] if args.larger else []
+    best: dict[str, float] = {}
+    for r in range(args.rounds):
+        for name, way, batch in ways:
+            t = time.perf_counter()
+            n = way(batch)
+            rate = n / (time.perf_counter() - t)
+            best[name] = max(best.get(name, 0.0), rate)
+            print(f"round {r}: {name}: {rate:.2f} replies/s", flush=True)
+    base = best[ways[0][0]]
+    print(f"\n{args.prompts} prompts x {k} samples, 64 new tokens, {source.spec}:")
+    for name, rate in best.items():
+        print(f"  {name}: {rate:.2f} replies/s ({rate / base:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
