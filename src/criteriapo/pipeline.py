@@ -108,7 +108,7 @@ def _builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
     with file_lock(folder.with_suffix(".lock")):
         if not (folder / "heldout.jsonl").exists():
             log.warning(
-                "making the criteria data: %d replies per prompt sampled from %s (a few minutes)",
+                "making the criteria data: %d replies per prompt from %s (minutes, unless sampled before)",
                 opts.samples,
                 source.spec,
             )
