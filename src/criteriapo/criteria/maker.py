@@ -182,7 +182,9 @@ def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> st
     from criteriapo.models.refcache import folder_digest
 
     sampling = [opts.samples, opts.seed, opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size]
-    key = json.dumps({"model": folder_digest(model_path), "prompts": prompts, "opts": sampling})
+    # "sampler": how the samples are drawn (each prompt computed once for all its samples)
+    spec = {"model": folder_digest(model_path), "prompts": prompts, "opts": sampling, "sampler": "shared"}
+    key = json.dumps(spec)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
@@ -260,9 +262,9 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str, decoy: bool 
         unasked = [f for f in UNASKED if f not in asked]
         if decoy and unasked:
             family = random.Random(drawn.text).choice(unasked)
-            decoy = satisfy(best, parse_criterion(family), drawn.topic, extra)
-            if decoy is not None:
-                candidates.append((decoy, f"decoy:{family}", False))
+            shown = satisfy(best, parse_criterion(family), drawn.topic, extra)
+            if shown is not None:
+                candidates.append((shown, f"decoy:{family}", False))
     seen, completions = set(), []
     for text, source, cut in candidates:
         if text in seen:
@@ -306,7 +308,7 @@ def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOpti
     texts = [d.text for d in drawn]
     sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
     decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
-    rows = [make_record(*args, source.spec, decoy=y) for *args, y in zip(drawn, sampled, decoys, strict=True)]
+    rows = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
     tmp = staging_dir(out_dir)
     for split in ("heldout", "train"):
         lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
