@@ -73,14 +73,14 @@ def evaluate_model(
     seen: dict = {}  # vanilla and finegrained pairs share most replies: score each sequence once
     pad = tok.pad_token_id
     scores = score_pairs(model, vanilla, pad, batch_size, seen, pack)
-    ref_scores = None
-    if reference is not None and vanilla:  # the model DPO started from (its rewards are 0 by definition)
-        ref_scores = _reference_scores(reference, vanilla, pad, batch_size, pack)
+    # the model DPO started from (its own rewards are 0 by definition)
+    ref_scores, ref_fine = (
+        _reference_scores(reference, (vanilla, fine), pad, batch_size, pack) if reference else (None, None)
+    )
     overall = preference_eval(scores, vanilla, ref_scores, beta)
     fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack)
     margin = fine_scores.chosen - fine_scores.rejected
-    if reference is not None and fine:  # per criterion, what DPO optimises: the reward, not the sum
-        ref_fine = _reference_scores(reference, fine, pad, batch_size, pack)
+    if ref_fine is not None:  # per criterion, what DPO optimises: the reward, not the sum
         margin = margin - (ref_fine.chosen - ref_fine.rejected)
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
@@ -125,18 +125,18 @@ def evaluate_model(
     )
 
 
-def _reference_scores(reference: str, pairs: list, pad: int, batch_size: int, pack: bool):
-    """The reference model's scores of ``pairs``, kept per reference and pairs for the next model."""
+def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_size: int, pack: bool):
+    """The reference model's scores of each group of pairs (None for an empty group), loaded once and
+    each distinct sequence scored once; kept for the next model evaluated against this reference."""
     from criteriapo.models import load_model, resolve_model
     from criteriapo.train.tasks import score_pairs
 
-    key = (pack, tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in pairs))
-    if _REFERENCE.get("name") != reference:
-        _REFERENCE.clear()
-        _REFERENCE["name"] = reference
+    ids = tuple(tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in g) for g in groups)
+    key = (reference, pack, ids)
     if key not in _REFERENCE:
-        ref = load_model(resolve_model(reference))
-        _REFERENCE[key] = score_pairs(ref, pairs, pad, batch_size, {}, pack)
+        _REFERENCE.clear()  # one reference and data at a time
+        ref, seen = load_model(resolve_model(reference)), {}
+        _REFERENCE[key] = [score_pairs(ref, g, pad, batch_size, seen, pack) if g else None for g in groups]
     return _REFERENCE[key]
 
 
