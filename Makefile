@@ -21,8 +21,9 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) -e '.[test,tracking]'
 	touch $@
 
+# --overwrite: rerunning the main job replaces its earlier run (runs/smollm2-pipeline)
 main: $(STAMP)
-	$(VENV)/bin/criteriapo pipeline configs/smollm2-pipeline.yaml
+	$(VENV)/bin/criteriapo pipeline configs/smollm2-pipeline.yaml --overwrite
 
 test: $(TEST_STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)

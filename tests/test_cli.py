@@ -46,7 +46,7 @@ def test_data_check_reports_format_counts_lengths_and_problems(planted, smollm2_
     assert main(["data", "check", str(planted), "--max-length", "128"]) == 0
     out = capsys.readouterr().out
     assert "format: preference (conversational: 3, implicit prompt: 1)" in out
-    assert "rows: 6 read, 3 usable, 3 bad" in out
+    assert "rows: 6 read, 2 usable, 3 unreadable or invalid, 1 that cannot be tokenized" in out
     assert "token lengths" in out and "longest sequence" in out
     for expected in (
         f"{planted}, row 2, field 'rejected': identical to chosen",
@@ -58,11 +58,15 @@ def test_data_check_reports_format_counts_lengths_and_problems(planted, smollm2_
     assert "4 problem(s)" in out
 
 
+def test_data_check_with_no_usable_row_fails(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "chosen": "same", "rejected": "same"}])
+    assert main(["data", "check", str(path), "--model", "none"]) == 1
+    assert "no usable rows" in capsys.readouterr().out
+
+
 def test_data_check_strict_fails_on_problems(planted, capsys):
     assert main(["data", "check", str(planted), "--model", "none"]) == 0
-    with pytest.raises(SystemExit) as e:
-        main(["data", "check", str(planted), "--model", "none", "--strict"])
-    assert e.value.code == 1
+    assert main(["data", "check", str(planted), "--model", "none", "--strict"]) == 1
 
 
 def test_errors_are_one_clear_line_and_exit_2(tmp_path, capsys):
@@ -91,6 +95,16 @@ def test_chat_streams_a_reply_and_keeps_the_conversation(smollm2_path, monkeypat
     assert "assistant:" in out and "Paris" in out
 
 
+def test_chat_marks_a_reply_cut_by_the_token_limit(smollm2_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Describe the sea.\n/reset\n/exit\nnever read\n"))
+    assert main(["chat", "smollm2", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "(cut off at 2 tokens: --max-new-tokens)" in out and "(conversation forgotten)" in out
+    assert out.count("assistant:") == 1
+
+
 def test_pipeline_refuses_a_bad_config_before_any_work(tmp_path, capsys):
     assert main(["pipeline", "configs/smollm2-pipeline.yaml", "dpo.betta=0.2", f"output_dir={tmp_path}"]) == 2
     assert "dpo.betta: unknown key; did you mean 'beta'?" in capsys.readouterr().err
@@ -103,7 +117,7 @@ def test_user_text_in_errors_is_not_read_as_markup(tmp_path, capsys):
         tmp_path / "d.jsonl",
         [{"prompt": "Q?", "chosen": "a", "rejected": "b", "criteria_labels": {"x": "[/]"}}],
     )
-    assert main(["data", "check", str(bad), "--model", "none"]) == 0
+    assert main(["data", "check", str(bad), "--model", "none"]) == 1  # its one row is bad
     assert "got '[/]'" in capsys.readouterr().out
     assert (
         main(
@@ -119,3 +133,54 @@ def test_user_text_in_errors_is_not_read_as_markup(tmp_path, capsys):
         == 2
     )
     assert "error: [/bold]x: not in the local" in capsys.readouterr().err
+
+
+def _bad_config(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("output_dir: runs/caf\xe9\n".encode("latin-1"))
+    return [str(path)]
+
+
+def _twice(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("dpo:\n  beta: 0.1\n  beta: 0.5\n")
+    return [str(path)]
+
+
+def _eval_into_a_file(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    return ["--data", "builtin:criteria-heldout", "--out", str(taken)]
+
+
+# every case: what the user typed, and what the one-line message must say; none prints a traceback
+CASES = {
+    "generate, 0 new tokens": (["generate", "smollm2", "hi", "--max-new-tokens", "0"], "0 is not a positive"),
+    "generate, -5 new tokens": (
+        ["generate", "smollm2", "hi", "--max-new-tokens", "-5"],
+        "-5 is not a positive",
+    ),
+    "generate, temperature -1": (
+        ["generate", "smollm2", "hi", "--temperature", "-1"],
+        "-1 is not a temperature",
+    ),
+    "chat, temperature nan": (["chat", "smollm2", "--temperature", "nan"], "nan is not a temperature"),
+    "config not UTF-8": (["sft", _bad_config], "(byte 20 is 0xe9): save it as UTF-8"),
+    "eval --out naming a file": (["eval", "smollm2", _eval_into_a_file], "is a file, not a folder"),
+    "config with a key twice": (
+        ["dpo", _twice],
+        "line 3: 'beta' is given twice in one section (first on line 2)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistakes_are_one_message_and_exit_2(case, tmp_path, capsys):
+    args, message = CASES[case]
+    argv = [a for x in args for a in (x(tmp_path) if callable(x) else [x])]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # refused by the argument parser, with its usage line
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err

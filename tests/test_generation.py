@@ -50,3 +50,33 @@ def test_sampled_replies_of_one_prompt_differ_and_repeat_with_the_seed(tiny_llam
     assert len(replies) == 12
     assert len({r.text for r in replies[:4]}) > 1
     assert generate_batch(model, tok, PROMPTS, **hot) == replies
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 50, 0.95), (0.7, 8, 0.8), (1.3, 0, 1.0)])
+def test_the_sampler_draws_what_transformers_sampling_draws(temperature, top_k, top_p):
+    """Its draws follow the distribution of transformers' own warpers (temperature, top-k, top-p),
+    and it never draws a token those warpers remove."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from criteriapo.generation import _Sampler
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 200, generator=g) * 2.5  # a peaked row: top-k and top-p both cut
+    want = logits.clone()
+    for warp in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None):
+        want = warp(None, want) if warp else want
+    want = TopPLogitsWarper(top_p)(None, want) if top_p < 1 else want
+    p = want.softmax(-1)[0]
+    n = 40_000
+    sampler = _Sampler(temperature, top_k, top_p, torch.Generator().manual_seed(1))
+    rows = sampler(None, logits.expand(n, -1).clone())
+    drawn = rows.argmax(-1)
+    assert torch.isfinite(rows).sum(-1).eq(1).all()  # one finite entry per row: greedy emits it
+    freq = torch.bincount(drawn, minlength=200).float() / n
+    assert float(p[freq > 0].min()) > 0  # nothing outside what transformers keeps
+    assert float((freq - p).abs().max()) < 4 * float((p * (1 - p) / n).sqrt().max()) + 1e-3
+    again = _Sampler(temperature, top_k, top_p, torch.Generator().manual_seed(1))(
+        None, logits.expand(n, -1).clone()
+    )
+    assert torch.equal(again.argmax(-1), drawn)  # its own generator: the same seed draws the same

@@ -84,7 +84,7 @@ def test_sft_then_dpo_run_folders(config):
     assert dpo.before.reward_accuracy == 0.0  # the starting model is the reference
     card = (dpo.model_dir / "README.md").read_text()
     for needle in (
-        "base_model:",
+        "Base model: `",
         "DPO (loss_type sigmoid, beta 0.1)",
         "### Hyperparameters",
         "rewards/accuracies",
@@ -179,7 +179,8 @@ def test_pipeline_stops_on_bad_dpo_data_before_sft_trains(config, tmp_path):
 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q?", "chosen": "same", "rejected": "same"}] * 3)
     config.dpo.data.train = [str(bad)]
-    with pytest.raises(BadRowsError, match=r"bad.jsonl, row 1, field 'rejected': identical to chosen"):
+    said_once = r"bad.jsonl, 3 rows \(1, 2, 3\), field 'rejected': identical to chosen"
+    with pytest.raises(BadRowsError, match=said_once):
         run_pipeline(config)
     assert not (Path(config.output_dir) / "sft").exists()
 

@@ -2,20 +2,24 @@
 a step, or half way through writing, publishing or deleting a checkpoint, then resumed with
 ``--resume``: its final weights and every logged loss are bit-identical to those of a run never
 stopped. SIGTERM stops a run cleanly with a checkpoint. A fresh start over an unfinished run, and a
-resume with another config, are refused."""
+resume with another config, are refused. A run folder has one owner at a time, and a finished run
+is replaced only with --overwrite."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from criteriapo.fsutil import RUN_LOCK
 from tests.helpers import write_jsonl
 
 U = {"role": "user", "content": "Name a colour."}
@@ -149,3 +153,71 @@ def test_pipeline_killed_in_dpo_then_resumed_ends_bit_identical(setup, pipeline_
     assert resumed.returncode == 0, resumed.stderr
     assert_identical(pipeline_baseline / "sft", out / "sft")
     assert_identical(pipeline_baseline / "dpo", out / "dpo")
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_second_run_into_a_busy_folder_stops_at_once_naming_the_first(setup, sft_baseline):
+    """Two runs into one output_dir: the second is refused before it writes anything, and the first
+    finishes as if alone."""
+    root, common = setup
+    out = root / "busy"
+    args = ["sft", *common, f"output_dir={out}"]
+    env = {**os.environ, "CRITERIAPO_FAILPOINT": "step:2:SIGSTOP", "COLUMNS": "500"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "criteriapo", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        for _ in range(3000):  # paused after its second step, holding the folder
+            if first.poll() is not None or _stopped(first.pid):
+                break
+            time.sleep(0.1)
+        assert _stopped(first.pid)
+        second = cli([*args, "sft.optim.lr=2e-3"])
+        assert second.returncode == 2, second.stderr
+        assert f"{out} is in use by another run (pid {first.pid} on " in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.communicate(timeout=600)
+    assert first.returncode == 0
+    assert_identical(sft_baseline, out / "sft")  # the first run's weights and metrics, nothing else
+    assert not (out / RUN_LOCK).exists()
+
+
+def test_a_finished_run_is_replaced_only_when_asked(setup, sft_baseline):
+    root, common = setup
+    out = root / "finished"
+    args = ["sft", *common, f"output_dir={out}"]
+    assert cli(args).returncode == 0
+    weights = (out / "sft" / "model" / "model.safetensors").read_bytes()
+    checkpoints = sorted(p.name for p in (out / "sft" / "checkpoints").iterdir())
+    again = cli([*args, "sft.optim.lr=2e-3"])
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"{out / 'sft'} holds a finished run" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "sft" / "model" / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in (out / "sft" / "checkpoints").iterdir()) == checkpoints
+    replaced = cli([*args, "sft.optim.lr=2e-3", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert (out / "sft" / "model" / "model.safetensors").read_bytes() != weights
+
+
+def test_output_dir_naming_a_file_is_a_message(setup, tmp_path):
+    _, common = setup
+    taken = tmp_path / "a-file"
+    taken.write_text("mine\n")
+    r = cli(["sft", *common, f"output_dir={taken}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"output folder {taken} is a file, not a folder" in r.stderr
+    assert taken.read_text() == "mine\n"
+
+
+def test_a_run_refused_by_its_checks_leaves_no_folder(setup, tmp_path):
+    _, common = setup
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q?", "chosen": "same", "rejected": "same"}])
+    out = tmp_path / "refused"
+    r = cli(["dpo", *common, f"dpo.data.train={bad}", "dpo.data.eval=[]", f"output_dir={out}"])
+    assert r.returncode == 2 and "identical to chosen" in r.stderr
+    assert not out.exists()

@@ -41,7 +41,7 @@ def _models_list(args: argparse.Namespace) -> None:
         console.print(f"  {m.name}  {m.hf_id}  {state}\n      {m.description}", highlight=False)
 
 
-def _data_check(args: argparse.Namespace) -> None:
+def _data_check(args: argparse.Namespace) -> int:
     from criteriapo.data.check import check_data
     from criteriapo.data.tokenize import ChatTokenizer
     from criteriapo.models import load_tokenizer, resolve_model
@@ -57,12 +57,18 @@ def _data_check(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
+        max_row_bytes=args.max_row_bytes,
     )
     loaded = report.loaded
     styles = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.styles.items()))
     console.print(f"[bold]{escape(str(args.file))}[/]")
     console.print(f"format: {loaded.kind} ({styles})")
-    console.print(f"rows: {loaded.rows_read} read, {len(loaded.examples)} usable, {len(loaded.bad_rows)} bad")
+    unusable = len({(b.file, b.row) for b in report.token_problems})
+    console.print(
+        f"rows: {loaded.rows_read} read, {len(loaded.examples) - unusable} usable, "
+        f"{len(loaded.bad_rows)} unreadable or invalid, {unusable} that cannot be tokenized",
+        highlight=False,
+    )
     if report.criteria:
         criteria = ", ".join(f"{k} ({v} rows)" for k, v in report.criteria.items())
         console.print("criteria: " + criteria, markup=False, highlight=False)
@@ -85,8 +91,10 @@ def _data_check(args: argparse.Namespace) -> None:
             console.print(f"  {b}", markup=False, highlight=False, soft_wrap=True)
     else:
         console.print("[green]no problems found[/]")
-    if problems and args.strict:
-        raise SystemExit(1)
+    if len(loaded.examples) == unusable:
+        console.print("[bold red]no usable rows:[/] nothing here can be trained on")
+        return 1
+    return 1 if problems and args.strict else 0
 
 
 def _make_criteria(args: argparse.Namespace) -> None:
@@ -115,7 +123,14 @@ def _eval(args: argparse.Namespace) -> None:
     from criteriapo.data.loading import load_data
     from criteriapo.eval.criteria import compare
 
-    data = load_data(args.data, kind="multi_criteria").examples
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CriteriaPOError(f"--out {out} is a file, not a folder: name a folder for the comparison")
+    from criteriapo.pipeline import data_paths
+
+    # builtin:criteria-heldout is sampled from the model DPO started from: --reference, else the first
+    start = args.reference or args.models[0].split("=", 1)[-1]
+    data = load_data(data_paths([args.data], start), kind="multi_criteria").examples
     models = [
         tuple(m.split("=", 1))
         if "=" in m
@@ -184,16 +199,28 @@ def _stage_summary(name: str, result) -> None:
     console.print("  " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()), highlight=False)
 
 
+def _claimed(args: argparse.Namespace, command: str):
+    """The config, and the run folder owned by this run (see criteriapo.resume.claim_run_folder)."""
+    from criteriapo.resume import claim_run_folder, stage_dirs
+
+    cfg = _config(args)
+    return cfg, claim_run_folder(Path(cfg.output_dir), stage_dirs(cfg, command), args.resume, args.overwrite)
+
+
 def _sft(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_sft
 
-    _stage_summary("sft", run_sft(_config(args), resume=args.resume))
+    cfg, claim = _claimed(args, "sft")
+    with claim:
+        _stage_summary("sft", run_sft(cfg, resume=args.resume))
 
 
 def _dpo(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_dpo
 
-    result = run_dpo(_config(args), resume=args.resume)
+    cfg, claim = _claimed(args, "dpo")
+    with claim:
+        result = run_dpo(cfg, resume=args.resume)
     _stage_summary("dpo", result)
     if result.before and result.after:
         _preference_table(result.before, result.after)
@@ -221,7 +248,9 @@ def _preference_table(before, after, name: str = "dpo") -> None:
 def _pipeline(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_pipeline
 
-    r = run_pipeline(_config(args), resume=args.resume)
+    cfg, claim = _claimed(args, "pipeline")
+    with claim:
+        r = run_pipeline(cfg, resume=args.resume)
     for name, stage in r.dpo.items():
         if stage.before and stage.after:
             _preference_table(stage.before, stage.after, name)
@@ -244,46 +273,65 @@ def _pipeline(args: argparse.Namespace) -> None:
     console.print(f"summary: {r.summary_path}")
 
 
-def _chat(args: argparse.Namespace) -> None:
-    from transformers import TextIteratorStreamer
+CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit (or Ctrl-D) ends"
 
-    from criteriapo.generation import generate_in_thread
+
+def _chat(args: argparse.Namespace) -> None:
+    from criteriapo.generation import stream_reply
     from criteriapo.models import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(args.model)
     model = load_model(source, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(source)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    console.print(f"chatting with {args.model}; an empty line or Ctrl-D ends", highlight=False)
+    system = args.system
+    messages: list[dict] = []
+    console.print(f"chatting with {args.model}; Ctrl-C stops a reply; {CHAT_HELP}", highlight=False)
     while True:
         try:
             line = console.input("[bold]you:[/] ")
         except EOFError:
             break
+        except KeyboardInterrupt:
+            console.print(f"\n({CHAT_HELP})", highlight=False)
+            continue
+        command, _, rest = line.strip().partition(" ")
         if not line.strip():
+            continue
+        if command in ("/exit", "/quit"):
             break
+        if command == "/reset":
+            messages = []
+            console.print("(conversation forgotten)")
+            continue
+        if command == "/system":
+            system = rest.strip() or None
+            console.print(f"(system message {'set' if system else 'removed'})")
+            continue
+        if command.startswith("/") and command[1:].isalpha():
+            console.print(f"(unknown command {command}: {CHAT_HELP})", highlight=False)
+            continue
         messages.append({"role": "user", "content": line})
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        thread = generate_in_thread(
+        console.print("[bold]assistant:[/] ", end="")
+        reply = stream_reply(
             model,
             tokenizer,
-            messages,
-            streamer,
+            ([{"role": "system", "content": system}] if system else []) + messages,
+            lambda piece: console.out(piece, end="", highlight=False),
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             seed=args.seed,
         )
-        console.print("[bold]assistant:[/] ", end="")
-        parts = []
-        for piece in streamer:
-            parts.append(piece)
-            console.out(piece, end="", highlight=False)
-        thread.join()
+        if reply.stopped:
+            console.print(" [dim](stopped)[/]", end="")
+        elif reply.cut_off:
+            console.print(f" [dim](cut off at {args.max_new_tokens} tokens: --max-new-tokens)[/]", end="")
         console.print()
-        messages.append({"role": "assistant", "content": "".join(parts).strip()})
+        messages.append({"role": "assistant", "content": reply.text})
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from criteriapo.config import DataConfig  # light: no torch
+
     p = argparse.ArgumentParser(
         prog="criteriapo", description="Preference-tune language models, criteria first."
     )
@@ -310,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train)")
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--max-prompt-length", type=int, default=None)
+    c.add_argument(
+        "--max-row-bytes",
+        type=_positive_int,
+        default=DataConfig.max_row_bytes,
+        help="a larger row is reported and never parsed (data.max_row_bytes; default %(default)s)",
+    )
     c.add_argument("--strict", action="store_true", help="exit with status 1 when any problem is found")
     c.set_defaults(func=_data_check)
     mk = dsub.add_parser(
@@ -327,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--samples", type=int, default=d.samples, help="sampled replies per prompt")
     mk.add_argument("--held-out", type=float, default=d.held_out)
     mk.add_argument("--seed", type=int, default=d.seed)
-    mk.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    mk.add_argument("--temperature", type=float, default=d.temperature)
+    mk.add_argument("--max-new-tokens", type=_positive_int, default=d.max_new_tokens)
+    mk.add_argument("--temperature", type=_temperature, default=d.temperature)
     mk.add_argument("--top-p", type=float, default=d.top_p)
     mk.add_argument(
         "--decoys", type=float, default=d.decoys, help="share of prompts given a reply with unasked format"
@@ -348,16 +402,21 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="go on from the latest valid checkpoint (same config and data required)",
         )
+        s.add_argument(
+            "--overwrite", action="store_true", help="replace a finished run in the same output_dir"
+        )
         s.set_defaults(func=func)
 
     ev = sub.add_parser("eval", help="preference accuracy and criteria pass rates of one or more models")
     ev.add_argument("models", nargs="+", help="model folders or names, optionally NAME=MODEL")
     ev.add_argument(
-        "--data", required=True, help="held-out multi-criteria data (e.g. from data make-criteria)"
+        "--data",
+        required=True,
+        help="held-out multi-criteria data (a file, or builtin:criteria-heldout as the pipeline makes it)",
     )
     ev.add_argument("--out", default="runs/eval")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ev.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    ev.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
         "--reference", default=None, help="the model DPO started from: adds reward accuracy against it"
@@ -368,8 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("chat", help="interactive chat with a model, streamed")
     ch.add_argument("model")
     ch.add_argument("--system", default=None)
-    ch.add_argument("--max-new-tokens", type=int, default=256)
-    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ch.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    ch.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     ch.add_argument("--seed", type=int, default=0)
     ch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ch.add_argument("--device", default="auto")
@@ -382,13 +441,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--criteria", default=None, help="criteria to steer by, ';'-separated: 'max_words:20;no_commas'"
     )
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_generate)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a temperature: use 0 (greedy) or more")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     try:
-        args.func(args)
+        code = args.func(args)  # a command returns its exit status, or nothing for 0
     except Interrupted as e:
         err_console.print(f"[bold yellow]stopped:[/] {escape(str(e))}", highlight=False)
         return 130
@@ -419,9 +498,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line here, the traceback in a file
+        log_path = _crash_log()
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(str(e))} (a bug in "
+            f"criteriapo; the traceback is in {log_path}, please include it when reporting)",
+            highlight=False,
+        )
+        return 1
     finally:
         _leave_process_group()
-    return 0
+    return code or 0
+
+
+def _crash_log() -> Path:
+    """The current exception's traceback, written to a new file in the cache folder's ``logs``."""
+    import traceback
+
+    from criteriapo.fsutil import cache_dir
+
+    folder = cache_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"criteriapo {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}", encoding="utf-8")
+    return path
 
 
 def _leave_process_group() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import types
 import typing
@@ -19,6 +20,8 @@ from typing import Any, Literal
 import yaml
 
 from criteriapo.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,9 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     max_length: int | None = 1024
     max_prompt_length: int | None = None
+    # a row larger than this (bytes of a JSONL line, else characters of text) is a bad row, refused
+    # before it is parsed or tokenized (4 MiB: over a million tokens, far past any max_length); null: none
+    max_row_bytes: int | None = 4 * 2**20
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
 
 
@@ -75,6 +81,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = "auto"
     packing: bool = True  # several examples per row without padding; a DPO pair computes its prompt once
     group_by_length: bool = False  # batches of similar lengths (sorted within windows of 64 batches)
+    # DPO: a prompt's pairs in one batch, so that the prompt and the replies they share (a reply chosen
+    # on several criteria) are computed once; the order shuffles prompts instead of pairs
+    share_prompts: bool = True
     optimizer_in_backward: bool = False  # step each weight when its gradient is done: no gradient memory
 
     def __post_init__(self) -> None:
@@ -292,6 +301,24 @@ def _in_backward(name: str, train: TrainConfig, optim: OptimConfig) -> None:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # the safe loader's own check refuses what cannot be a key
+            if key in seen:
+                raise ConfigError(
+                    f"line {key_node.start_mark.line + 1}: {key!r} is given twice in one section (first on "
+                    f"line {seen[key]}); keep one"
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """``path`` (YAML) over the defaults, then ``overrides`` like ``dpo.beta=0.2``; validated."""
     raw: dict[str, Any] = {}
@@ -300,9 +327,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except ConfigError as e:
+            raise ConfigError(f"{path}, {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}): save it as UTF-8"
+            ) from None
+        if raw is None:
+            log.warning("%s is empty: every setting takes its default", path)
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top, got {type(raw).__name__}")
     for item in overrides or []:

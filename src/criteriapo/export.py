@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 
 import criteriapo
 from criteriapo.errors import CriteriaPOError
-from criteriapo.fsutil import publish_dir, staging_dir, write_error
+from criteriapo.fsutil import plain_modes, publish_dir, staging_dir, write_error
 from criteriapo.models.refcache import record_digests
 
 
@@ -36,9 +36,10 @@ class ModelCard:
         import torch
         import transformers
 
+        hub = hub_id(self.base_model)
         header = yaml.safe_dump(
             {
-                "base_model": self.base_model,
+                **({"base_model": hub} if hub else {}),  # the Hub's field names a Hub model only
                 "library_name": "transformers",
                 "pipeline_tag": "text-generation",
                 "tags": ["criteriapo", *self.method.lower().split()[:1]],
@@ -47,8 +48,11 @@ class ModelCard:
         )
         hp = yaml.safe_dump(self.hyperparameters, sort_keys=False).rstrip()
         metrics = "\n".join(
-            f"| {k} | {v:.4g} |" for k, v in self.metrics.items() if isinstance(v, int | float)
+            f"| {k} | {v:.4g} | {METRIC_MEANINGS.get(k.removeprefix('eval/'), '')} |"
+            for k, v in self.metrics.items()
+            if isinstance(v, int | float)
         )
+        shown = _shown_path(model_dir)
         notes = "".join(f"- {n}\n" for n in self.notes)
         return f"""---
 {header}---
@@ -63,7 +67,7 @@ CriteriaPO {criteriapo.__version__}.
 ```python
 from transformers import pipeline
 
-generator = pipeline("text-generation", model="{model_dir}")
+generator = pipeline("text-generation", model="{shown}")  # or its Hub id once pushed
 messages = [{{"role": "user", "content": "{self.example_prompt}"}}]
 output = generator(messages, max_new_tokens=64, do_sample=False)
 print(output[0]["generated_text"][-1]["content"])
@@ -83,8 +87,10 @@ print(output[0]["generated_text"][-1]["content"])
 
 ### Final metrics
 
-| metric | value |
-|---|---|
+`eval/...`: on the held-out data; the others: the last training step.
+
+| metric | value | meaning |
+|---|---|---|
 {metrics}
 
 ## Framework versions
@@ -94,6 +100,56 @@ print(output[0]["generated_text"][-1]["content"])
 - PyTorch {torch.__version__}
 - Python {platform.python_version()}
 """
+
+
+METRIC_MEANINGS = {
+    "loss": "the training objective",
+    "rewards/accuracies": "share of pairs whose chosen reply gains more log-probability over the reference "
+    "than the rejected one (TRL's name; what DPO optimises)",
+    "rewards/margins": "mean of beta x (chosen - rejected) log-ratio against the reference",
+    "rewards/chosen": "mean of beta x log-ratio of the chosen replies against the reference",
+    "rewards/rejected": "mean of beta x log-ratio of the rejected replies against the reference",
+    "preference_accuracy": "share of pairs whose chosen reply has the higher summed log-probability "
+    "(no reference: favours the shorter reply)",
+    "logp_margin": "mean summed log-probability of chosen minus rejected (no reference)",
+    "logps/chosen": "mean summed log-probability of the chosen replies",
+    "logps/rejected": "mean summed log-probability of the rejected replies",
+    "logps/token": "mean log-probability per completion token",
+    "tokens_per_second": "training speed, sequence tokens per second",
+}
+
+
+def hub_id(base_model: str) -> str | None:
+    """The Hub id of the model a run started from, for the card's ``base_model`` field: a Hub id as
+    given, an embedded model's id, or what a local folder's own card names; None for a local folder
+    with no such record."""
+    from criteriapo.models import find_embedded
+
+    if (m := find_embedded(base_model)) is not None:
+        return m.hf_id
+    path = Path(base_model).expanduser()
+    if not path.exists():
+        return base_model if base_model.count("/") == 1 else None
+    card = path / "README.md" if path.is_dir() else None
+    if card is not None and card.is_file():
+        text = card.read_text(encoding="utf-8")
+        if text.startswith("---\n") and "\n---" in text[4:]:
+            try:
+                front = yaml.safe_load(text[4 : text.index("\n---", 4)])
+            except yaml.YAMLError:
+                return None
+            if isinstance(front, dict) and isinstance(front.get("base_model"), str):
+                return front["base_model"]
+    return None
+
+
+def _shown_path(model_dir: Path) -> str:
+    """The model folder as the user would type it: relative to the working folder when inside it."""
+    full = Path(model_dir).resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
 
 
 def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> Path:
@@ -108,6 +164,7 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> 
             model.generation_config.save_pretrained(tmp)  # an adapter folder keeps its base's settings
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
+        plain_modes(tmp)  # model.safetensors comes out 0600 from its temporary file
         publish_dir(tmp, out_dir)
         record_digests(out_dir)  # the reference cache's key of this folder, while its bytes are warm
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own

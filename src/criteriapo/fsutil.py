@@ -1,13 +1,23 @@
-"""Filesystem helpers: a cache folder, a cross-process lock, and atomic folder publication."""
+"""Filesystem helpers: a cache folder, cross-process locks (a queue, and a run folder's one owner),
+and atomic folder publication."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
+import json
+import logging
 import os
 import shutil
+import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from criteriapo.errors import CriteriaPOError
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "CRITERIAPO_CACHE"
 
@@ -30,6 +40,82 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class FolderInUse(CriteriaPOError):
+    """Another run owns the folder."""
+
+
+RUN_LOCK = ".criteriapo.lock"
+
+
+def _owner_text(raw: str) -> str:
+    try:
+        o = json.loads(raw)
+        return f"pid {o['pid']} on {o['host']}, started {o['started']}: {o['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Own ``folder`` for one run: its lock file (``.criteriapo.lock``, naming the owner's pid, host,
+    start time and command) is held under an exclusive ``flock`` from before anything is written
+    until the run ends. A second run into the folder stops at once, naming the first. The kernel
+    drops a dead process's lock, so a lock file left by a killed run is stale: it is taken over,
+    with a warning. On the way out the lock file goes, and so does the folder if this run created it
+    and left nothing in it (a run refused by its checks leaves no empty folder)."""
+    if folder.exists() and not folder.is_dir():
+        raise FolderInUse(f"output folder {folder} is a file, not a folder: choose another output_dir")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (NotADirectoryError, FileExistsError) as e:
+        raise FolderInUse(
+            f"cannot create output folder {folder}: {e.strerror}; choose another output_dir"
+        ) from e
+    path = folder / RUN_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _owner_text(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            raise FolderInUse(
+                f"{folder} is in use by another run ({owner}). Wait for it to end, stop it, or choose "
+                "another output_dir"
+            ) from None
+        left = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        if left.strip():
+            log.warning("%s: taking over a stale lock (%s): that run is gone", folder, _owner_text(left))
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held: a run that opened it meanwhile is refused
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+    finally:
+        os.close(fd)
+
+
+def plain_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain write gives (0666 less the umask): some
+    writers go through a private temporary file (0600), which would leave a shared model unreadable
+    to the rest of its group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def fsync_tree(folder: Path) -> None:

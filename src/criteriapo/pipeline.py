@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from criteriapo.distributed import (
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
 from criteriapo.export import ExportError, ModelCard, export_model
-from criteriapo.generation import chat_messages, generate
+from criteriapo.generation import chat_messages, generate_batch
 from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
@@ -46,7 +47,7 @@ from criteriapo.models.training import disable_dropout, enable_activation_checkp
 from criteriapo.resume import guard_unfinished, stage_checkpointer
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
-from criteriapo.tracking.progress import ProgressBar
+from criteriapo.tracking.progress import ProgressBar, work_progress
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.loop import Trainer, seed_everything
@@ -138,6 +139,7 @@ def _tokenized(
         split=data.split,
         on_bad_row=data.on_bad_row,
         report_path=report,
+        max_row_bytes=data.max_row_bytes,
     )
     examples = (
         build_pairs(recipe, loaded.examples, recipe_opts or RecipeOptions()) if recipe else loaded.examples
@@ -401,8 +403,14 @@ def _references(
             None,
         )
     # the starting weights are the reference: score them now, so no copy is ever held
-    with adapters_off(model):
-        return score_pairs(model, train, pad, mbs, cache, packing, precision), start_eval, None
+    shown = cfg.tracking.progress and world.main
+    with (
+        adapters_off(model),
+        (
+            work_progress("reference: scoring the training pairs", len(train)) if shown else nullcontext()
+        ) as advance,
+    ):
+        return score_pairs(model, train, pad, mbs, cache, packing, precision, advance), start_eval, None
 
 
 def run_dpo(
@@ -541,9 +549,12 @@ class PipelineResult:
 
 
 def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str]:
+    """Greedy replies to ``prompts``, in one batch."""
     model = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
     tok, max_new_tokens = load_tokenizer(model_dir), cfg.eval.max_new_tokens
-    return [generate(model, tok, chat_messages(p), max_new_tokens=max_new_tokens) for p in prompts]
+    conversations = [chat_messages(p) for p in prompts]
+    replies = generate_batch(model, tok, conversations, max_new_tokens=max_new_tokens, temperature=0.0)
+    return [r.text for r in replies]
 
 
 def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:

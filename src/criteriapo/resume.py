@@ -1,16 +1,23 @@
-"""Going on from a stage's checkpoints: refuse to bury an unfinished run, check that a resumed run
-is the same run (config and data), trim the metrics logged after the checkpoint."""
+"""A run folder's owner, and going on from a stage's checkpoints: one run at a time per folder, a
+finished run replaced only when asked, an unfinished one never buried; a resumed run checked to be
+the same run (config and data), and the metrics logged after the checkpoint trimmed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from criteriapo.config import Config, to_dict
+from criteriapo.criteria.pairs import RECIPES
 from criteriapo.distributed import World, barrier
+from criteriapo.errors import CriteriaPOError
+from criteriapo.fsutil import run_lock
 from criteriapo.train.checkpoint import Checkpoint, Checkpointer, CheckpointError, fingerprint
 
 log = logging.getLogger(__name__)
@@ -21,6 +28,47 @@ FREE_KEYS = tuple(
     for stage in ("sft", "dpo")
     for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
 ) + ("model.device",)
+
+
+class FinishedRun(CriteriaPOError):
+    """A new run would replace a finished one's model."""
+
+
+def stage_dirs(cfg: Config, command: str) -> list[Path]:
+    """The stage folders that ``criteriapo COMMAND`` (sft, dpo or pipeline) writes under output_dir."""
+    out = Path(cfg.output_dir)
+    recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
+    dpo = [out / (f"dpo-{r}" if r else "dpo") for r in recipes]
+    if command == "sft":
+        return [out / "sft"]
+    if command == "dpo":
+        return [out / (f"dpo-{cfg.dpo.recipe}" if cfg.dpo.recipe and cfg.dpo.recipe != "all" else "dpo")]
+    return [out / "sft", *dpo]
+
+
+@contextlib.contextmanager
+def claim_run_folder(
+    out: Path, stages: Sequence[Path], resume: bool = False, overwrite: bool = False
+) -> Iterator[None]:
+    """Own ``out`` for this run (see :func:`criteriapo.fsutil.run_lock`; under torchrun rank 0 holds
+    it for all), and refuse to replace a finished stage's model unless ``overwrite`` (or ``resume``,
+    which goes on from its checkpoints)."""
+    main = os.environ.get("RANK", "0") == "0"
+    with run_lock(out) if main else contextlib.nullcontext():
+        done = [s for s in stages if (s / "model").is_dir()]
+        if done and not (resume or overwrite):
+            raise FinishedRun(
+                f"{done[0]} holds a finished run (its model: {done[0] / 'model'}), which this run would "
+                "replace. Pass --overwrite to replace it, or choose another output_dir"
+            )
+        new = [s for s in stages if not s.exists()]
+        try:
+            yield
+        except BaseException:
+            for s in new if main else ():  # a run refused by its checks leaves no empty stage folder
+                with contextlib.suppress(OSError):
+                    s.rmdir()
+            raise
 
 
 def guard_unfinished(folder: Path, resume: bool, world: World) -> None:

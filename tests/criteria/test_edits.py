@@ -6,9 +6,17 @@ from __future__ import annotations
 import pytest
 
 from criteriapo.criteria import parse_criterion
-from criteriapo.criteria.edits import CLOSERS, ORDER, plain_sentences, satisfy, satisfy_all, trim_cut_off
+from criteriapo.criteria.edits import (
+    CLOSERS,
+    ORDER,
+    looping,
+    plain_sentences,
+    satisfy,
+    satisfy_all,
+    trim_cut_off,
+)
 from criteriapo.criteria.library import words
-from criteriapo.criteria.quality import acceptable
+from criteriapo.criteria.quality import acceptable, repeated_span
 
 REPLY = (
     "The sea is vast, deep and very old. Many creatures live in it. Sailors have crossed it for centuries."
@@ -105,3 +113,17 @@ def test_cut_off_reply_is_trimmed_to_its_last_sentence():
         "Owls hunt at night. They see well in the dark."
     )
     assert trim_cut_off("Owls hunt at night and") is None
+
+
+def test_looping_says_one_sentence_or_list_line_three_times_where_it_stands():
+    text = "Owls hunt at night. They see well in the dark. Their hearing is sharp."
+    looped = looping(text, 1)
+    assert looped == (
+        "Owls hunt at night. They see well in the dark. They see well in the dark. "
+        "They see well in the dark. Their hearing is sharp."
+    )
+    assert repeated_span(looped) is not None and repeated_span(text) is None
+    listed = "Tea facts:\n- It is old.\n- It grows on bushes."
+    assert looping(listed, 0) == "Tea facts:\n- It is old.\n- It is old.\n- It is old.\n- It grows on bushes."
+    assert repeated_span(looping(listed, 0)) is not None
+    assert looping("ok", 0) is None and looping("no ending mark here", 3) is None

@@ -94,6 +94,26 @@ def test_samples_that_separate_need_no_edit_and_a_decoy_shows_unasked_format():
     assert decoy["ratings"]["as_asked"] == 0.0 and "Rain falls from clouds and it is wet" in decoy["response"]
 
 
+def test_a_third_of_decoys_loop_and_any_reply_that_loops_is_not_as_asked():
+    best = "Rain falls from clouds. It is wet and cold."
+    kinds = Counter()
+    for k in range(60):
+        drawn = Drawn(
+            "rain", (parse_criterion("max_words:20"),), "train", "Describe rain.", f"Describe rain. {k}"
+        )
+        row = make_record(drawn, [_sample(best), _sample("Rain.")], "m")
+        decoys = [c for c in row["completions"] if c["model"].startswith("decoy:")]
+        assert len(decoys) == 1 and decoys[0]["ratings"]["as_asked"] == 0.0
+        kinds[decoys[0]["model"] == "decoy:loop"] += 1
+        if decoys[0]["model"] == "decoy:loop":  # the best sample, one sentence said three times
+            text = decoys[0]["response"]
+            assert text.count("Rain falls from clouds.") == 3 or text.count("It is wet and cold.") == 3
+    assert 10 <= kinds[True] <= 30 and kinds[False] >= 30
+    looped = "Rain is wet. Rain is wet. Rain is wet."
+    row = make_record(_drawn(["max_words:20"]), [_sample(looped), _sample(best)], "m", decoy=False)
+    assert {c["response"]: c["ratings"]["as_asked"] for c in row["completions"]} == {best: 1.0, looped: 0.0}
+
+
 def test_a_criterion_no_sample_passes_gets_one_natural_edit_of_the_best_sample():
     samples = [
         _sample("Rain falls from clouds. It waters the fields. It fills the rivers."),
@@ -123,7 +143,8 @@ def test_finegrained_pairs_from_a_record_differ_only_where_the_criterion_does():
     pairs = {p.criterion: (p.chosen[0]["content"], p.rejected[0]["content"]) for p in build_finegrained([ex])}
     best = row["completions"][0]["response"]
     assert pairs["lowercase"] == (best.lower(), best)
-    assert pairs["as_asked"][0] == best and best in pairs["as_asked"][1] and pairs["as_asked"][1] != best
+    decoy = pairs["as_asked"][1]
+    assert pairs["as_asked"][0] == best and best.lower() in decoy.lower() and decoy != best
 
 
 def test_cut_off_sample_is_trimmed_to_its_last_sentence():

@@ -138,3 +138,34 @@ def test_plain_folder_is_refused(tmp_path):
     (tmp_path / "f").mkdir()
     with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
         load_data(tmp_path / "f")
+
+
+def test_a_row_over_the_size_limit_is_a_bad_row_read_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    huge = {"prompt": "word " * 4_000_000, "chosen": "a", "rejected": "b"}  # a 20 MB line
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], huge, ROWS[1]])
+    tracemalloc.start()
+    try:
+        loaded = load_data(path, on_bad_row="skip", max_row_bytes=100_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 2**20  # the line is never held whole: a 1 MiB chunk at a time
+    assert [e.prompt for e in loaded.examples] == [r["prompt"] for r in ROWS]
+    (bad,) = loaded.bad_rows
+    size = len(json.dumps(huge)) + 1
+    assert bad.row == 2 and f"row too large ({size:,} bytes, over data.max_row_bytes 100,000)" in bad.reason
+    # the next row's line number is still right, and without a limit the row is read
+    assert [e.source.row for e in loaded.examples] == [1, 3]
+    assert len(load_data(path, max_row_bytes=None).examples) == 3
+
+
+def test_rows_of_other_formats_are_measured_by_their_text(tmp_path):
+    pq.write_table(pa.Table.from_pylist([ROWS[0], {**ROWS[1], "prompt": "x" * 5000}]), tmp_path / "d.parquet")
+    rows = list(read_rows(tmp_path / "d.parquet", max_row_bytes=1000))
+    assert (
+        rows[0].problem is None
+        and "5," in rows[1].problem.reason
+        and "characters of text" in rows[1].problem.reason
+    )

@@ -279,11 +279,28 @@ def test_skip_keeps_every_good_row_and_reports_the_rest(tmp_path):
 
 
 def test_error_lists_every_bad_row(tmp_path):
-    rows = [GOOD["preference"]] + [{"prompt": "Q?", "chosen": "s", "rejected": "s"}] * 25
+    labels = [
+        {"prompt": "Q?", "chosen": "a", "rejected": "b", "criteria_labels": {f"c{i}": "x"}} for i in range(25)
+    ]
+    rows = [GOOD["preference"], *labels]  # 25 rows, each failing in a field of its own
     with pytest.raises(BadRowsError) as e:
         load_data(write_jsonl(tmp_path / "d.jsonl", rows))
     assert len(e.value.bad_rows) == 25
     assert "25 of 26 rows cannot be used" in str(e.value) and "and 5 more" in str(e.value)
+
+
+def test_rows_failing_the_same_way_are_said_once(tmp_path):
+    """A whole file of the wrong kind is one line with the count, not one line per row."""
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [GOOD["preference"]] + [{"prompt": "Q?", "chosen": "s", "rejected": "s"}] * 16
+    )
+    with pytest.raises(BadRowsError) as e:
+        load_data(path)
+    lines = str(e.value).splitlines()
+    assert lines[1].startswith(
+        f"  {path}, 16 rows (2, 3, 4, 5, 6, ...), field 'rejected': identical to chosen"
+    )
+    assert len(lines) == 3
 
 
 def test_skip_with_no_good_row_left_is_an_error(tmp_path):
@@ -346,6 +363,48 @@ def test_hostile_values_are_bad_rows(tmp_path, line, field, reason):
     (bad,) = loaded.bad_rows
     assert (bad.row, bad.field) == (2, field) and reason in bad.reason
     assert len(loaded.examples) == 1 and (tmp_path / "report.jsonl").read_text().count("\n") == 1
+
+
+def _conv(prompt: list[dict]) -> dict:
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+
+
+USER = {"role": "user", "content": "Is it so?"}
+
+
+@pytest.mark.parametrize(
+    "row, field, reason",
+    [
+        ({"prompt": "Q?", "chosen": "a\u0000b", "rejected": "b"}, "chosen", "NUL character (at character 1)"),
+        (_conv([USER, USER]), "prompt[1].role", "two user messages in a row (prompt[0] and [1])"),
+        (
+            _conv([USER, {"role": "system", "content": "Be terse."}, USER]),
+            "prompt[1].role",
+            "a system message must come first",
+        ),
+        (
+            {
+                "messages": [
+                    USER,
+                    {"role": "assistant", "content": "Yes."},
+                    {"role": "system", "content": "x"},
+                ]
+            },
+            "messages[2].role",
+            "a system message must come first",
+        ),
+    ],
+)
+def test_corrupted_text_and_turns_templates_refuse_are_bad_rows(tmp_path, row, field, reason):
+    """NUL characters, a system message after the start and two user turns in a row: chat templates
+    refuse or misplace them, so the row is refused with where and why."""
+    good = GOOD["sft"] if "messages" in row else GOOD["preference"]
+    (bad,) = load_data(write_jsonl(tmp_path / "d.jsonl", [row, good, good]), on_bad_row="skip").bad_rows
+    assert (bad.row, bad.field) == (1, field) and reason in bad.reason
 
 
 def test_csv_text_that_looks_like_json_stays_text(tmp_path):

@@ -96,3 +96,21 @@ def test_an_exported_folder_is_hashed_at_export(tmp_path, monkeypatch, smollm2_t
     records = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "digests").iterdir()]
     assert {Path(r["path"]).name for r in records} == {"model.safetensors", "config.json"}
     assert all(Path(r["path"]).parent == out.resolve() for r in records)
+
+
+def test_the_card_names_the_hub_model_a_run_started_from(tmp_path):
+    """The Hub's base_model field takes a Hub id: an embedded model's, a Hub id as given, or the one a
+    CriteriaPO folder's own card names (an SFT model's card, for the DPO run from it)."""
+    from criteriapo.export import ModelCard, hub_id
+
+    assert hub_id("smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    assert hub_id(str(sft)) is None  # a local folder with no card: no Hub id to claim
+    card = ModelCard(name="s", base_model="smollm2", method="SFT", datasets=[], hyperparameters={})
+    (sft / "README.md").write_text(card.render(sft))
+    assert hub_id(str(sft)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    dpo = ModelCard(name="d", base_model=str(sft), method="DPO", datasets=[], hyperparameters={})
+    text = dpo.render(tmp_path / "dpo")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in text and f"Base model: `{sft}`" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -32,14 +33,20 @@ PACKING_OFF = {"mistral", "gemma2", "gemma3_text", "gemma3", "falcon_h1"}
 
 
 def pairs() -> list[TokenizedPair]:
-    """Prompts of 0 to 9 tokens and completions of 1 to 8: longer than the zoo's sliding windows."""
+    """Prompts of 0 to 9 tokens and completions of 1 to 8: longer than the zoo's sliding windows;
+    three pairs of one prompt share a reply."""
     g = torch.Generator().manual_seed(3)
 
     def ids(n):
         return torch.randint(3, VOCAB - 4, (n,), generator=g).tolist()
 
     shapes = [(9, 3, 8), (0, 4, 2), (7, 1, 6), (2, 6, 1)]
-    return [TokenizedPair(ids(p), ids(c), ids(r), RowRef("zoo", i)) for i, (p, c, r) in enumerate(shapes)]
+    out = [TokenizedPair(ids(p), ids(c), ids(r), RowRef("zoo", i)) for i, (p, c, r) in enumerate(shapes)]
+    # as finegrained pairs are: more pairs of the first prompt, sharing its replies (computed once)
+    first = out[0]
+    out.append(TokenizedPair(first.prompt_ids, first.chosen_ids, ids(5), RowRef("zoo", 4)))
+    out.append(TokenizedPair(first.prompt_ids, ids(2), first.chosen_ids, RowRef("zoo", 5)))
+    return out
 
 
 def own_logps(model, ids, mask, labels) -> torch.Tensor:
@@ -110,6 +117,10 @@ def test_exported_folder_reloads_with_the_same_logits(arch, tmp_path, smollm2_to
     model = zoo_model(arch).eval()
     card = ModelCard(name=arch, base_model="tiny", method="DPO", datasets=[], hyperparameters={})
     export_model(model, smollm2_tokenizer, tmp_path / "model", card)
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "model").iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, modes  # model.safetensors as readable as the rest
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert type(again) is type(model)
     ids = torch.randint(3, VOCAB - 4, (2, 12), generator=torch.Generator().manual_seed(1))

@@ -55,7 +55,15 @@ def toy_sft(n: int = 8) -> list[TokenizedSFT]:
 
 
 def dpo_trainer(
-    model, pairs, micro: int, batch: int = 8, lr: float = 1e-3, epochs: int = 1, group: bool = False, **dpo
+    model,
+    pairs,
+    micro: int,
+    batch: int = 8,
+    lr: float = 1e-3,
+    epochs: int = 1,
+    group: bool = False,
+    share: bool = True,
+    **dpo,
 ):
     ref = score_pairs(model, pairs, PAD)
     task = DPOTask(DPOConfig(**dpo), PAD, 64, reference=ref)
@@ -64,7 +72,13 @@ def dpo_trainer(
         task,
         pairs,
         OptimConfig(lr=lr, scheduler="constant"),
-        TrainConfig(batch_size=batch, micro_batch_size=micro, epochs=epochs, group_by_length=group),
+        TrainConfig(
+            batch_size=batch,
+            micro_batch_size=micro,
+            epochs=epochs,
+            group_by_length=group,
+            share_prompts=share,
+        ),
         Loggers([]),
         pairs,
     )
@@ -75,12 +89,28 @@ def assert_same_gradients(a: Trainer, b: Trainer) -> None:
     lb, _, _ = b.accumulate_gradients(list(range(8)))
     assert la == pytest.approx(lb, rel=1e-5)
     for (name, pa), pb in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def shared_toy_pairs(n: int = 8) -> list[TokenizedPair]:
+    """As finegrained data has them: prompts with several pairs sharing their replies (a reply chosen
+    on one criterion and rejected on another)."""
+    replies = [[10, 11, 2], [20, 21, 2], [30, 2], [40, 41, 42, 2]]
+    out = []
+    for i in range(n):
+        prompt = [3 + i // 3, 4, 5 + i // 3][: 2 + i // 3 % 2]
+        out.append(
+            TokenizedPair(prompt, replies[i % 3], replies[(i % 3 + 1 + i % 2) % 4], RowRef("toy", i + 1))
+        )
+    return out
 
 
 @pytest.mark.parametrize("dpo", [{}, {"loss_type": "ipo"}, {"rpo_alpha": 0.5}])
-def test_dpo_accumulation_8x1_equals_1x8(dpo):
-    pairs = toy_pairs(8)
+@pytest.mark.parametrize("data", [toy_pairs, shared_toy_pairs])
+def test_dpo_accumulation_8x1_equals_1x8(dpo, data):
+    """With shared prompts, the one micro-batch computes each distinct sequence once and the eight
+    compute each pair alone: the loss and gradients are the same."""
+    pairs = data(8)
     assert_same_gradients(
         dpo_trainer(tiny_model(), pairs, micro=1, **dpo), dpo_trainer(tiny_model(), pairs, micro=8, **dpo)
     )
@@ -189,6 +219,40 @@ def test_length_grouped_order_batches_similar_lengths_and_resumes():
     again = DataOrder(203, 5, lengths, batch_size=8)
     again.load_state_dict(grouped.state_dict())
     assert again.next_batch(8) == grouped.next_batch(8)  # the second epoch, from the saved position
+
+
+def test_units_stay_together_in_every_order():
+    units = [[0, 5, 6], [1], [2, 7], [3, 4, 8, 9]]
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 100, (10,), generator=g).tolist()
+    for lens in (None, lengths):
+        order = DataOrder(10, seed=2, lengths=lens, batch_size=3, units=units)
+        for _epoch in range(3):
+            batches = [order.next_batch(3) for _ in range(4)]
+            flat = [i for b in batches for i in b]
+            assert sorted(flat) == list(range(10))
+            for u in units:
+                at = sorted(flat.index(i) for i in u)
+                if lens is None:
+                    assert at == list(range(at[0], at[0] + len(u))), (flat, u)  # consecutive
+                # batches sorted by length are shuffled: a unit is at most in the batches it straddles
+                touched = {k for k, b in enumerate(batches) if set(b) & set(u)}
+                assert len(touched) <= (len(u) + 1) // 3 + 1, (batches, u)
+    # each example a unit of its own: the order of no units at all, so older runs resume the same
+    plain, singles = DataOrder(10, seed=4), DataOrder(10, seed=4, units=[[i] for i in range(10)])
+    assert [plain.next_batch(3) for _ in range(8)] == [singles.next_batch(3) for _ in range(8)]
+    with pytest.raises(ValueError, match="each of the 10 examples once"):
+        DataOrder(10, seed=0, units=[[0, 1], [1, 2]])
+
+
+def test_a_prompts_pairs_share_a_batch():
+    pairs = shared_toy_pairs(9)
+    trainer = dpo_trainer(tiny_model(), pairs, micro=3, batch=3)
+    assert trainer.order.units == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    batches = [sorted(trainer.order.next_batch(3)) for _ in range(3)]
+    assert sorted(batches) == trainer.order.units
+    apart = dpo_trainer(tiny_model(), pairs, micro=3, batch=3, share=False)
+    assert apart.order.units == [[i] for i in range(9)]
 
 
 @pytest.mark.parametrize("group", [False, True])

@@ -19,6 +19,7 @@ from criteriapo.train.packing import (
     collate,
     packing_problem,
     pair_segment,
+    prompt_segment,
     resolve_packing,
     sequence_segment,
 )
@@ -83,6 +84,80 @@ def test_mask_keeps_segments_and_branches_apart():
     ]
     second = attention_mask(batch["segment"], batch["branch"], "sdpa", torch.float32)[1, 0]
     assert second.int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+def test_a_prompt_with_three_completions_computes_it_once():
+    s = prompt_segment([1, 2], [([3, 4], 5), ([6], 0), ([7, 8], 9)])
+    assert s.ids == [1, 2, 3, 4, 6, 7, 8]
+    assert s.positions == [0, 1, 2, 3, 2, 2, 3]
+    assert s.branch == [SHARED, SHARED, 1, 1, 2, 3, 3]
+    assert list(zip(s.src, s.target, s.seq, strict=True)) == [
+        (1, 3, 5),
+        (2, 4, 5),
+        (1, 6, 0),
+        (1, 7, 9),
+        (5, 8, 9),
+    ]
+    assert s.tokens == 3 * 2 + 2 + 1 + 2
+    mask = attention_mask(collate([s], PAD)["segment"], collate([s], PAD)["branch"], "sdpa", torch.float32)
+    assert mask[0, 0].int().tolist() == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # the second completion sees the prompt and itself
+        [1, 1, 0, 0, 0, 1, 0],  # the third sees neither of the others
+        [1, 1, 0, 0, 0, 1, 1],
+    ]
+
+
+def shared_pairs() -> list[TokenizedPair]:
+    """Finegrained-style pairs: one prompt's reply X is chosen on two criteria and rejected on a
+    third, another prompt's pair repeats a reply, and one pair stands alone."""
+    a, b, c = [5, 6, 7], [9], [11, 12, 13, 14]
+    x, y, z, w = [20, 21, 22], [23, 24], [25], [26, 27, 28, 29]
+    return [
+        TokenizedPair(a, x, y, RowRef("toy", 1)),
+        TokenizedPair(b, z, w, RowRef("toy", 2)),
+        TokenizedPair(a, x, z, RowRef("toy", 3)),
+        TokenizedPair(a, w, x, RowRef("toy", 4)),
+        TokenizedPair(c, y, w, RowRef("toy", 5)),
+        TokenizedPair(b, y, w, RowRef("toy", 6)),
+    ]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packing", [True, False])
+def test_shared_prompts_and_replies_give_each_pairs_own_logps_and_gradients(kind, attn, packing):
+    lm = model(kind, attn)
+    ps = shared_pairs()
+    n = 2 * len(ps)
+    batch = collate_pairs(ps, range(len(ps)), PAD, packing=packing)
+    # 12 output sequences, 9 distinct: a with x, w, y, z; b with z, y, w; c with y, w
+    assert batch["canon"].tolist() == [0, 1, 0, 3, 4, 5, 6, 7, 8, 0, 10, 7]
+    assert sorted(set(batch["seq"].tolist())) == [0, 1, 3, 4, 5, 6, 7, 8, 10]
+    alone = [collate_pairs([p], [0], PAD, packing=packing) for p in ps]
+    assert int(batch["tokens"]) == sum(int(b["tokens"]) for b in alone)
+    assert int(batch["chosen_tokens"]) == sum(int(b["chosen_tokens"]) for b in alone)
+    out = batch_logps(lm, batch, n)
+    grads = torch.autograd.grad((out.logps * torch.arange(1.0, n + 1)).sum(), list(lm.parameters()))
+    want_logps, want_tokens, want_grads = torch.zeros(n), torch.zeros(n, dtype=torch.long), None
+    for i, b in enumerate(alone):
+        one = batch_logps(lm, b, 2)
+        want_logps[[i, len(ps) + i]] = one.logps.detach()
+        want_tokens[[i, len(ps) + i]] = one.num_tokens
+        g = torch.autograd.grad(
+            one.logps[0] * (i + 1) + one.logps[1] * (len(ps) + i + 1), list(lm.parameters())
+        )
+        want_grads = g if want_grads is None else [u + v for u, v in zip(want_grads, g, strict=True)]
+    torch.testing.assert_close(out.logps.detach(), want_logps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.num_tokens, want_tokens)
+    for x, y in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    if packing:  # the two prompts shared by several pairs are each computed once
+        assert int((batch["segment"] >= 0).sum()) == (3 + 3 + 4 + 2 + 1) + (1 + 1 + 2 + 4) + (4 + 2 + 4)
+        assert int((batch["segment"] >= 0).sum()) < sum(int((b["segment"] >= 0).sum()) for b in alone)
 
 
 def test_packing_fills_rows_up_to_the_longest():

@@ -179,3 +179,20 @@ def satisfy_all(
         if out is None:
             return None
     return out
+
+
+def looping(text: str, pick: int) -> str | None:
+    """The reply as a tuned model loops it: one of its list lines, or one of its sentences, said three
+    times in a row where it stands (``pick`` chooses which). None when it has neither. A degradation,
+    for rejected replies only."""
+    lines = text.splitlines()
+    listed = [i for i, line in enumerate(lines) if _MARKER.match(line) and len(words(line)) >= 2]
+    if listed:
+        i = listed[pick % len(listed)]
+        return "\n".join([*lines[: i + 1], lines[i], lines[i], *lines[i + 1 :]])
+    said = [s for s in sentences(text) if s[-1] in ".!?" and len(words(s)) >= 2 and s in text]
+    if not said:
+        return None
+    s = said[pick % len(said)]
+    at = text.index(s) + len(s)
+    return f"{text[:at]} {s} {s}{text[at:]}"

@@ -6,10 +6,10 @@ does. Several replies per prompt are sampled from the model (batched, seeded, ca
 every one is scored on every criterion of its prompt by the checkers (1 pass, 0 fail), so the pairs
 the recipes build are the model's own best against its own worst. Where no sample passes a
 criterion, one more candidate is added: the best acceptable sample with natural edits for those
-criteria (:mod:`criteriapo.criteria.edits`), never a repeated filler; and one decoy with a format
-nobody asked for, rated 0 on ``as_asked``. A reply stopped by the token limit is cut back to its
-last complete sentence. The result is UltraFeedback-like JSONL that the data loader reads as
-``multi_criteria``. Same seed, same model, same size: the same files.
+criteria (:mod:`criteriapo.criteria.edits`), never a repeated filler; and one decoy, rated 0 on
+``as_asked``: the best sample with a format nobody asked for, or looping. A reply stopped by the
+token limit is cut back to its last complete sentence. The result is UltraFeedback-like JSONL that
+the data loader reads as ``multi_criteria``. Same seed, same model, same size: the same files.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from criteriapo.criteria.edits import plain_sentences, satisfy, satisfy_all, trim_cut_off
+from criteriapo.criteria.edits import looping, plain_sentences, satisfy, satisfy_all, trim_cut_off
 from criteriapo.criteria.library import Criterion, parse_criterion
 from criteriapo.criteria.phrasing import phrase_criterion, phrase_prompt, phrase_task
-from criteriapo.criteria.quality import AS_ASKED, UNASKED, acceptable, unasked_format
+from criteriapo.criteria.quality import AS_ASKED, UNASKED, acceptable, repeated_span, unasked_format
 from criteriapo.fsutil import cache_dir, publish_dir, staging_dir
 
+LOOP_DECOYS = 1 / 3  # of the decoys, the share that loop instead of showing an unasked format
 TOPICS = [
     "the ocean",
     "coffee",
@@ -182,8 +183,14 @@ def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> st
     from criteriapo.models.refcache import folder_digest
 
     sampling = [opts.samples, opts.seed, opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size]
-    # "sampler": how the samples are drawn (each prompt computed once for all its samples)
-    spec = {"model": folder_digest(model_path), "prompts": prompts, "opts": sampling, "sampler": "shared"}
+    # "sampler": how the samples are drawn (each prompt computed once for all its samples; the
+    # exponential race over the top 50 tokens)
+    spec = {
+        "model": folder_digest(model_path),
+        "prompts": prompts,
+        "opts": sampling,
+        "sampler": "shared-race",
+    }
     key = json.dumps(spec)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
@@ -193,23 +200,26 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
     model (by the digest of its files), these prompts and these settings were sampled before."""
     from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer
+    from criteriapo.tracking.progress import work_progress
 
     path = cache_dir() / "samples" / f"{_samples_key(model_path, prompts, opts)}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     model, tok = load_model(model_path), load_tokenizer(model_path)
     convs = [[{"role": "user", "content": p}] for p in prompts]
-    flat = generate_batch(
-        model,
-        tok,
-        convs,
-        samples=opts.samples,
-        max_new_tokens=opts.max_new_tokens,
-        temperature=opts.temperature,
-        top_p=opts.top_p,
-        seed=opts.seed * 1000,
-        batch_size=opts.batch_size,
-    )
+    with work_progress(f"sampling {opts.samples} replies per prompt", len(convs)) as advance:
+        flat = generate_batch(
+            model,
+            tok,
+            convs,
+            samples=opts.samples,
+            max_new_tokens=opts.max_new_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            seed=opts.seed * 1000,
+            batch_size=opts.batch_size,
+            progress=advance,
+        )
     k = opts.samples
     replies = [
         [{"text": r.text, "cut_off": r.cut_off} for r in flat[i : i + k]] for i in range(0, len(flat), k)
@@ -222,11 +232,11 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
 
 
 def _rate(text: str, drawn: Drawn) -> dict[str, float]:
-    """1 or 0 per criterion of the prompt, and ``as_asked``: 1 when the reply shows no format the
-    prompt did not ask for (see :func:`criteriapo.criteria.quality.unasked_format`)."""
+    """1 or 0 per criterion of the prompt, and ``as_asked``: 1 when the reply neither loops nor shows
+    a format the prompt did not ask for (see :mod:`criteriapo.criteria.quality`)."""
     asked = [c.name for c in drawn.criteria]
     return {c.name: float(c.passes(text)) for c in drawn.criteria} | {
-        AS_ASKED: float(not unasked_format(text, asked))
+        AS_ASKED: float(not unasked_format(text, asked) and repeated_span(text) is None)
     }
 
 
@@ -236,8 +246,10 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str, decoy: bool 
     - the sampled replies (a cut-off one trimmed to its last complete sentence, or kept and marked
       ``cut_off`` when it has none);
     - for the criteria no sample passes, the best acceptable sample edited to pass them;
-    - when ``decoy``, a decoy: the best sample with one format nobody asked for (a title, quotes,
-      JSON, a P.S., capitals), so that a recipe can teach "when asked", not "always".
+    - when ``decoy``, a decoy rated 0 on ``as_asked``: the best sample with one format nobody asked
+      for (a title, quotes, JSON, a P.S., capitals), so that a recipe can teach "when asked", not
+      "always"; or, one time in :data:`LOOP_DECOYS`, the best sample with one of its sentences
+      said three times, the way DPO-tuned models loop.
 
     The best sample comes first, so on ties it is the rejected reply against its own edit: a pair
     that differs only where the criterion does."""
@@ -260,8 +272,13 @@ def make_record(drawn: Drawn, sampled: list[dict], model_name: str, decoy: bool 
             candidates.append((edited, "edit:" + "+".join(c.name for c in unmet), False))
         asked = {c.name.partition(":")[0] for c in drawn.criteria}
         unasked = [f for f in UNASKED if f not in asked]
-        if decoy and unasked:
-            family = random.Random(drawn.text).choice(unasked)
+        rng = random.Random(drawn.text)
+        if decoy and rng.random() < LOOP_DECOYS:
+            looped = looping(best, rng.randrange(1 << 16))
+            if looped is not None and repeated_span(looped) is not None:
+                candidates.append((looped, "decoy:loop", False))
+        elif decoy and unasked:
+            family = rng.choice(unasked)
             shown = satisfy(best, parse_criterion(family), drawn.topic, extra)
             if shown is not None:
                 candidates.append((shown, f"decoy:{family}", False))

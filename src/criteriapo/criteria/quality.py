@@ -13,7 +13,8 @@ and a bulleted list whose items share their first words do not.
 **Unasked format** is formatting a person did not ask for: a ``<<title>>``, the whole reply in
 double quotes, a JSON reply, a ``P.S.`` line, or a reply in capital letters, when the prompt's
 criteria do not ask for it. A tuned model that learned "add a title" instead of "add a title when
-asked" shows it; the made data rates it (``as_asked``) and evaluation reports its rate.
+asked" shows it; evaluation reports its rate. The made data rates both (``as_asked``: 1 when a reply
+neither loops nor shows unasked format), so that decoys of either kind teach against them.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def repeated_span(text: str) -> str | None:
 
 
 UNASKED = ("title", "quoted", "json", "postscript", "uppercase")  # criterion families
-AS_ASKED = "as_asked"  # the rating the made data gives: 1 when a reply has no unasked format
-AS_ASKED_DESCRIPTION = "Use no formatting that was not asked for."
+AS_ASKED = "as_asked"  # the rating the made data gives: 1 when a reply neither loops nor has unasked format
+AS_ASKED_DESCRIPTION = "Say each thing once, with no formatting that was not asked for."
 
 
 def unasked_format(text: str, asked: Iterable[str]) -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from statistics import mean
 
 from criteriapo.data.loading import LoadedData, read_data
+from criteriapo.data.readers import MAX_ROW_BYTES
 from criteriapo.data.records import BadRow, MultiCriteriaExample, PreferenceExample, RowProblem
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
 
@@ -43,9 +44,11 @@ def check_data(
     tokenizer=None,
     max_length: int | None = None,
     max_prompt_length: int | None = None,
+    max_row_bytes: int | None = MAX_ROW_BYTES,
 ) -> CheckReport:
-    """Read every row (so every problem is listed), then measure token lengths."""
-    loaded = read_data(path, kind=kind, split=split)
+    """Read every row (so every problem is listed, rows over ``max_row_bytes`` among them), then
+    measure token lengths."""
+    loaded = read_data(path, kind=kind, split=split, max_row_bytes=max_row_bytes)
     report = CheckReport(loaded)
     for ex in loaded.examples:
         if isinstance(ex, MultiCriteriaExample):

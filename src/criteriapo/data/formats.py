@@ -71,6 +71,24 @@ def _encodable(value: str, field: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate, e.g. from a "\ud800" escape in JSON
         raise RowProblem(field, "contains an unpaired surrogate (not valid Unicode text)") from None
+    if (at := value.find("\x00")) >= 0:  # no text has one: a binary or corrupted file
+        raise RowProblem(field, f"contains a NUL character (at character {at}); remove it")
+
+
+def _check_turns(messages: list[Message], field: str) -> list[Message]:
+    """A system message only first, and no two user messages in a row: chat templates place the
+    system message before the conversation, and many refuse turns that do not alternate."""
+    for i, m in enumerate(messages):
+        if m["role"] == "system" and i > 0:
+            raise RowProblem(
+                f"{field}[{i}].role", "a system message must come first; move it to the start or merge it"
+            )
+        if i and m["role"] == "user" and messages[i - 1]["role"] == "user":
+            raise RowProblem(
+                f"{field}[{i}].role",
+                f"two user messages in a row ({field}[{i - 1}] and [{i}]): merge them into one",
+            )
+    return messages
 
 
 def _messages(value: Any, field: str) -> list[Message]:
@@ -106,6 +124,7 @@ def _completion_messages(messages: list[Message], field: str) -> list[Message]:
 
 
 def _check_prompt_messages(prompt: list[Message], field: str) -> list[Message]:
+    _check_turns(prompt, field)
     last = prompt[-1]["role"]
     if last not in PROMPT_END_ROLES:
         raise RowProblem(
@@ -241,7 +260,7 @@ def parse_preference(row: dict[str, Any]) -> dict[str, Any]:
 def parse_sft(row: dict[str, Any]) -> dict[str, Any]:
     """Fields of an :class:`SFTExample` (without ``source``) from one row."""
     if "messages" in row:
-        messages = _messages(_require(row, "messages"), "messages")
+        messages = _check_turns(_messages(_require(row, "messages"), "messages"), "messages")
         first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
         if first is None:
             raise RowProblem("messages", "no assistant message to learn from")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from criteriapo.data.formats import EXPECTED_FIELDS, KINDS, detect_kind, parse_row
-from criteriapo.data.readers import RawRow, read_rows
+from criteriapo.data.readers import MAX_ROW_BYTES, RawRow, read_rows
 from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem
 from criteriapo.data.validation import apply_policy, check_policy
 from criteriapo.errors import DataError
@@ -41,14 +41,19 @@ def detect_format(rows: Sequence[RawRow]) -> str:
 
 
 def read_data(
-    paths: str | Path | Sequence[str | Path], *, kind: str = "auto", split: str | None = None
+    paths: str | Path | Sequence[str | Path],
+    *,
+    kind: str = "auto",
+    split: str | None = None,
+    max_row_bytes: int | None = MAX_ROW_BYTES,
 ) -> LoadedData:
-    """Read, detect and validate every row; bad rows are collected, no policy applied."""
+    """Read, detect and validate every row; bad rows are collected, no policy applied. A row over
+    ``max_row_bytes`` is a bad row, refused before it is parsed."""
     if kind != "auto" and kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected auto or one of {', '.join(KINDS)}")
     if isinstance(paths, str | Path):
         paths = [paths]
-    rows = [r for p in paths for r in read_rows(p, split)]
+    rows = [r for p in paths for r in read_rows(p, split, max_row_bytes)]
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no rows")
     found = detect_format(rows)
@@ -81,10 +86,11 @@ def load_data(
     split: str | None = None,
     on_bad_row: str = "error",
     report_path: str | Path | None = None,
+    max_row_bytes: int | None = MAX_ROW_BYTES,
 ) -> LoadedData:
     """:func:`read_data`, then the bad-row policy. ``kind``: auto, preference, sft or multi_criteria."""
     check_policy(on_bad_row)
-    data = read_data(paths, kind=kind, split=split)
+    data = read_data(paths, kind=kind, split=split, max_row_bytes=max_row_bytes)
     policy = "error" if not data.examples else on_bad_row  # skipping everything leaves nothing to train on
     apply_policy(data.bad_rows, data.rows_read, policy, stage="reading", report_path=report_path)
     return data

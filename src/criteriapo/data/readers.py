@@ -2,6 +2,10 @@
 
 Readers never raise for one bad row: an unreadable row comes back with a :class:`BadRow` so the
 caller's bad-row policy decides. Only a file that cannot be read at all raises :class:`DataError`.
+
+A row larger than ``max_row_bytes`` is a bad row, refused before it is parsed: a JSONL line is
+measured as it is read and skipped without being held in memory, so memory stays bounded by the
+limit; rows of other formats are measured by the characters of their text once read.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from criteriapo.config import DataConfig
 from criteriapo.data.records import BadRow, RowRef
 from criteriapo.errors import DataError
 
 SUPPORTED = ".jsonl, .ndjson, .json, .parquet, .csv, or a folder written by datasets' save_to_disk"
+MAX_ROW_BYTES = DataConfig.max_row_bytes  # the default of data.max_row_bytes
+_SKIP_CHUNK = 2**20
 
 
 @dataclass
@@ -27,9 +34,40 @@ class RawRow:
     problem: BadRow | None = None
 
 
-def read_rows(path: str | Path, split: str | None = None) -> Iterator[RawRow]:
-    """Yield every row of ``path`` in file order."""
-    path = Path(path)
+def read_rows(
+    path: str | Path, split: str | None = None, max_row_bytes: int | None = MAX_ROW_BYTES
+) -> Iterator[RawRow]:
+    """Yield every row of ``path`` in file order; rows over ``max_row_bytes`` (None: no limit) as
+    bad rows."""
+    limit = max_row_bytes or None
+    for row in _read_any(Path(path), split, limit):
+        if limit is not None and row.value is not None and (size := _text_size(row.value)) > limit:
+            yield RawRow(row.ref, None, _too_large(row.ref, f"{size:,} characters of text", limit))
+        else:
+            yield row
+
+
+def _too_large(ref: RowRef, size: str, limit: int) -> BadRow:
+    return BadRow(
+        ref.file,
+        ref.row,
+        None,
+        f"row too large ({size}, over data.max_row_bytes {limit:,}); shorten it, or raise the limit",
+    )
+
+
+def _text_size(value: Any) -> int:
+    """Characters of text in a row: its strings, keys included, at any depth."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _text_size(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+def _read_any(path: Path, split: str | None, limit: int | None) -> Iterator[RawRow]:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -45,6 +83,9 @@ def read_rows(path: str | Path, split: str | None = None) -> Iterator[RawRow]:
     }
     if suffix not in readers:
         raise DataError(f"{path}: unknown data file type '{suffix}'; use {SUPPORTED}")
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(path, limit)
+        return
     yield from readers[suffix](path)
 
 
@@ -77,11 +118,20 @@ def _parse_json_line(ref: RowRef, raw: bytes) -> RawRow:
     return _object_row(ref, value)
 
 
-def _read_jsonl(path: Path) -> Iterator[RawRow]:
+def _read_jsonl(path: Path, limit: int | None = None) -> Iterator[RawRow]:
     with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
-                yield _parse_json_line(RowRef(str(path), lineno), raw)
+        lineno = 0
+        while raw := f.readline(-1 if limit is None else limit + 1):
+            lineno += 1
+            ref = RowRef(str(path), lineno)
+            if limit is not None and len(raw) > limit and not raw.endswith(b"\n"):
+                size = len(raw)
+                while (chunk := f.readline(_SKIP_CHUNK)) and not chunk.endswith(b"\n"):
+                    size += len(chunk)  # the rest of the line, read and dropped
+                size += len(chunk)
+                yield RawRow(ref, None, _too_large(ref, f"{size:,} bytes", limit))
+            elif raw.strip():
+                yield _parse_json_line(ref, raw)
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,11 +24,11 @@ class BadRowsError(DataError):
     def __init__(self, bad_rows: list[BadRow], total: int, stage: str):
         self.bad_rows = bad_rows
         lines = [f"{len(bad_rows)} of {total} rows cannot be used ({stage}):"]
-        lines += [f"  {b}" for b in bad_rows[:SHOWN]]
-        if len(bad_rows) > SHOWN:
-            lines.append(
-                f"  ... and {len(bad_rows) - SHOWN} more (`criteriapo data check FILE` lists them all)"
-            )
+        groups = summarize(bad_rows)
+        lines += [f"  {g}" for g in groups[:SHOWN]]
+        if len(groups) > SHOWN:
+            rest = sum(g.count for g in groups[SHOWN:])
+            lines.append(f"  ... and {rest} more (`criteriapo data check FILE` lists them all)")
         if len(bad_rows) < total:
             lines.append(
                 "Fix these rows, or set on_bad_row: skip to train on the good rows "
@@ -36,6 +37,37 @@ class BadRowsError(DataError):
         else:
             lines.append("No row is usable: check that this is the right file, and the expected format.")
         super().__init__("\n".join(lines))
+
+
+@dataclass
+class Problem:
+    """Bad rows of one file that fail the same way: said once, with their count and row numbers."""
+
+    first: BadRow
+    rows: list[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        if self.count == 1:
+            return str(self.first)
+        shown = ", ".join(map(str, self.rows[:5])) + (", ..." if self.count > 5 else "")
+        field = f", field '{self.first.field}'" if self.first.field else ""
+        return f"{self.first.file}, {self.count} rows ({shown}){field}: {self.first.reason}"
+
+
+def summarize(bad_rows: list[BadRow]) -> list[Problem]:
+    """Bad rows grouped by file, field and reason, in the order each first appears."""
+    groups: dict[tuple, Problem] = {}
+    for b in bad_rows:
+        key = (b.file, b.field, b.reason)
+        if key in groups:
+            groups[key].rows.append(b.row)
+        else:
+            groups[key] = Problem(b, [b.row])
+    return list(groups.values())
 
 
 def check_policy(policy: str) -> BadRowPolicy:

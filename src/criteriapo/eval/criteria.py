@@ -56,6 +56,7 @@ def evaluate_model(
 ) -> ModelReport:
     from criteriapo.generation import generate_batch
     from criteriapo.models import load_model, load_tokenizer, resolve_model
+    from criteriapo.tracking.progress import work_progress
     from criteriapo.train.guard import guard_model
     from criteriapo.train.tasks import score_pairs
 
@@ -70,15 +71,18 @@ def evaluate_model(
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
     # the log-prob path reproduces this model's own distribution (or this stops), and packing too
     pack = guard_model(model, vanilla, "dpo", tok.pad_token_id, True) if vanilla else False
-    seen: dict = {}  # vanilla and finegrained pairs share most replies: score each sequence once
+    # vanilla and finegrained pairs share most replies: each sequence is scored once, and kept
+    seen = _score_cache(source, model, pack)
     pad = tok.pad_token_id
-    scores = score_pairs(model, vanilla, pad, batch_size, seen, pack)
+    with work_progress(f"{name}: scoring held-out pairs", len(vanilla) + len(fine)) as advance:
+        scores = score_pairs(model, vanilla, pad, batch_size, seen, pack, progress=advance)
+        fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack, progress=advance)
+    seen.save()
     # the model DPO started from (its own rewards are 0 by definition)
     ref_scores, ref_fine = (
         _reference_scores(reference, (vanilla, fine), pad, batch_size, pack) if reference else (None, None)
     )
     overall = preference_eval(scores, vanilla, ref_scores, beta)
-    fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack)
     margin = fine_scores.chosen - fine_scores.rejected
     if ref_fine is not None:  # per criterion, what DPO optimises: the reward, not the sum
         margin = margin - (ref_fine.chosen - ref_fine.rejected)
@@ -88,15 +92,17 @@ def evaluate_model(
     prompts = [
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
-    replies = generate_batch(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        batch_size=batch_size,
-    )
+    with work_progress(f"{name}: replying to held-out prompts", len(prompts)) as advance:
+        replies = generate_batch(
+            model,
+            tok,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            batch_size=batch_size,
+            progress=advance,
+        )
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
     asked = [_verifiable(e.metadata.get("criteria", e.criteria)) for e in examples]
@@ -127,17 +133,38 @@ def evaluate_model(
 
 def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_size: int, pack: bool):
     """The reference model's scores of each group of pairs (None for an empty group), loaded once and
-    each distinct sequence scored once; kept for the next model evaluated against this reference."""
+    each distinct sequence scored once (or read from its cache); kept for the next model evaluated
+    against this reference."""
     from criteriapo.models import load_model, resolve_model
+    from criteriapo.tracking.progress import work_progress
     from criteriapo.train.tasks import score_pairs
 
     ids = tuple(tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in g) for g in groups)
     key = (reference, pack, ids)
     if key not in _REFERENCE:
         _REFERENCE.clear()  # one reference and data at a time
-        ref, seen = load_model(resolve_model(reference)), {}
-        _REFERENCE[key] = [score_pairs(ref, g, pad, batch_size, seen, pack) if g else None for g in groups]
+        source = resolve_model(reference)
+        ref = load_model(source)
+        seen = _score_cache(source, ref, pack)
+        with work_progress("reference: scoring held-out pairs", sum(map(len, groups))) as advance:
+            _REFERENCE[key] = [
+                score_pairs(ref, g, pad, batch_size, seen, pack, progress=advance) if g else None
+                for g in groups
+            ]
+        seen.save()
     return _REFERENCE[key]
+
+
+def _score_cache(source, model, pack: bool):
+    """``model``'s log-prob of each sequence, kept on disk under the digest of its files (see
+    :mod:`criteriapo.models.refcache`): the model DPO started from was scored on most of these
+    sequences by its DPO stage, and a model evaluated again scores nothing twice."""
+    from criteriapo.models.refcache import reference_cache
+    from criteriapo.train.precision import precision_of
+
+    folders = [p for p in (source.path, source.base) if p]
+    autocast = precision_of(model, "auto").autocast
+    return reference_cache(folders, model, autocast, f"packing={pack}|fsdp=None")
 
 
 _REFERENCE: dict = {}

@@ -155,7 +155,8 @@ class LogpsModule(torch.nn.Module):
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> SequenceLogps:
     """Log-probs of the ``n`` output sequences of a batch from :mod:`criteriapo.train.packing`,
-    padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``)."""
+    padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``); with
+    ``canon`` (n,), output sequence k is the computed sequence ``canon[k]``."""
     if "segment" in batch:
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -164,9 +165,11 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) 
     else:
         mask, position_ids = batch["attention_mask"], None
     args = (batch["input_ids"], mask, position_ids, batch["src"], batch["target"], batch["seq"], n)
-    if isinstance(model, LogpsModule):
-        return SequenceLogps(*model(*args))
-    return _logps(model, *args)
+    out = SequenceLogps(*model(*args)) if isinstance(model, LogpsModule) else _logps(model, *args)
+    if "canon" in batch:  # sequences computed once for several outputs (see collate_pairs)
+        canon = batch["canon"]
+        out = SequenceLogps(out.logps[canon], out.num_tokens[canon], out.logits_sum[canon])
+    return out
 
 
 def sequence_logps(

@@ -26,7 +26,7 @@ from criteriapo.fsutil import cache_dir, file_lock
 
 SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
 KEY_FILES = ("config.json", "adapter_config.json")  # besides every *.safetensors and *.py (remote code)
-KEY_VERSION = 2  # raised whenever how a sequence is scored changes, so old entries are not reused
+KEY_VERSION = 3  # raised whenever how a sequence is scored changes, so old entries are not reused
 
 
 def model_files(folder: Path) -> list[Path]:

@@ -1,6 +1,10 @@
-"""A live progress bar: step, loss, accuracy, tokens/s and time left."""
+"""Live progress bars: a training run's (step, loss, accuracy, tokens/s and time left), and one for
+any other long piece of work (scoring a reference, sampling data, evaluating)."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (
@@ -41,3 +45,21 @@ class ProgressBar:
 
     def stop(self) -> None:
         self._p.stop()
+
+
+@contextlib.contextmanager
+def work_progress(label: str, total: int, console: Console | None = None) -> Iterator[Callable[[int], None]]:
+    """A bar for ``total`` units of work; yields ``advance(n)``. On a console that is not a terminal
+    (a log file) it shows its last state once, at the end."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+    )
+    with progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.update(task, advance=n)

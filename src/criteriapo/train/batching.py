@@ -1,4 +1,5 @@
-"""Seeded data order with a resumable position, optionally grouped by length."""
+"""Seeded data order with a resumable position, optionally grouped by length, keeping units of
+examples (a prompt's pairs) together."""
 
 from __future__ import annotations
 
@@ -12,30 +13,48 @@ GROUP_WINDOW = 64  # batches sorted together when grouping by length
 class DataOrder:
     """A fresh seeded permutation each epoch; ``state_dict`` records where the next batch starts.
 
-    With ``lengths``, batches hold examples of similar length: each window of 64 batches of the
-    permutation is sorted by length, cut into batches, and those batches are shuffled (an epoch's
-    short last batch stays last). The order is a function of the seed and epoch, so it resumes
-    exactly."""
+    With ``units`` (lists of example indices covering every example once), a unit's examples are
+    consecutive in every epoch's order, so they share a batch unless they straddle two: the
+    permutation shuffles units, not examples. Without, each example is a unit of its own.
 
-    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1):
+    With ``lengths``, batches hold examples of similar length: each window of 64 batches of the
+    permutation is sorted by length (a unit by its longest example, staying together), cut into
+    batches, and those batches are shuffled (an epoch's short last batch stays last). The order is a
+    function of the seed and epoch, so it resumes exactly."""
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        units: Sequence[Sequence[int]] | None = None,
+    ):
         if size < 1:
             raise ValueError("no training examples")
         if lengths is not None and len(lengths) != size:
             raise ValueError(f"{len(lengths)} lengths for {size} examples")
+        units = [list(u) for u in units] if units is not None else [[i] for i in range(size)]
+        if sorted(i for u in units for i in u) != list(range(size)):
+            raise ValueError(f"units must hold each of the {size} examples once")
         self.size, self.seed = size, seed
-        self.lengths, self.batch_size = lengths, batch_size
+        self.lengths, self.batch_size, self.units = lengths, batch_size, units
         self.epoch, self.position = 0, 0
         self._perm = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(self.size, generator=g).tolist()
+        order = torch.randperm(len(self.units), generator=g).tolist()
+        perm = [i for u in order for i in self.units[u]]
         if self.lengths is None:
             return perm
+        unit_of = {i: r for r, u in enumerate(order) for i in self.units[u]}
+        longest = {r: max(self.lengths[i] for i in self.units[u]) for r, u in enumerate(order)}
         bs = self.batch_size
         batches = []
         for start in range(0, self.size, GROUP_WINDOW * bs):
-            window = sorted(perm[start : start + GROUP_WINDOW * bs], key=lambda i: -self.lengths[i])
+            window = perm[start : start + GROUP_WINDOW * bs]
+            window.sort(key=lambda i: (-longest[unit_of[i]], unit_of[i]))
             batches += [window[k : k + bs] for k in range(0, len(window), bs)]
         full = [b for b in batches if len(b) == bs]
         rest = [b for b in batches if len(b) < bs]  # at most one: the epoch's last

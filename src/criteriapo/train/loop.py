@@ -103,7 +103,7 @@ class Trainer:
         # page faults for no lower peak; so only the settings that put memory first do it.
         self.return_memory = train.gradient_checkpointing or train.optimizer_in_backward
         lengths = [task.length(e) for e in train_set] if train.group_by_length else None
-        self.order = DataOrder(len(train_set), train.seed, lengths, train.batch_size)
+        self.order = DataOrder(len(train_set), train.seed, lengths, train.batch_size, self._units(train))
         # several processes split each step's batch equally, so an epoch's short last batch is dropped
         per_epoch = len(train_set) / train.batch_size
         self.steps_per_epoch = math.floor(per_epoch) if world.distributed else math.ceil(per_epoch)
@@ -125,6 +125,16 @@ class Trainer:
         self.checkpointer, self.extra_state = checkpointer, extra_state or {}
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None
+
+    def _units(self, train: TrainConfig) -> list[list[int]] | None:
+        """Examples the task computes together in one batch (a prompt's pairs), with train.share_prompts."""
+        if not train.share_prompts:
+            return None
+        units: dict[Any, list[int]] = {}
+        for i, e in enumerate(self.train_set):
+            key = self.task.group(e)
+            units.setdefault(("single", i) if key is None else ("group", key), []).append(i)
+        return list(units.values())
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Batches without padding waste, and a DPO pair's prompt computed once.
 
-A batch is built from *segments*. A segment is one sequence, or one DPO pair laid out as
-``prompt | chosen | rejected``: the rejected tokens see the prompt but not the chosen ones, and
-their positions restart where the prompt ends, so the model computes the prompt once for both
-completions and gets exactly the log-probs of two separate sequences.
+A batch is built from *segments*. A segment is one sequence, or a prompt with the completions
+that follow it, laid out as ``prompt | completion 1 | completion 2 | ...`` (a DPO pair is
+``prompt | chosen | rejected``): each completion sees the prompt and itself but no other
+completion, and its positions restart where the prompt ends, so the model computes the prompt once
+for all of them and gets exactly the log-probs of separate sequences.
 
 With packing, several segments share a row (first fit, longest first), each with its own position
 ids, and attention gets a mask that keeps them apart. A row is never longer than the longest segment
@@ -29,7 +30,11 @@ from criteriapo.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token within its segment
+SHARED, CHOSEN, REJECTED = (
+    0,
+    1,
+    2,
+)  # branch of a token within its segment: the prompt, then completions 1, 2...
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention that takes a custom (R, 1, L, L) mask
 
 
@@ -59,26 +64,29 @@ def sequence_segment(ids: Sequence[int], labels: Sequence[int], seq: int) -> Seg
 def pair_segment(
     prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], chosen_seq: int, rejected_seq: int
 ) -> Segment:
-    """``prompt | chosen | rejected`` with rejected positions restarting after the prompt. The first
-    token of either completion is predicted from the prompt's last state; with an empty prompt it
-    has no predecessor and no label, as in a sequence of its own."""
-    p, c, r = len(prompt), len(chosen), len(rejected)
-    s = Segment(
-        [*prompt, *chosen, *rejected],
-        [*range(p + c), *range(p, p + r)],
-        [SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
-        tokens=2 * p + c + r,
-    )
-    for k, t in enumerate(chosen):
-        if p + k >= 1:
-            s.src.append(p + k - 1)
-            s.target.append(t)
-            s.seq.append(chosen_seq)
-    for k, t in enumerate(rejected):
-        if p + k >= 1:
-            s.src.append(p - 1 if k == 0 else p + c + k - 1)
-            s.target.append(t)
-            s.seq.append(rejected_seq)
+    """``prompt | chosen | rejected``: :func:`prompt_segment` with two completions."""
+    return prompt_segment(prompt, [(chosen, chosen_seq), (rejected, rejected_seq)])
+
+
+def prompt_segment(prompt: Sequence[int], completions: Sequence[tuple[Sequence[int], int]]) -> Segment:
+    """``prompt | completion 1 | completion 2 | ...`` (each given with its output sequence) with
+    every completion's positions restarting after the prompt, as branches 1, 2, ... The first token
+    of each completion is predicted from the prompt's last state; with an empty prompt it has no
+    predecessor and no label, as in a sequence of its own. Its ``tokens`` count the prompt once per
+    completion, as the separate sequences would."""
+    p = len(prompt)
+    s = Segment(list(prompt), list(range(p)), [SHARED] * p)
+    for b, (completion, seq) in enumerate(completions, start=1):
+        at = len(s.ids)
+        s.ids += completion
+        s.positions += range(p, p + len(completion))
+        s.branch += [b] * len(completion)
+        s.tokens += p + len(completion)
+        for k, t in enumerate(completion):
+            if p + k >= 1:
+                s.src.append(p - 1 if k == 0 else at + k - 1)
+                s.target.append(t)
+                s.seq.append(seq)
     return s
 
 
@@ -175,8 +183,9 @@ def resolve_packing(model: torch.nn.Module, wanted: bool, key: str) -> bool:
 
 def attention_mask(segment: torch.Tensor, branch: torch.Tensor, implementation: str, dtype: torch.dtype):
     """(R, L) segment ids and branches -> the (R, 1, L, L) mask: token i attends token j when both
-    are in one segment, j is not after i, and i is not a rejected token looking at a chosen one.
-    Padding attends padding, so no row is empty (SDPA gives NaN for an empty row)."""
+    are in one segment, j is not after i, and j is in the prompt or in i's own completion (a
+    rejected token never sees a chosen one). Padding attends padding, so no row is empty (SDPA
+    gives NaN for an empty row)."""
     if implementation not in MASK_IMPLEMENTATIONS:
         raise ConfigError(
             f"packed batches need attention that takes a custom mask ({', '.join(MASK_IMPLEMENTATIONS)}); "
@@ -185,7 +194,7 @@ def attention_mask(segment: torch.Tensor, branch: torch.Tensor, implementation: 
     length = segment.shape[1]
     same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
     causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
-    crossed = (branch[:, :, None] == REJECTED) & (branch[:, None, :] == CHOSEN)
+    crossed = (branch[:, None, :] != SHARED) & (branch[:, :, None] != branch[:, None, :])
     allowed = (same & causal & ~crossed)[:, None]  # (R, 1, L, L)
     if implementation == "sdpa":
         return allowed

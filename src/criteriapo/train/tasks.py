@@ -8,7 +8,7 @@ Metrics come back as (sum, count) pairs and are averaged over the step by the lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams, rewards
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
-from criteriapo.train.packing import collate, packing_problem, pair_segment, sequence_segment
+from criteriapo.train.packing import collate, packing_problem, prompt_segment, sequence_segment
 from criteriapo.train.precision import Precision, precision_of
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
@@ -32,6 +32,11 @@ class Task(Protocol):
     def collate(self, examples: Sequence[Any], indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
 
     def length(self, example: Any) -> int: ...
+
+    def group(self, example: Any) -> Hashable | None:
+        """Examples with one key (not None) share work when in one batch: train.share_prompts puts them
+        together."""
+        ...
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]: ...
 
@@ -57,6 +62,9 @@ class SFTTask:
     def length(self, example: TokenizedSFT) -> int:
         return len(example.input_ids)
 
+    def group(self, example: TokenizedSFT) -> None:
+        return None
+
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"tokens": batch["target"].numel()}
 
@@ -80,22 +88,34 @@ class PairScores:
 def collate_pairs(
     pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, packing: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Output sequences 0..B-1 are the chosen completions, B..2B-1 the rejected ones. With packing
-    each pair is one segment that computes its prompt once; without, each completion has a padded
-    row of its own with the prompt before it."""
+    """Output sequences 0..B-1 are the chosen completions, B..2B-1 the rejected ones. A sequence
+    equal to an earlier one of the batch (same prompt and completion, as when one reply is the
+    chosen one of a prompt's pairs on several criteria) is computed once: ``canon`` maps each
+    output sequence to the one computed. With packing, each prompt is one segment that computes it
+    once for all its distinct completions; without, each distinct sequence has a padded row of its
+    own with the prompt before it. ``tokens`` and ``chosen_tokens`` count every output sequence,
+    as if each were computed on its own."""
     b = len(pairs)
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    canon = [first.setdefault((tuple(prompt), tuple(c)), k) for k, (prompt, c) in enumerate(seqs)]
+    distinct = [k for k in range(2 * b) if canon[k] == k]
     if packing:
-        segments = [
-            pair_segment(p.prompt_ids, p.chosen_ids, p.rejected_ids, i, b + i) for i, p in enumerate(pairs)
-        ]
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for k in distinct:
+            by_prompt.setdefault(tuple(seqs[k][0]), []).append(k)
+        segments = [prompt_segment(prompt, [(seqs[k][1], k) for k in ks]) for prompt, ks in by_prompt.items()]
     else:
         segments = [
-            sequence_segment(p.prompt_ids + c, [-100] * len(p.prompt_ids) + c, i + b * side)
-            for side, attr in enumerate(("chosen_ids", "rejected_ids"))
-            for i, p in enumerate(pairs)
-            for c in [getattr(p, attr)]
+            sequence_segment(seqs[k][0] + seqs[k][1], [-100] * len(seqs[k][0]) + seqs[k][1], k)
+            for k in distinct
         ]
     batch = collate(segments, pad_id, packing)
+    labels = torch.bincount(batch["seq"], minlength=2 * b)
+    batch["tokens"] = torch.tensor(sum(len(prompt) + len(c) for prompt, c in seqs))
+    batch["chosen_tokens"] = labels[canon[:b]].sum()
+    if len(distinct) < 2 * b:
+        batch["canon"] = torch.tensor(canon, dtype=torch.long)
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     return batch
@@ -135,6 +155,10 @@ class DPOTask:
     def length(self, example: TokenizedPair) -> int:
         return len(example.prompt_ids) + len(example.chosen_ids) + len(example.rejected_ids)
 
+    def group(self, example: TokenizedPair) -> tuple[int, ...]:
+        """A prompt's pairs: in one batch, the prompt and the replies they share are computed once."""
+        return tuple(example.prompt_ids)
+
     def scored(self, n: int) -> PairScores:
         """Pairs 0..n-1 as scored by the last evaluation."""
         c, r, nc, nr = zip(*(self.scores[i] for i in range(n)), strict=True)
@@ -142,7 +166,7 @@ class DPOTask:
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         b = batch["index"].shape[0]
-        return {"pairs": b, "chosen_tokens": int((batch["seq"] < b).sum())}
+        return {"pairs": b, "chosen_tokens": int(batch["chosen_tokens"])}
 
     def _reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         b = batch["index"].shape[0]
@@ -204,6 +228,7 @@ def score_pairs(
     cache: dict[SequenceKey, tuple[float, int]] | None = None,
     packing: bool = True,
     precision: Precision | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> PairScores:
     """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
 
@@ -211,16 +236,21 @@ def score_pairs(
     step 1 the policy's log-probs equal these up to the packing of rows. Each sequence is kept once
     under its tokens; with a ``cache`` shared between calls (for one model), a pair whose two
     sequences were scored before is not scored again, e.g. across the recipes built from one dataset.
-    ``precision`` is the policy's (its autocast): the reference must be scored as the policy computes."""
+    A prompt's pairs go into one micro-batch where they fit, so that its prompt and the replies its
+    pairs share are computed once.
+    ``precision`` is the policy's (its autocast): the reference must be scored as the policy computes.
+    ``progress(n)`` is told of each ``n`` pairs scored (those found in the cache first)."""
     cache = {} if cache is None else cache
     keys = [
         [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
         for side in ("chosen_ids", "rejected_ids")
     ]
-    todo = list(
-        dict.fromkeys(i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache)
-    )
+    todo = [i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache]
+    rank = {prompt: r for r, prompt in enumerate(dict.fromkeys(tuple(pairs[i].prompt_ids) for i in todo))}
+    todo.sort(key=lambda i: rank[tuple(pairs[i].prompt_ids)])  # a prompt's pairs together: computed once
     packing = packing and packing_problem(model.config) is None
+    if progress is not None and len(pairs) > len(todo):
+        progress(len(pairs) - len(todo))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -235,6 +265,8 @@ def score_pairs(
         for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
             cache.setdefault(keys[0][i], (logps[j], counts[j]))
             cache.setdefault(keys[1][i], (logps[b + j], counts[b + j]))
+        if progress is not None:
+            progress(b)
     model.train(was_training)
     reshard(model)
     (c_lp, c_n), (r_lp, r_n) = (
