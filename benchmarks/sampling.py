@@ -1,6 +1,8 @@
 """Sampling speed of the criteria data maker: several replies per prompt, each prompt computed once
-and copied to its samples (``samples=k``) against one round per sample, at two batch sizes; the same
-prompts, model and settings, alternating in one process. Prints replies per second.
+and copied to its samples (``samples=k``) against one round per sample, at two batch sizes, and our
+sampler (the exponential race over the top 50 tokens) against transformers' own (``do_sample``:
+top-k, a top-p sort over the vocabulary, ``torch.multinomial``); the same prompts, model and
+settings, alternating in one process. Prints replies per second.
 
     .venv/bin/python benchmarks/sampling.py --model runs/smollm2-pipeline/sft/model --prompts 64
 
@@ -14,7 +16,7 @@ import argparse
 import time
 
 from criteriapo.criteria.maker import draw_prompts
-from criteriapo.generation import generate_batch
+from criteriapo.generation import _prefilled, generate_batch
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 
 
@@ -38,7 +40,37 @@ def main() -> None:
     def shared(batch: int) -> int:
         return len(generate_batch(model, tok, convs, samples=k, batch_size=batch, **kw))
 
+    def transformers_sampler(batch: int) -> int:
+        """The shared prompt, as generate_batch does it, but sampled by transformers' do_sample."""
+        import torch
+
+        side, tok.padding_side = tok.padding_side, "left"
+        n, per = 0, batch // k
+        for start in range(0, len(convs), per):
+            enc = tok.apply_chat_template(
+                convs[start : start + per],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+                padding=True,
+            )
+            torch.manual_seed(start)
+            with torch.inference_mode():
+                out = model.generate(
+                    **_prefilled(model, enc, k),
+                    max_new_tokens=64,
+                    pad_token_id=tok.pad_token_id,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=0.95,
+                    top_k=50,
+                )
+            n += out.shape[0]
+        tok.padding_side = side
+        return n
+
     ways = [("one round per sample, batch 64", per_round, 64), ("prompt shared, batch 64", shared, 64)]
+    ways += [("prompt shared, transformers' sampler, batch 64", transformers_sampler, 64)]
     ways += [("prompt shared, batch 128", shared, 128)] if args.larger else []
     best: dict[str, float] = {}
     for r in range(args.rounds):

@@ -20,6 +20,11 @@ LOOPS = [
     ('"TED-TED-TED-TED-TED-TED-TED-TED-TED-TED-', "ted -"),
     ("A: A: A: A: A: A: A: A:", "a :"),
     ("Owls hunt at night. Owls hunt at night. Owls hunt at night.", "owls hunt at night ."),
+    # two identical bullets and a third begun like them (the main job's one loop after DPO)
+    (
+        "- It's made from soap.\n- It's made from soap.\n- It's a special kind of soap.",
+        "- it ' s made from soap .",
+    ),
     ("the the the the cat", "the"),
     ("Code: `x`. Then: yes yes yes yes", "yes"),  # prose around code is still checked
 ]

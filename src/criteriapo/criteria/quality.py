@@ -4,11 +4,12 @@ and evaluation reports how often each happens (with the mean length) beside the 
 
 Degenerate repetition is defined on tokens (lowercased words, and each punctuation mark on its own):
 a span of ``n`` tokens (1 <= n <= 32) with a letter in it, repeated back to back, ``k`` times in
-all, with k >= 4, or k >= 3 when the span has 3 tokens or more (the last copy may lack its last
-token, as a loop cut off mid-way does). Code (fenced or inline) and markdown table rows are left
-out: their repetition is syntax. "unforgiving, unforgiving, unforgiving, unforgiving",
-"TED-TED-TED-TED" and a sentence said three times in a row loop; "very, very good", "no, no, no"
-and a bulleted list whose items share their first words do not.
+all, with k >= 4, or k >= 3 when the span has 3 tokens or more; the last copy may stop anywhere
+after its first token, as a loop cut off mid-way does, so a sentence said twice and begun a third
+time counts. Code (fenced or inline) and markdown table rows are left out: their repetition is
+syntax. "unforgiving, unforgiving, unforgiving, unforgiving", "TED-TED-TED-TED", a sentence said
+three times in a row, and two identical bullets followed by a third that starts like them loop;
+"very, very good", "no, no, no" and a bulleted list whose items share their first words do not.
 
 **Unasked format** is formatting a person did not ask for: a ``<<title>>``, the whole reply in
 double quotes, a JSON reply, a ``P.S.`` line, or a reply in capital letters, when the prompt's
@@ -41,7 +42,7 @@ def _tokens(text: str) -> list[str]:
 
 def repeated_span(text: str) -> str | None:
     """The span that loops (as its tokens joined by spaces), or None when the text does not loop.
-    A cut-off last copy counts: the run needs k copies less the span's last token. A span without
+    A cut-off last copy counts: the run needs k - 1 copies and the first token of the last. A span without
     a letter (punctuation, digits, emoji: "!!!!", "----", "0, 0, 0, 0") is not a loop."""
     toks = _tokens(text)
     for n in range(1, MAX_SPAN + 1):
