@@ -30,3 +30,16 @@ def test_three_views_of_one_set_of_scores():
     itself = preference_eval(reference, pairs, reference)
     assert itself.reward_accuracy == 0.0 and itself.reward_margin == 0.0
     assert preference_eval(policy, pairs).reward_accuracy is None
+
+
+def test_per_criterion_both_views_by_hand():
+    """Tagged pairs: summed accuracy and reward accuracy per criterion; no reference, no rewards."""
+    tags = ["lowercase", "lowercase", "title"]
+    pairs = [TokenizedPair([1], [2], [3], RowRef("t", i), criterion=c) for i, c in enumerate(tags)]
+    policy = scores([-10.0, -3.0, -6.0], [-4.0, -5.0, -5.0], [1, 1, 1], [1, 1, 1])
+    reference = scores([-12.0, -2.0, -9.0], [-4.0, -5.0, -5.0], [1, 1, 1], [1, 1, 1])
+    e = preference_eval(policy, pairs, reference)
+    # summed: pair 0 no (-10 < -4), 1 yes, 2 no; rewards: pair 0 +2, 1 -1, 2 +3
+    assert e.by_criterion == {"lowercase": 0.5, "title": 0.0}
+    assert e.reward_by_criterion == {"lowercase": 0.5, "title": 1.0}
+    assert preference_eval(policy, pairs).reward_by_criterion == {}

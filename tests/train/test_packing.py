@@ -155,8 +155,13 @@ def test_shared_prompts_and_replies_give_each_pairs_own_logps_and_gradients(kind
     assert torch.equal(out.num_tokens, want_tokens)
     for x, y in zip(grads, want_grads, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
-    if packing:  # the two prompts shared by several pairs are each computed once
-        assert int((batch["segment"] >= 0).sum()) == (3 + 3 + 4 + 2 + 1) + (1 + 1 + 2 + 4) + (4 + 2 + 4)
+    if packing:  # a prompt is computed once per segment of its distinct completions
+        # a's x, y, z then w: a segment is at most as long as the longest pair (10 tokens), so the
+        # rows are no wider than one segment per pair would make them
+        assert batch["input_ids"].shape[1] <= max(
+            len(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in ps
+        )
+        assert int((batch["segment"] >= 0).sum()) == (3 + 3 + 2 + 1) + (3 + 4) + (1 + 1 + 4 + 2) + (4 + 2 + 4)
         assert int((batch["segment"] >= 0).sum()) < sum(int((b["segment"] >= 0).sum()) for b in alone)
 
 

@@ -30,6 +30,7 @@ class PreferenceEval:
     normalized_accuracy: float = float("nan")
     reward_accuracy: float | None = None  # None: no reference to compare with
     reward_margin: float | None = None
+    reward_by_criterion: dict[str, float] = field(default_factory=dict)  # reward accuracy per criterion tag
 
     def as_dict(self) -> dict:
         return {
@@ -40,6 +41,7 @@ class PreferenceEval:
             "reward_margin": self.reward_margin,
             "pairs": self.pairs,
             "by_criterion": self.by_criterion,
+            "reward_by_criterion": self.reward_by_criterion,
         }
 
 
@@ -54,15 +56,13 @@ def preference_eval(
     per_token = scores.chosen / scores.chosen_tokens.clamp(
         min=1
     ) - scores.rejected / scores.rejected_tokens.clamp(min=1)
-    groups: dict[str, list[float]] = {}
-    for p, c in zip(pairs, correct.tolist(), strict=True):
-        if p.criterion is not None:
-            groups.setdefault(p.criterion, []).append(c)
-    by = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+    by = _by_criterion(pairs, correct.tolist())
     reward_acc = reward_margin = None
+    reward_by: dict[str, float] = {}
     if reference is not None:
         rewards = beta * (diff - (reference.chosen - reference.rejected))  # chosen minus rejected reward
         reward_acc, reward_margin = float((rewards > 0).float().mean()), float(rewards.mean())
+        reward_by = _by_criterion(pairs, (rewards > 0).float().tolist())
     return PreferenceEval(
         float(correct.mean()),
         float(diff.mean()),
@@ -71,4 +71,13 @@ def preference_eval(
         float((per_token > 0).float().mean()),
         reward_acc,
         reward_margin,
+        reward_by,
     )
+
+
+def _by_criterion(pairs: Sequence[TokenizedPair], correct: list[float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for p, c in zip(pairs, correct, strict=True):
+        if p.criterion is not None:
+            groups.setdefault(p.criterion, []).append(c)
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}

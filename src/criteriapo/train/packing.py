@@ -30,11 +30,8 @@ from criteriapo.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-SHARED, CHOSEN, REJECTED = (
-    0,
-    1,
-    2,
-)  # branch of a token within its segment: the prompt, then completions 1, 2...
+# branch of a token within its segment: the prompt, then completions 1, 2... (chosen, rejected)
+SHARED, CHOSEN, REJECTED = 0, 1, 2
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention that takes a custom (R, 1, L, L) mask
 
 

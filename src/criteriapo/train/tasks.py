@@ -101,10 +101,21 @@ def collate_pairs(
     canon = [first.setdefault((tuple(prompt), tuple(c)), k) for k, (prompt, c) in enumerate(seqs)]
     distinct = [k for k in range(2 * b) if canon[k] == k]
     if packing:
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        # a prompt's distinct completions after it, in segments no longer than the longest pair: rows
+        # never get wider than one segment per pair would make them, so attention costs no more
+        width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
         for k in distinct:
-            by_prompt.setdefault(tuple(seqs[k][0]), []).append(k)
-        segments = [prompt_segment(prompt, [(seqs[k][1], k) for k in ks]) for prompt, ks in by_prompt.items()]
+            parts = by_prompt.setdefault(tuple(seqs[k][0]), [[]])
+            used = len(seqs[k][0]) + sum(len(seqs[j][1]) for j in parts[-1])
+            if parts[-1] and used + len(seqs[k][1]) > width:
+                parts.append([])
+            parts[-1].append(k)
+        segments = [
+            prompt_segment(prompt, [(seqs[k][1], k) for k in part])
+            for prompt, parts in by_prompt.items()
+            for part in parts
+        ]
     else:
         segments = [
             sequence_segment(seqs[k][0] + seqs[k][1], [-100] * len(seqs[k][0]) + seqs[k][1], k)
