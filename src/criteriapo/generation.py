@@ -34,7 +34,17 @@ def generate(
     )[0]
 
 
-def _generate_ids(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, streamer, stop):
+def _generate_ids(
+    model: Any,
+    tokenizer: Any,
+    messages: list[Message],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    streamer: Any,
+    stop: threading.Event | None,
+) -> tuple[str, list[int]]:
     """The reply's text and its new token ids."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
