@@ -153,7 +153,49 @@ def _eval_into_a_file(tmp_path):
     return ["--data", "builtin:criteria-heldout", "--out", str(taken)]
 
 
-# every case: what the user typed, and what the one-line message must say; none prints a traceback
+def _rows(tmp_path, name: str, bad: dict) -> list[str]:
+    good = {"prompt": "Q?", "chosen": "yes", "rejected": "no"}
+    return [str(write_jsonl(tmp_path / f"{name}.jsonl", [good, bad, good]))]
+
+
+def _conv(prompt: list[dict]) -> dict:
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "Yes."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    }
+
+
+def _nul(tmp_path):
+    return _rows(tmp_path, "nul", {"prompt": "Q?", "chosen": "a\u0000b", "rejected": "b"})
+
+
+def _two_users(tmp_path):
+    return _rows(tmp_path, "users", _conv([U, U]))
+
+
+def _system_late(tmp_path):
+    return _rows(tmp_path, "late", _conv([U, {"role": "system", "content": "Be terse."}, U]))
+
+
+def _huge_row(tmp_path):
+    return [
+        *_rows(tmp_path, "huge", {"prompt": "word " * 2000, "chosen": "a", "rejected": "b"}),
+        "--max-row-bytes",
+        "1000",
+    ]
+
+
+def _preference_to_sft(tmp_path):
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": f"Q{i}?", "chosen": "a", "rejected": "b"} for i in range(16)]
+    )
+    return [f"sft.data.train=[{pairs}]", f"output_dir={tmp_path / 'run'}"]
+
+
+# every case: what the user typed, the exit status, and what the message must say; none prints a
+# traceback. `data check` lists a bad row and exits 0 (1 with --strict or with no usable row); a run
+# stops with exit status 2.
 CASES = {
     "generate, 0 new tokens": (["generate", "smollm2", "hi", "--max-new-tokens", "0"], "0 is not a positive"),
     "generate, -5 new tokens": (
@@ -172,15 +214,44 @@ CASES = {
         "line 3: 'beta' is given twice in one section (first on line 2)",
     ),
 }
+DATA_CASES = {  # (what the user typed, exit status, message)
+    "a NUL in a row": (["data", "check", _nul, "--model", "none"], 0, "NUL character (at character 1)"),
+    "a NUL in a row, --strict": (["data", "check", _nul, "--model", "none", "--strict"], 1, "NUL character"),
+    "two user turns in a row": (
+        ["data", "check", _two_users, "--model", "none"],
+        0,
+        "two user messages in a row",
+    ),
+    "a system message late": (["data", "check", _system_late, "--model", "none"], 0, "must come first"),
+    "a row over the size limit": (["data", "check", _huge_row, "--model", "none"], 0, "row too large (10,"),
+    "a preference file given to sft": (
+        ["sft", _preference_to_sft],
+        2,
+        "16 rows (1, 2, 3, 4, 5, ...): looks like a preference row, but this dataset holds sft rows",
+    ),
+}
+
+
+def _run(argv: list, tmp_path) -> int:
+    argv = [a for x in argv for a in (x(tmp_path) if callable(x) else [x])]
+    try:
+        return main(argv)
+    except SystemExit as e:  # refused by the argument parser, with its usage line
+        return e.code
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_user_mistakes_are_one_message_and_exit_2(case, tmp_path, capsys):
     args, message = CASES[case]
-    argv = [a for x in args for a in (x(tmp_path) if callable(x) else [x])]
-    try:
-        code = main(argv)
-    except SystemExit as e:  # refused by the argument parser, with its usage line
-        code = e.code
+    code = _run(args, tmp_path)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_questionable_rows_are_reported_with_where_and_why(case, tmp_path, capsys):
+    args, status, message = DATA_CASES[case]
+    code = _run(args, tmp_path)
+    out = capsys.readouterr()
+    said = " ".join((out.out + out.err).split())  # the console wraps long lines
+    assert code == status and message in said and "Traceback" not in said, said
