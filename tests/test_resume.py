@@ -149,8 +149,13 @@ def test_pipeline_killed_in_dpo_then_resumed_ends_bit_identical(setup, pipeline_
     killed = cli(args, failpoint)
     assert killed.returncode == -9, killed.stderr
     assert (out / "sft" / "model").is_dir() and not (out / "dpo" / "model").exists()
+    # the finished SFT stage kept no checkpoint: its record alone makes the resumed run reuse it
+    assert not (out / "sft" / "checkpoints").exists() and (out / "sft" / "finished.json").is_file()
+    sft_weights = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
     resumed = cli([*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr
+    assert "finished before" in resumed.stderr
+    assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_weights  # not redone
     assert_identical(pipeline_baseline / "sft", out / "sft")
     assert_identical(pipeline_baseline / "dpo", out / "dpo")
 
@@ -193,12 +198,13 @@ def test_a_finished_run_is_replaced_only_when_asked(setup, sft_baseline):
     args = ["sft", *common, f"output_dir={out}"]
     assert cli(args).returncode == 0
     weights = (out / "sft" / "model" / "model.safetensors").read_bytes()
-    checkpoints = sorted(p.name for p in (out / "sft" / "checkpoints").iterdir())
+    files = sorted(p.name for p in (out / "sft").iterdir())
+    assert "checkpoints" not in files and "finished.json" in files  # keep_final_checkpoint: false
     again = cli([*args, "sft.optim.lr=2e-3"])
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert f"{out / 'sft'} holds a finished run" in again.stderr and "--overwrite" in again.stderr
     assert (out / "sft" / "model" / "model.safetensors").read_bytes() == weights
-    assert sorted(p.name for p in (out / "sft" / "checkpoints").iterdir()) == checkpoints
+    assert sorted(p.name for p in (out / "sft").iterdir()) == files
     replaced = cli([*args, "sft.optim.lr=2e-3", "--overwrite"])
     assert replaced.returncode == 0, replaced.stderr
     assert (out / "sft" / "model" / "model.safetensors").read_bytes() != weights
@@ -221,3 +227,20 @@ def test_a_run_refused_by_its_checks_leaves_no_folder(setup, tmp_path):
     r = cli(["dpo", *common, f"dpo.data.train={bad}", "dpo.data.eval=[]", f"output_dir={out}"])
     assert r.returncode == 2 and "identical to chosen" in r.stderr
     assert not out.exists()
+
+
+def test_a_finished_stage_is_reused_on_resume_only_when_it_is_the_same_run(setup, tmp_path):
+    _, common = setup
+    out = tmp_path / "done"
+    args = ["sft", *common, f"output_dir={out}"]
+    assert cli(args).returncode == 0
+    stamp = (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    again = cli([*args, "--resume"])
+    assert again.returncode == 0 and "finished before" in again.stderr
+    assert (out / "sft" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = cli([*args, "sft.optim.lr=2e-3", "--resume"])
+    assert changed.returncode == 2
+    assert f"cannot resume from {out / 'sft' / 'finished.json'}: the config differs" in changed.stderr
+    kept = tmp_path / "kept"
+    assert cli(["sft", *common, f"output_dir={kept}", "sft.train.keep_final_checkpoint=true"]).returncode == 0
+    assert "step-00000006" in {p.name for p in (kept / "sft" / "checkpoints").iterdir()}  # the final one

@@ -73,6 +73,9 @@ class TrainConfig:
     log_every: int = 1
     checkpoint_every: int | None = 200  # steps; a checkpoint is also written at the end and on SIGINT/SIGTERM
     keep_checkpoints: int = 2  # the newest K are kept
+    # once the model is exported, its last checkpoint (weights and optimizer state: about 3x the model)
+    # is deleted unless kept; finished.json then records the finished stage for --resume
+    keep_final_checkpoint: bool = False
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
     gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
     # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.

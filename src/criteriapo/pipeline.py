@@ -44,7 +44,7 @@ from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
 from criteriapo.models.refcache import ReferenceCache, reference_cache
 from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
-from criteriapo.resume import guard_unfinished, stage_checkpointer
+from criteriapo.resume import FINISHED, guard_unfinished, record_finished, stage_checkpointer
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar, work_progress
@@ -182,7 +182,9 @@ def _prepare(
     run_dir.mkdir(parents=True, exist_ok=True)
     # a rerun into the same folder starts clean; a resumed one keeps its metrics (trimmed later)
     for stale in (
-        (("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl")) if world.main else ()
+        (("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl", FINISHED))
+        if world.main
+        else ()
     ):
         (run_dir / stale).unlink(missing_ok=True)
     barrier(world)
@@ -322,7 +324,9 @@ def run_sft(
     world = init_world()
     prep = _prepare(cfg, model_spec, cfg.sft, "sft", run_dir, resume=resume, world=world)
     source, tokenizer, train = prep.source, prep.tokenizer, prep.train
-    ck, latest = stage_checkpointer(cfg, "sft", cfg.sft, model_spec, run_dir, train, world, resume)
+    ck, latest, done = stage_checkpointer(cfg, "sft", cfg.sft, model_spec, run_dir, train, world, resume)
+    if done is not None:
+        return StageResult(run_dir, run_dir / "model", done["metrics"], {"prepare": time.perf_counter() - t0})
     loggers = _loggers(cfg, run_dir, "sft", world)
     trainer = Trainer(
         prep.model,
@@ -351,6 +355,7 @@ def run_sft(
         metrics=metrics,
     )
     model_dir = _finish(cfg, cfg.sft, trainer, run_dir, tokenizer, card, source)
+    record_finished(run_dir, ck, {"metrics": metrics}, cfg.sft.train.keep_final_checkpoint, world)
     seconds = {"prepare": t1 - t0, "train": t2 - t1, "export": time.perf_counter() - t2}
     return StageResult(run_dir, model_dir, metrics, seconds)
 
@@ -436,7 +441,13 @@ def run_dpo(
     world = init_world()
     prep = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume, world)
     source, tokenizer, model, train, evals = prep.source, prep.tokenizer, prep.model, prep.train, prep.evals
-    ck, latest = stage_checkpointer(cfg, "dpo", d, model_spec, run_dir, train, world, resume, recipe=recipe)
+    ck, latest, done = stage_checkpointer(
+        cfg, "dpo", d, model_spec, run_dir, train, world, resume, recipe=recipe
+    )
+    if done is not None:
+        before, after = (PreferenceEval(**done[k]) if done.get(k) else None for k in ("before", "after"))
+        seconds = {"prepare": time.perf_counter() - t0}
+        return StageResult(run_dir, run_dir / "model", done["metrics"], seconds, before, after)
     if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
         ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
         if ref_tok.get_vocab() != tokenizer.get_vocab():
@@ -516,6 +527,8 @@ def run_dpo(
         notes=[f"Reference model: {_reference_note(d, task)}"],
     )
     model_dir = _finish(cfg, d, trainer, run_dir, tokenizer, card, source)
+    results = {"metrics": metrics, **{k: e.as_dict() for k, e in (("before", before), ("after", after)) if e}}
+    record_finished(run_dir, ck, results, d.train.keep_final_checkpoint, world)
     seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
     return StageResult(run_dir, model_dir, metrics, seconds, before, after)
 

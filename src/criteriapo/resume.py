@@ -97,13 +97,17 @@ def stage_checkpointer(
     world: World,
     resume: bool,
     **run: Any,
-) -> tuple[Checkpointer, Checkpoint | None]:
-    """The stage's checkpointer and, with ``resume``, the checkpoint to go on from (checked)."""
+) -> tuple[Checkpointer, Checkpoint | None, dict | None]:
+    """The stage's checkpointer and, with ``resume``, the checkpoint to go on from (checked), or the
+    record of the stage finished there (checked; see :func:`record_finished`)."""
     config = {"model": {**to_dict(cfg.model), "name_or_path": model_spec}, name: to_dict(stage), **run}
     info = {"config": config, "data": fingerprint(train), "examples": len(train)}
     every, keep = stage.train.checkpoint_every, stage.train.keep_checkpoints
     ck = Checkpointer(run_dir / "checkpoints", info, every, keep, world=world)
     latest = ck.latest() if resume else None
+    if resume and latest is None and (done := finished_stage(run_dir, ck)) is not None:
+        log.warning("%s finished before (its model: %s): nothing to train again", run_dir, run_dir / "model")
+        return ck, None, done
     if latest is not None:
         ck.check_compatible(latest, FREE_KEYS)
         if world.main:
@@ -113,7 +117,36 @@ def stage_checkpointer(
     elif resume and world.main:
         log.warning("no checkpoint in %s: starting from the beginning", ck.folder)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    return ck, latest
+    return ck, latest, None
+
+
+FINISHED = "finished.json"
+
+
+def record_finished(
+    run_dir: Path, ck: Checkpointer, results: dict, keep_checkpoint: bool, world: World
+) -> None:
+    """Once the model is exported: ``finished.json`` records what ran (config and data, as a
+    checkpoint does) and its results, and the checkpoints, which only a resume would need, are
+    deleted unless kept. A later ``--resume`` of the same run then reuses the stage."""
+    if world.main:
+        tmp = run_dir / f".{FINISHED}.tmp"
+        tmp.write_text(json.dumps({"run": ck.run, **results}), encoding="utf-8")
+        os.replace(tmp, run_dir / FINISHED)
+        if not keep_checkpoint:
+            shutil.rmtree(ck.folder, ignore_errors=True)
+    barrier(world)
+
+
+def finished_stage(run_dir: Path, ck: Checkpointer) -> dict | None:
+    """The record of the stage finished in ``run_dir``, refused when its config or data differ from
+    this run's; None when none finished there."""
+    path = run_dir / FINISHED
+    if not path.is_file() or not (run_dir / "model").is_dir():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    ck.check_run(record["run"], path, FREE_KEYS)
+    return record
 
 
 def trim_metrics(path: Path, step: int, drop_final_eval: bool = False) -> None:

@@ -214,10 +214,15 @@ class Checkpointer:
 
     def check_compatible(self, ckpt: Checkpoint, free_keys: tuple[str, ...] = ()) -> None:
         """Refuse to resume when the config or the data differ from the checkpoint's, saying what."""
-        old, new = ckpt.info["run"], self.run
+        self.check_run(ckpt.info["run"], ckpt.path, free_keys)
+
+    def check_run(self, old: dict, where: Any, free_keys: tuple[str, ...] = ()) -> None:
+        """Refuse to go on from the run recorded in ``where`` (a checkpoint, or a finished stage's
+        record) when its config or data differ from this run's, saying what."""
+        new = self.run
         if old.get("data") != new.get("data"):
             raise CheckpointError(
-                f"cannot resume from {ckpt.path}: the training data differ from the run's "
+                f"cannot resume from {where}: the training data differ from the run's "
                 f"({old.get('examples')} examples then, {new.get('examples')} now; fingerprint "
                 f"{str(old.get('data'))[:12]} then, {str(new.get('data'))[:12]} now). Resume with the "
                 "same data files and tokenization, or start a new run in another output_dir"
@@ -231,7 +236,7 @@ class Checkpointer:
         ]
         if diffs:
             raise CheckpointError(
-                f"cannot resume from {ckpt.path}: the config differs from the run's: "
+                f"cannot resume from {where}: the config differs from the run's: "
                 + "; ".join(diffs[:10])
                 + ("; ..." if len(diffs) > 10 else "")
                 + ". Restore those values, or start a new run in another output_dir"
