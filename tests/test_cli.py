@@ -255,3 +255,23 @@ def test_questionable_rows_are_reported_with_where_and_why(case, tmp_path, capsy
     out = capsys.readouterr()
     said = " ".join((out.out + out.err).split())  # the console wraps long lines
     assert code == status and message in said and "Traceback" not in said, said
+
+
+def test_eval_reads_the_builtin_held_out_data_sampled_from_the_reference(tiny_llama_dir, tmp_path, capsys):
+    """builtin:criteria-heldout, as the pipeline makes it: sampled from the model DPO started from."""
+    code = main(
+        [
+            "eval",
+            f"sft={tiny_llama_dir}",
+            "--data",
+            "builtin:criteria-heldout",
+            "--reference",
+            str(tiny_llama_dir),
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "cmp" / "comparison.md").is_file()

@@ -117,3 +117,12 @@ def test_the_3b_configs_train_float32_master_weights(path):
         assert p.autocast == torch.bfloat16
         assert p.weights == (torch.bfloat16 if stage.lora.enabled else torch.float32)
         assert stage.optim.name == "adamw"
+
+
+def test_an_empty_config_file_takes_the_defaults_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing set yet\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(path)
+    assert f"{path} is empty: every setting takes its default" in caplog.text
+    assert cfg.dpo.beta == load_config().dpo.beta
