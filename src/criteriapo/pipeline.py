@@ -42,7 +42,7 @@ from criteriapo.losses.dpo import LOSSES
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
-from criteriapo.models.refcache import ReferenceCache, reference_cache
+from criteriapo.models.refcache import ReferenceCache, reference_cache, score_layout
 from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
 from criteriapo.resume import FINISHED, guard_unfinished, record_finished, stage_checkpointer
 from criteriapo.tracking.loggers import Loggers, build_loggers
@@ -459,7 +459,7 @@ def run_dpo(
     t1 = time.perf_counter()
     if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
         folders = [p for p in (source.path, source.base) if p]
-        layout = f"packing={prep.packing}|fsdp={_fsdp_dtype(prep.precision) if world.distributed else None}"
+        layout = score_layout(prep.packing, _fsdp_dtype(prep.precision) if world.distributed else None)
         ref_cache = reference_cache(folders, model, prep.precision.autocast, layout)
     saved = _saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
     # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference

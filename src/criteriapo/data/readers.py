@@ -40,7 +40,11 @@ def read_rows(
     """Yield every row of ``path`` in file order; rows over ``max_row_bytes`` (None: no limit) as
     bad rows."""
     limit = max_row_bytes or None
-    for row in _read_any(Path(path), split, limit):
+    path = Path(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file():
+        yield from _read_jsonl(path, limit)  # measured in bytes as each line is read
+        return
+    for row in _read_any(path, split):
         if limit is not None and row.value is not None and (size := _text_size(row.value)) > limit:
             yield RawRow(row.ref, None, _too_large(row.ref, f"{size:,} characters of text", limit))
         else:
@@ -67,7 +71,7 @@ def _text_size(value: Any) -> int:
     return 0
 
 
-def _read_any(path: Path, split: str | None, limit: int | None) -> Iterator[RawRow]:
+def _read_any(path: Path, split: str | None) -> Iterator[RawRow]:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -83,9 +87,6 @@ def _read_any(path: Path, split: str | None, limit: int | None) -> Iterator[RawR
     }
     if suffix not in readers:
         raise DataError(f"{path}: unknown data file type '{suffix}'; use {SUPPORTED}")
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path, limit)
-        return
     yield from readers[suffix](path)
 
 

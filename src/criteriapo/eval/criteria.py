@@ -159,12 +159,12 @@ def _score_cache(source, model, pack: bool):
     """``model``'s log-prob of each sequence, kept on disk under the digest of its files (see
     :mod:`criteriapo.models.refcache`): the model DPO started from was scored on most of these
     sequences by its DPO stage, and a model evaluated again scores nothing twice."""
-    from criteriapo.models.refcache import reference_cache
+    from criteriapo.models.refcache import reference_cache, score_layout
     from criteriapo.train.precision import precision_of
 
     folders = [p for p in (source.path, source.base) if p]
     autocast = precision_of(model, "auto").autocast
-    return reference_cache(folders, model, autocast, f"packing={pack}|fsdp=None")
+    return reference_cache(folders, model, autocast, score_layout(pack))
 
 
 _REFERENCE: dict = {}

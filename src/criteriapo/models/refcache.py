@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -162,6 +163,12 @@ class ReferenceCache(dict):
             )
             os.replace(tmp, self.path)
             self._saved = merged
+
+
+def score_layout(packing: bool, fsdp: Any = None) -> str:
+    """The ``layout`` part of a cache key: how the scored batches were laid out (packed rows, and the
+    FSDP2 compute dtype of a sharded run)."""
+    return f"packing={packing}|fsdp={fsdp}"
 
 
 def reference_cache(
