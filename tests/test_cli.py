@@ -233,6 +233,9 @@ DATA_CASES = {  # (what the user typed, exit status, message)
 
 
 def _run(argv: list, tmp_path) -> int:
+    # a long folder, as on a CI machine: a message naming it must not be broken over lines
+    tmp_path = tmp_path / ("a-long-folder-name-" * 6)
+    tmp_path.mkdir()
     argv = [a for x in argv for a in (x(tmp_path) if callable(x) else [x])]
     try:
         return main(argv)

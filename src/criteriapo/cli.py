@@ -492,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)  # a command returns its exit status, or nothing for 0
     except Interrupted as e:
-        err_console.print(f"[bold yellow]stopped:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold yellow]stopped:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 130
     except CriteriaPOError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
             f"[bold red]internal error:[/] {escape(type(e).__name__)}: {escape(str(e))} (a bug in "
             f"criteriapo; the traceback is in {log_path}, please include it when reporting)",
             highlight=False,
+            soft_wrap=True,  # a path broken over two lines cannot be copied
         )
         return 1
     finally:
