@@ -31,3 +31,4 @@ test: $(TEST_STAMP) lint
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports

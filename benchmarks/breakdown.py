@@ -20,9 +20,10 @@ from criteriapo.data.records import PreferenceExample, RowRef
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
 from criteriapo.losses.dpo import LOSSES, LogPs, LossParams
 from criteriapo.losses.logprobs import token_logps
+from criteriapo.rows.packing import attention_mask
+from criteriapo.rows.pairs import collate_pairs
 from criteriapo.train.optim import build_optimizer
-from criteriapo.train.packing import attention_mask
-from criteriapo.train.tasks import collate_pairs, score_pairs
+from criteriapo.train.tasks import score_pairs
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The attention sections of gpu_check.py: which SDPA kernel runs our packed-pair mask, cuDNN's
 masked attention at awkward lengths, and three ways to compute one pair's attention.
 
-A DPO pair is one row ``prompt | chosen | rejected`` (:mod:`criteriapo.train.packing`): token i sees
+A DPO pair is one row ``prompt | chosen | rejected`` (:mod:`criteriapo.rows.packing`): token i sees
 token j when j is not after i, except that a rejected token never sees a chosen one. The mask reaches
 the model as a boolean (R, 1, L, L) tensor (``batch_logps`` -> ``packing.attention_mask``); transformers
 passes a 4D mask through unchanged, and with a mask its SDPA path repeats K/V to the query heads
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from criteriapo.train.packing import CHOSEN, REJECTED, SHARED, attention_mask
+from criteriapo.rows.packing import CHOSEN, REJECTED, SHARED, attention_mask
 
 if TYPE_CHECKING:
     from gpu_check import Context
@@ -150,7 +150,7 @@ def _profile_model(ctx: Context, hq: int, hk: int, d: int, length: int) -> dict:
     from criteriapo.data.records import RowRef
     from criteriapo.data.tokenize import TokenizedPair
     from criteriapo.losses.logprobs import batch_logps
-    from criteriapo.train.tasks import collate_pairs
+    from criteriapo.rows.pairs import collate_pairs
 
     torch.manual_seed(0)
     hidden = hq * d

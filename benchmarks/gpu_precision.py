@@ -99,10 +99,11 @@ def _one_model(arch: str, setting: str, device, pairs) -> dict:
     from criteriapo.config import DPOConfig
     from criteriapo.losses.logprobs import LogitTransform, batch_logps
     from criteriapo.models.training import disable_dropout
+    from criteriapo.rows.packing import packing_problem
+    from criteriapo.rows.pairs import collate_pairs
     from criteriapo.train.guard import ModelCheckError, check_logprobs
-    from criteriapo.train.packing import packing_problem
     from criteriapo.train.precision import resolve_precision
-    from criteriapo.train.tasks import DPOTask, collate_pairs, score_pairs
+    from criteriapo.train.tasks import DPOTask, score_pairs
 
     prec = resolve_precision(
         {"fp32": "fp32", "bf16": "bf16-true", "bf16-mixed": "bf16-mixed"}[setting], torch.float32

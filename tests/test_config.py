@@ -8,6 +8,7 @@ import pytest
 
 from criteriapo.config import load_config
 from criteriapo.errors import ConfigError
+from criteriapo.pipeline import check_choices
 
 
 def write(tmp_path, text: str):
@@ -37,7 +38,11 @@ def test_yaml_and_overrides(tmp_path):
         ("", ["sft.train.epochs=two"], "sft.train.epochs: expected an integer, got 'two'"),
         ("", ["tracking.wandb=maybe"], "tracking.wandb: expected true or false, got 'maybe'"),
         ("", ["dpo.beta=-0.1"], "dpo.beta must be > 0, got -0.1"),
-        ("", ["dpo.loss_type=kto"], "dpo.loss_type: unknown loss 'kto'; choose one of sigmoid, robust"),
+        (
+            "",
+            ["dpo.loss_type=sigmoidd"],
+            "dpo.loss_type: unknown loss 'sigmoidd'; choose one of sigmoid, robust",
+        ),
         (
             "",
             ["dpo.data.max_length=128", "dpo.data.max_prompt_length=128"],
@@ -59,7 +64,7 @@ def test_yaml_and_overrides(tmp_path):
 )
 def test_mistakes_are_named(tmp_path, text, overrides, message):
     with pytest.raises(ConfigError) as e:
-        load_config(write(tmp_path, text), overrides)
+        check_choices(load_config(write(tmp_path, text), overrides))
     assert message in str(e.value)
 
 

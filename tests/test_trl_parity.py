@@ -109,7 +109,7 @@ def setup(tiny_llama_dir, smollm2_tokenizer, tmp_path_factory):
 
 def test_tokenized_batch_is_the_same(setup):
     _trainer, trl_batch, _, _, pairs, tok = setup
-    from criteriapo.train.tasks import collate_pairs
+    from criteriapo.rows.pairs import collate_pairs
 
     ours = collate_pairs(pairs, range(4), tok.pad_token_id, packing=False)  # TRL's layout: a padded row each
     assert torch.equal(ours["input_ids"], trl_batch["input_ids"].cpu())
@@ -126,7 +126,7 @@ def test_tokenized_batch_is_the_same(setup):
 )
 def test_loss_logps_and_rewards_match_trl(setup, ours, types, weights, eps):
     trainer, trl_batch, policy, ref, pairs, tok = setup
-    from criteriapo.train.tasks import collate_pairs
+    from criteriapo.rows.pairs import collate_pairs
 
     trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = types, weights, eps
     trainer.model.train()

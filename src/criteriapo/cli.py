@@ -186,11 +186,12 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _config(args: argparse.Namespace):
     from criteriapo.config import load_config
+    from criteriapo.pipeline import check_choices
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not Path(config).exists():  # only overrides, no config file
         config, overrides = None, [config, *overrides]
-    return load_config(config, overrides)
+    return check_choices(load_config(config, overrides))
 
 
 def _stage_summary(name: str, result) -> None:

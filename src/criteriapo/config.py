@@ -181,16 +181,12 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> Config:
-        from criteriapo.losses.dpo import LOSSES
-
+        """Every value on its own and against the others. Names that registries above this module
+        define (``dpo.loss_type``) are checked by :func:`criteriapo.pipeline.check_choices`."""
         for name, stage in (("sft", self.sft), ("dpo", self.dpo)):
             _validate_stage(name, stage.data, stage.optim, stage.train)
             _validate_lora(name, stage.lora)
         d = self.dpo
-        if d.loss_type not in LOSSES:
-            raise ConfigError(
-                f"dpo.loss_type: unknown loss {d.loss_type!r}; choose one of {', '.join(LOSSES)}"
-            )
         _positive("dpo.beta", d.beta)
         if not 0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
@@ -245,11 +241,24 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: TrainConfig) -> None:
-    from criteriapo.data.tokenize import TokenizeOptions
+def check_lengths(max_length: Any, max_prompt_length: Any, truncation_mode: Any) -> None:
+    """The length settings of tokenization (``data.max_length`` and the rest), as tokenization and
+    the config read them."""
+    for key, v in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{key} must be a positive integer or null, got {v!r}")
+    if truncation_mode not in ("keep_end", "keep_start"):
+        raise ConfigError(f"truncation_mode must be keep_end or keep_start, got {truncation_mode!r}")
+    if max_length and max_prompt_length and max_prompt_length >= max_length:
+        raise ConfigError(
+            f"max_prompt_length ({max_prompt_length}) must be below max_length "
+            f"({max_length}) to leave room for the completion"
+        )
 
+
+def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: TrainConfig) -> None:
     try:
-        TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+        check_lengths(data.max_length, data.max_prompt_length, data.truncation_mode)
     except ConfigError as e:
         raise ConfigError(f"{name}.data.{e}") from None
     _positive(f"{name}.optim.lr", optim.lr)

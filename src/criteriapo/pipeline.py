@@ -38,7 +38,7 @@ from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
 from criteriapo.export import ExportError, ModelCard, export_model
 from criteriapo.generation import chat_messages, generate_batch
-from criteriapo.losses.dpo import LOSSES
+from criteriapo.losses.dpo import loss_spec
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
@@ -68,6 +68,13 @@ class StageResult:
 
 
 CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
+
+
+def check_choices(cfg: Config) -> Config:
+    """The settings whose allowed values come from the registries (losses, recipes), checked as soon
+    as a config is read: :meth:`Config.validate` checks the rest, below them."""
+    loss_spec(cfg.dpo.loss_type)
+    return cfg
 
 
 def data_paths(
@@ -377,7 +384,7 @@ def _references(
     policy under FSDP2), or neither. Scored under the policy's precision, so that a reference equal
     to the starting weights gives log-ratios of exactly zero at step 1."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
-    if d.reference_free or LOSSES[d.loss_type].reference_free:
+    if d.reference_free or loss_spec(d.loss_type).reference_free:
         return None, None, None
     if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
         return None, None, model  # the policy with its adapters off scores each batch: no copy

@@ -17,12 +17,13 @@ from criteriapo.data.tokenize import TokenizedPair
 from criteriapo.export import ModelCard, export_model
 from criteriapo.losses.logprobs import batch_logps, sequence_logps
 from criteriapo.models.training import disable_dropout
+from criteriapo.rows.packing import packing_problem, resolve_packing
+from criteriapo.rows.pairs import collate_pairs
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.guard import check_logprobs, packing_matches
 from criteriapo.train.loop import Trainer
-from criteriapo.train.packing import packing_problem, resolve_packing
 from criteriapo.train.precision import resolve_precision
-from criteriapo.train.tasks import DPOTask, collate_pairs, score_pairs
+from criteriapo.train.tasks import DPOTask, score_pairs
 from tests.zoo import VOCAB, ZOO, zoo_model
 
 PAD = 0

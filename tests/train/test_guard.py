@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from criteriapo.losses.logprobs import logit_transform, sequence_logps
+from criteriapo.rows.packing import packing_problem
 from criteriapo.train.guard import ModelCheckError, check_logprobs, guard_model
-from criteriapo.train.packing import packing_problem
 from tests.train.test_packing import SMALL, pairs
 from tests.zoo import zoo_model
 

@@ -291,7 +291,7 @@ def test_rewards_measure_what_the_loss_optimises(loss_type):
     """SimPO's loss sees per-token averages, so its rewards/* do too (as TRL's CPO trainer logs
     them); the other losses log whole-sequence rewards, as TRL's DPO trainer does (IPO included)."""
     from criteriapo.losses.logprobs import batch_logps
-    from criteriapo.train.tasks import collate_pairs
+    from criteriapo.rows.pairs import collate_pairs
 
     model, pairs = tiny_model(0), toy_pairs(4)
     ref = score_pairs(tiny_model(1), pairs, PAD)  # another model, so the log-ratios are not zero

@@ -11,7 +11,7 @@ from criteriapo.data.records import RowRef
 from criteriapo.data.tokenize import TokenizedPair
 from criteriapo.errors import ConfigError
 from criteriapo.losses.logprobs import batch_logps
-from criteriapo.train.packing import (
+from criteriapo.rows.packing import (
     CHOSEN,
     REJECTED,
     SHARED,
@@ -23,7 +23,8 @@ from criteriapo.train.packing import (
     resolve_packing,
     sequence_segment,
 )
-from criteriapo.train.tasks import collate_pairs, score_pairs
+from criteriapo.rows.pairs import collate_pairs
+from criteriapo.train.tasks import score_pairs
 
 PAD = 0
 SMALL = {

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import jinja2
 
+from criteriapo.config import check_lengths
 from criteriapo.data.records import (
     BadRow,
     Message,
@@ -26,7 +27,7 @@ from criteriapo.data.records import (
     Text,
 )
 from criteriapo.data.validation import apply_policy
-from criteriapo.errors import ConfigError, TemplateError
+from criteriapo.errors import TemplateError
 
 IGNORE_INDEX = -100
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -42,17 +43,7 @@ class TokenizeOptions:
     truncation_mode: TruncationMode = "keep_end"
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "max_prompt_length"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"{name} must be a positive integer or null, got {v!r}")
-        if self.truncation_mode not in ("keep_end", "keep_start"):
-            raise ConfigError(f"truncation_mode must be keep_end or keep_start, got {self.truncation_mode!r}")
-        if self.max_length and self.max_prompt_length and self.max_prompt_length >= self.max_length:
-            raise ConfigError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
-                f"({self.max_length}) to leave room for the completion"
-            )
+        check_lengths(self.max_length, self.max_prompt_length, self.truncation_mode)
 
 
 @dataclass

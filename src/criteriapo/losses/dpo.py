@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from criteriapo.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LossParams:
@@ -105,6 +107,13 @@ LOSSES: dict[str, LossSpec] = {
     "nca_pair": LossSpec(nca_pair),
     "simpo": LossSpec(simpo, length_normalized=True, reference_free=True, averaged_rewards=True),
 }
+
+
+def loss_spec(name: str) -> LossSpec:
+    """The loss ``dpo.loss_type`` names; a :class:`ConfigError` listing the choices otherwise."""
+    if name not in LOSSES:
+        raise ConfigError(f"dpo.loss_type: unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def rewards(x: LogPs, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from criteriapo.train.packing import attention_mask
+from criteriapo.rows.packing import attention_mask
 
 CHUNK_TOKENS = 256  # a (256, 128k) chunk of float32 logits is 128 MiB
 
@@ -154,7 +154,7 @@ class LogpsModule(torch.nn.Module):
 
 
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> SequenceLogps:
-    """Log-probs of the ``n`` output sequences of a batch from :mod:`criteriapo.train.packing`,
+    """Log-probs of the ``n`` output sequences of a batch from :mod:`criteriapo.rows.packing`,
     padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``); with
     ``canon`` (n,), output sequence k is the computed sequence ``canon[k]``."""
     if "segment" in batch:

@@ -1,7 +1,7 @@
 """Checks, before training starts, that the fast paths give the model's own numbers.
 
 Training never asks the model for full-vocabulary logits: :mod:`criteriapo.losses.logprobs` applies
-the output layer itself, and packed rows replace padding (:mod:`criteriapo.train.packing`). Both
+the output layer itself, and packed rows replace padding (:mod:`criteriapo.rows.packing`). Both
 are exact only if they do what the model's own forward does, and an architecture we have not seen
 may do something else. So, on a few of the run's own sequences (one small forward each):
 
@@ -27,9 +27,10 @@ import torch
 
 from criteriapo.errors import CriteriaPOError
 from criteriapo.losses.logprobs import LogitTransform, batch_logps, logit_transform, set_logit_transform
-from criteriapo.train.packing import resolve_packing
+from criteriapo.rows.packing import resolve_packing
+from criteriapo.rows.pairs import collate_pairs
 from criteriapo.train.precision import weights_dtype
-from criteriapo.train.tasks import SFTTask, collate_pairs
+from criteriapo.train.tasks import SFTTask
 
 log = logging.getLogger(__name__)
 
