@@ -216,20 +216,27 @@ def _sft(args: argparse.Namespace) -> None:
         _stage_summary("sft", run_sft(cfg, resume=args.resume))
 
 
-def _dpo(args: argparse.Namespace) -> None:
+def _dpo(args: argparse.Namespace, command: str = "dpo") -> None:
     from criteriapo.pipeline import run_dpo
 
-    cfg, claim = _claimed(args, "dpo")
+    cfg, claim = _claimed(args, command)
     with claim:
         result = run_dpo(cfg, resume=args.resume)
-    _stage_summary("dpo", result)
+    _stage_summary(command, result)
     if result.before and result.after:
-        _preference_table(result.before, result.after)
+        _preference_table(result.before, result.after, command)
+
+
+def _orpo(args: argparse.Namespace) -> None:
+    """``criteriapo dpo`` with ``dpo.loss_type=orpo``: from model.name_or_path, no reference."""
+    args.overrides = [*args.overrides, "dpo.loss_type=orpo"]
+    _dpo(args, "orpo")
 
 
 def _preference_table(before, after, name: str = "dpo") -> None:
     table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
-    for col in ("", "before DPO", "after DPO"):
+    method = "ORPO" if name.startswith("orpo") else "DPO"
+    for col in ("", f"before {method}", f"after {method}"):
         table.add_column(col, justify="right")
     if after.reward_accuracy is not None:  # what DPO optimises: the reward against the reference
         table.add_row("reward accuracy vs reference", "-", f"{after.reward_accuracy:.3f}")
@@ -257,22 +264,26 @@ def _pipeline(args: argparse.Namespace) -> None:
     for name, stage in r.dpo.items():
         if stage.before and stage.after:
             _preference_table(stage.before, stage.after, name)
+    method = "ORPO" if r.sft is None else "DPO"
     for g in r.generations:
         console.print(f"\n[bold]prompt:[/] {g['prompt']}", highlight=False)
         for key, reply in g.items():
             if key != "prompt":
-                label = "before DPO" if key == "before" else f"after {key}"
+                label = f"before {method}" if key == "before" else f"after {key}"
                 console.print(f"[bold]  {label}:[/] ", end="")
                 console.print(reply, markup=False, highlight=False)
     if r.comparison:
         console.print("\n" + r.comparison.read_text(), markup=False, highlight=False, soft_wrap=True)
     times = "  ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
     console.print(f"\nwall time: {times}")
-    for name, stage in {"sft": r.sft, **r.dpo}.items():  # prepare: data (sampled when made), tokens, model
+    stages = {**({"sft": r.sft} if r.sft else {}), **r.dpo}
+    for name, stage in stages.items():  # prepare: data (sampled when made), tokens, model
         console.print(f"  {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.seconds.items()))
-    console.print(f"SFT model: {r.sft.model_dir}")
+    if r.sft:
+        console.print(f"SFT model: {r.sft.model_dir}")
+    method = "ORPO" if r.sft is None else "DPO"
     for name, stage in r.dpo.items():
-        console.print(f"[bold]DPO model ({name}): {stage.model_dir}[/]")
+        console.print(f"[bold]{method} model ({name}): {stage.model_dir}[/]")
     console.print(f"summary: {r.summary_path}")
 
 
@@ -395,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, about in (
         ("sft", _sft, "supervised fine-tuning (the config's sft section)"),
         ("dpo", _dpo, "DPO or a variant (the config's dpo section)"),
+        ("orpo", _orpo, "ORPO from the base model in one stage (the dpo section, loss_type orpo)"),
         ("pipeline", _pipeline, "SFT, then DPO against the SFT model, evaluation, export"),
     ):
         s = sub.add_parser(name, help=about)

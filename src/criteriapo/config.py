@@ -153,6 +153,16 @@ class DPOConfig:
     condition_on_criterion: bool = False
     criteria_data: CriteriaDataConfig = field(default_factory=CriteriaDataConfig)
 
+    @property
+    def one_stage(self) -> bool:
+        """ORPO trains from the base model in one stage: no SFT before it, no reference."""
+        return self.loss_type == "orpo"
+
+    def folder(self, recipe: str | None) -> str:
+        """The stage's folder under output_dir: ``dpo`` (``orpo``), or ``dpo-RECIPE``."""
+        name = "orpo" if self.one_stage else "dpo"
+        return f"{name}-{recipe}" if recipe else name
+
 
 @dataclass
 class EvalConfig:

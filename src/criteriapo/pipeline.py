@@ -73,7 +73,12 @@ CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
 def check_choices(cfg: Config) -> Config:
     """The settings whose allowed values come from the registries (losses, recipes), checked as soon
     as a config is read: :meth:`Config.validate` checks the rest, below them."""
-    loss_spec(cfg.dpo.loss_type)
+    spec = loss_spec(cfg.dpo.loss_type)
+    if spec.chosen_nll and cfg.dpo.rpo_alpha:
+        raise ConfigError(
+            f"dpo.rpo_alpha: {cfg.dpo.loss_type} has the chosen replies' NLL in its loss already (weight "
+            f"{spec.chosen_nll}); leave rpo_alpha unset"
+        )
     return cfg
 
 
@@ -443,7 +448,7 @@ def run_dpo(
         raise ConfigError(
             "dpo.recipe: all trains one model per recipe: use `criteriapo pipeline`, or pick one"
         )
-    run_dir = Path(run_dir or Path(cfg.output_dir) / (f"dpo-{recipe}" if recipe else "dpo"))
+    run_dir = Path(run_dir or Path(cfg.output_dir) / d.folder(recipe))
     t0 = time.perf_counter()
     world = init_world()
     prep = _prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume, world)
@@ -560,8 +565,8 @@ def _reference_note(d: DPOConfig, task: DPOTask) -> str:
 
 @dataclass
 class PipelineResult:
-    sft: StageResult
-    dpo: dict[str, StageResult]  # one per recipe ("dpo" when the data are plain pairs)
+    sft: StageResult | None  # None when the preference stage trains from the base model (ORPO)
+    dpo: dict[str, StageResult]  # one per recipe ("dpo" or "orpo" when the data are plain pairs)
     generations: list[dict[str, str]]
     seconds: dict[str, float]
     summary_path: Path
@@ -575,6 +580,26 @@ def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str
     conversations = [chat_messages(p) for p in prompts]
     replies = generate_batch(model, tok, conversations, max_new_tokens=max_new_tokens, temperature=0.0)
     return [r.text for r in replies]
+
+
+def _compare(cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str, StageResult]) -> Path:
+    """Held-out criteria comparison of the starting model and each tuned one (and the base model
+    with eval.compare_base), reward accuracy against the starting model."""
+    from criteriapo.eval.criteria import compare
+
+    files = data_paths(cfg.dpo.data.eval, str(start), cfg.dpo.criteria_data)
+    held = load_data(files, kind="multi_criteria", on_bad_row="skip").examples
+    base = [("base", cfg.model.name_or_path)] if cfg.eval.compare_base and start_name != "base" else []
+    models = [*base, (start_name, str(start)), *((name, str(stage.model_dir)) for name, stage in dpo.items())]
+    compare(
+        models,
+        held,
+        out / "comparison",
+        max_new_tokens=cfg.eval.max_new_tokens,
+        reference=str(start),
+        beta=cfg.dpo.beta,
+    )
+    return out / "comparison" / "comparison.md"
 
 
 def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
@@ -591,58 +616,43 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     barrier(world)
     _preflight_dpo(cfg)
     t_data = time.perf_counter()
-    sft = run_sft(cfg, run_dir=out / "sft", resume=resume)
+    # ORPO starts from the base model in one stage; DPO from the SFT model
+    sft = None if cfg.dpo.one_stage else run_sft(cfg, run_dir=out / "sft", resume=resume)
+    start = sft.model_dir if sft else resolve_model(cfg.model.name_or_path).path
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
     # the SFT model's log-prob of each sequence is scored once for every recipe (the on-disk cache,
     # or with dpo.ref_cache false one dict shared here)
     ref_cache: dict | None = None if cfg.dpo.ref_cache else {}
     dpo = {
-        r or "dpo": run_dpo(cfg, str(sft.model_dir), out / (f"dpo-{r}" if r else "dpo"), r, ref_cache, resume)
+        r or cfg.dpo.folder(None): run_dpo(cfg, str(start), out / cfg.dpo.folder(r), r, ref_cache, resume)
         for r in recipes
     }
     t_train = time.perf_counter()
     if not world.main:  # generation and evaluation run on rank 0
         barrier(world)
         return PipelineResult(sft, dpo, [], {}, out / "summary.json")
-    replies = {"before": sample_replies(cfg, sft.model_dir, cfg.eval.prompts)}
+    replies = {"before": sample_replies(cfg, start, cfg.eval.prompts)}
     for name, stage in dpo.items():
         replies[name] = sample_replies(cfg, stage.model_dir, cfg.eval.prompts)
     generations = [
         {"prompt": p, **{k: v[i] for k, v in replies.items()}} for i, p in enumerate(cfg.eval.prompts)
     ]
-    comparison = None
-    if cfg.dpo.recipe and cfg.dpo.data.eval:
-        from criteriapo.eval.criteria import compare
-
-        files = data_paths(cfg.dpo.data.eval, str(sft.model_dir), cfg.dpo.criteria_data)
-        held = load_data(files, kind="multi_criteria", on_bad_row="skip").examples
-        models = [
-            *([("base", cfg.model.name_or_path)] if cfg.eval.compare_base else []),
-            ("sft", str(sft.model_dir)),
-            *((name, str(stage.model_dir)) for name, stage in dpo.items()),
-        ]
-        compare(
-            models,
-            held,
-            out / "comparison",
-            max_new_tokens=cfg.eval.max_new_tokens,
-            reference=str(sft.model_dir),
-            beta=cfg.dpo.beta,
-        )
-        comparison = out / "comparison" / "comparison.md"
+    start_name = "sft" if sft else "base"
+    comparison = _compare(cfg, out, start_name, start, dpo) if cfg.dpo.recipe and cfg.dpo.data.eval else None
     t_end = time.perf_counter()
+    stages = {**({"sft": sft} if sft else {}), **dpo}
     seconds = {
         "fetch": t_fetch - t0,
         "data": t_data - t_fetch,
-        "sft": sum(sft.seconds.values()),
-        **{name: sum(stage.seconds.values()) for name, stage in dpo.items()},
+        **{name: sum(stage.seconds.values()) for name, stage in stages.items()},
         "generate+eval": t_end - t_train,
         "total": t_end - t0,
     }
     summary = {
-        "sft_model": str(sft.model_dir),
+        "sft_model": str(sft.model_dir) if sft else None,
+        "start_model": str(start),
         "seconds": seconds,
-        "stage_seconds": {"sft": sft.seconds, **{name: stage.seconds for name, stage in dpo.items()}},
+        "stage_seconds": {name: stage.seconds for name, stage in stages.items()},
         "generations": generations,
         "dpo": {
             name: {

@@ -38,12 +38,12 @@ def stage_dirs(cfg: Config, command: str) -> list[Path]:
     """The stage folders that ``criteriapo COMMAND`` (sft, dpo or pipeline) writes under output_dir."""
     out = Path(cfg.output_dir)
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
-    dpo = [out / (f"dpo-{r}" if r else "dpo") for r in recipes]
+    dpo = [out / cfg.dpo.folder(r) for r in recipes]
     if command == "sft":
         return [out / "sft"]
-    if command == "dpo":
-        return [out / (f"dpo-{cfg.dpo.recipe}" if cfg.dpo.recipe and cfg.dpo.recipe != "all" else "dpo")]
-    return [out / "sft", *dpo]
+    if command in ("dpo", "orpo"):
+        return [out / cfg.dpo.folder(cfg.dpo.recipe if cfg.dpo.recipe != "all" else None)]
+    return dpo if cfg.dpo.one_stage else [out / "sft", *dpo]
 
 
 @contextlib.contextmanager

@@ -87,6 +87,30 @@ def simpo(x: LogPs, p: LossParams) -> torch.Tensor:
     return -F.logsigmoid(z) * (1 - p.label_smoothing) - F.logsigmoid(-z) * p.label_smoothing
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_log_odds(x: LogPs) -> torch.Tensor:
+    """log odds(chosen) - log odds(rejected), odds(y) = p / (1 - p) with p the per-token average
+    probability (pc and pr are per-token averages)."""
+    return (x.pc - x.pr) - (_log1mexp(x.pc) - _log1mexp(x.pr))
+
+
+def orpo(x: LogPs, p: LossParams) -> torch.Tensor:
+    """ORPO (Hong et al. 2024): the odds-ratio term, beta (the paper's lambda) times -log sigmoid of
+    the log odds ratio. No reference; the NLL of the chosen reply is the rest of the loss
+    (``LossSpec.chosen_nll``), so ORPO needs no SFT stage before it."""
+    return -p.beta * F.logsigmoid(orpo_log_odds(x))
+
+
+def orpo_metrics(x: LogPs, p: LossParams) -> dict[str, torch.Tensor]:
+    """Per pair, as TRL's ORPO trainer names their means."""
+    log_odds = orpo_log_odds(x)
+    return {"log_odds_ratio": F.logsigmoid(log_odds), "log_odds_chosen": log_odds}
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable[[LogPs, LossParams], torch.Tensor]
@@ -95,6 +119,11 @@ class LossSpec:
     # rewards/* from the per-token averages the loss sees (SimPO, as TRL's CPO trainer logs them);
     # otherwise from whole-sequence log-probs (IPO included, as TRL's DPO trainer logs them)
     averaged_rewards: bool = False
+    # weight of the chosen replies' NLL (per token, over the step) that is part of the loss itself;
+    # dpo.rpo_alpha adds it to any other loss
+    chosen_nll: float = 0.0
+    # per-pair values logged (their means) beside the rewards, under these names
+    metrics: Callable[[LogPs, LossParams], dict[str, torch.Tensor]] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -106,6 +135,14 @@ LOSSES: dict[str, LossSpec] = {
     "sppo_hard": LossSpec(sppo_hard),
     "nca_pair": LossSpec(nca_pair),
     "simpo": LossSpec(simpo, length_normalized=True, reference_free=True, averaged_rewards=True),
+    "orpo": LossSpec(
+        orpo,
+        length_normalized=True,
+        reference_free=True,
+        averaged_rewards=True,
+        chosen_nll=1.0,
+        metrics=orpo_metrics,
+    ),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
 from criteriapo.distributed import reshard
-from criteriapo.losses.dpo import LogPs, loss_spec, LossParams, rewards
+from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
 from criteriapo.rows.packing import collate, packing_problem, sequence_segment
@@ -160,9 +160,10 @@ class DPOTask:
             seen = LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr)
         losses = self.spec.fn(seen, self.params)  # (B,)
         loss = (losses * batch["weight"]).sum() / totals["pairs"]
-        if self.cfg.rpo_alpha:
+        nll_weight = self.spec.chosen_nll or self.cfg.rpo_alpha
+        if nll_weight:
             # NLL of the chosen completions, averaged over every chosen token of the step
-            loss = loss + self.cfg.rpo_alpha * -out.logps[:b].sum() / totals["chosen_tokens"]
+            loss = loss + nll_weight * -out.logps[:b].sum() / totals["chosen_tokens"]
         if self.spec.averaged_rewards:
             x = seen
         cr, rj = rewards(x, self.cfg.beta)  # implicit rewards
@@ -178,6 +179,11 @@ class DPOTask:
             "logits/chosen": (float(out.logits_sum[:b].sum()), float(ntok[:b].sum()) * self.vocab),
             "logits/rejected": (float(out.logits_sum[b:].sum()), float(ntok[b:].sum()) * self.vocab),
         }
+        if nll_weight:
+            metrics["nll_loss"] = (float(-out.logps[:b].detach().sum()), float(ntok[:b].sum()))
+        if self.spec.metrics is not None:
+            for name, v in self.spec.metrics(seen, self.params).items():
+                metrics[name] = (float(v.detach().sum()), n)
         return loss, metrics
 
 
