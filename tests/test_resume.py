@@ -160,6 +160,28 @@ def test_pipeline_killed_in_dpo_then_resumed_ends_bit_identical(setup, pipeline_
     assert_identical(pipeline_baseline / "dpo", out / "dpo")
 
 
+@pytest.fixture(scope="module")
+def orpo_baseline(setup):
+    root, common = setup
+    r = cli(["orpo", *common, f"output_dir={root / 'orpo-baseline'}"])
+    assert r.returncode == 0, r.stderr
+    assert "log_odds_ratio" in (root / "orpo-baseline" / "orpo" / "metrics.jsonl").read_text()
+    return root / "orpo-baseline" / "orpo"
+
+
+@pytest.mark.parametrize("failpoint", ["step:2", "checkpoint-publish:3"])
+def test_orpo_killed_then_resumed_ends_bit_identical(setup, orpo_baseline, failpoint):
+    root, common = setup
+    out = root / f"orpo-{failpoint.replace(':', '-')}"
+    args = ["orpo", *common, f"output_dir={out}"]
+    killed = cli(args, failpoint)
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert_identical(orpo_baseline, out / "orpo")
+
+
 def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
