@@ -233,6 +233,12 @@ def _orpo(args: argparse.Namespace) -> None:
     _dpo(args, "orpo")
 
 
+def _kto(args: argparse.Namespace) -> None:
+    """``criteriapo dpo`` with ``dpo.loss_type=kto``: unpaired rows (or pairs, split in two)."""
+    args.overrides = [*args.overrides, "dpo.loss_type=kto"]
+    _dpo(args, "kto")
+
+
 def _preference_table(before, after, name: str = "dpo") -> None:
     table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
     method = "ORPO" if name.startswith("orpo") else "DPO"
@@ -407,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", _sft, "supervised fine-tuning (the config's sft section)"),
         ("dpo", _dpo, "DPO or a variant (the config's dpo section)"),
         ("orpo", _orpo, "ORPO from the base model in one stage (the dpo section, loss_type orpo)"),
+        ("kto", _kto, "KTO from unpaired thumbs-up / thumbs-down rows (the dpo section, loss_type kto)"),
         ("pipeline", _pipeline, "SFT, then DPO against the SFT model, evaluation, export"),
     ):
         s = sub.add_parser(name, help=about)

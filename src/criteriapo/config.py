@@ -143,6 +143,8 @@ class DPOConfig:
     precompute_ref_log_probs: bool = True  # reference = the starting weights, scored once, never held
     ref_cache: bool = True  # precomputed reference scores kept on disk (cache folder) for later runs
     simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0  # kto: loss weight of desirable completions
+    undesirable_weight: float = 1.0  # kto: loss weight of undesirable ones
     disable_dropout: bool = True  # dropout off in policy, reference and LoRA, so step 1's log-ratios are 0
     ref_model: str | None = None  # another model as reference (kept frozen in memory)
     # criteria recipes: the data files are multi-criteria (UltraFeedback-style) and pairs are built
@@ -160,7 +162,7 @@ class DPOConfig:
 
     def folder(self, recipe: str | None) -> str:
         """The stage's folder under output_dir: ``dpo`` (``orpo``), or ``dpo-RECIPE``."""
-        name = "orpo" if self.one_stage else "dpo"
+        name = self.loss_type if self.loss_type in ("orpo", "kto") else "dpo"
         return f"{name}-{recipe}" if recipe else name
 
 
@@ -198,6 +200,8 @@ class Config:
             _validate_lora(name, stage.lora)
         d = self.dpo
         _positive("dpo.beta", d.beta)
+        _positive("dpo.desirable_weight", d.desirable_weight)
+        _positive("dpo.undesirable_weight", d.undesirable_weight)
         if not 0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
         if d.rpo_alpha is not None and d.rpo_alpha < 0:

@@ -23,7 +23,7 @@ from criteriapo.config import Config, CriteriaDataConfig, DataConfig, DPOConfig,
 from criteriapo.criteria.pairs import RECIPES, RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
 from criteriapo.data.loading import load_data
-from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, assign_kl, tokenize_examples
 from criteriapo.distributed import (
     World,
     all_sum,
@@ -38,7 +38,7 @@ from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
 from criteriapo.export import ExportError, ModelCard, export_model
 from criteriapo.generation import chat_messages, generate_batch
-from criteriapo.losses.dpo import loss_spec
+from criteriapo.losses.dpo import LOSSES, loss_spec
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import adapters_off, apply_lora, for_export, is_lora, trainable_parameters
@@ -52,7 +52,7 @@ from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.loop import Trainer, seed_everything
 from criteriapo.train.precision import Precision, check_updates_survive, resolve_precision
-from criteriapo.train.tasks import DPOTask, PairScores, SFTTask, score_pairs
+from criteriapo.train.tasks import DPOTask, KTOTask, PairScores, SFTTask, score_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
 def check_choices(cfg: Config) -> Config:
     """The settings whose allowed values come from the registries (losses, recipes), checked as soon
     as a config is read: :meth:`Config.validate` checks the rest, below them."""
+    d = cfg.dpo
+    if d.loss_type == "kto":  # unpaired: its own task, no pair loss
+        if d.reference_free:
+            raise ConfigError(
+                "dpo.reference_free: KTO's rewards are log-ratios against a reference; set it false"
+            )
+        if d.recipe:
+            raise ConfigError(
+                "dpo.recipe builds pairs from multi-criteria data; KTO reads unpaired rows or pairs"
+            )
+        return cfg
+    if d.loss_type not in LOSSES:
+        choices = ", ".join([*LOSSES, "kto"])
+        raise ConfigError(f"dpo.loss_type: unknown loss {d.loss_type!r}; choose one of {choices}")
     spec = loss_spec(cfg.dpo.loss_type)
     if spec.chosen_nll and cfg.dpo.rpo_alpha:
         raise ConfigError(
@@ -200,12 +214,19 @@ def _prepare(
     ):
         (run_dir / stale).unlink(missing_ok=True)
     barrier(world)
-    data_kind = "sft" if kind == "sft" else "preference"
+    unpaired = kind == "dpo" and stage.loss_type == "kto"
+    data_kind = "sft" if kind == "sft" else "unpaired" if unpaired else "preference"
     ropts = _recipe_options(stage) if recipe else None
     report = run_dir if world.main else None  # one report, from rank 0
     made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
     train = _tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made)
     evals = _tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made)
+    if unpaired:  # each example's mismatched completion for the KL estimate, fixed by the seed
+        opts = TokenizeOptions(
+            stage.data.max_length, stage.data.max_prompt_length, stage.data.truncation_mode
+        )
+        for i, examples in enumerate((train, evals)):
+            assign_kl(examples, stage.train.seed + i, opts)
     seed_everything(stage.train.seed)
     device = device_for(world, cfg.model.device)
     precision = resolve_precision(
@@ -224,7 +245,8 @@ def _prepare(
         disable_dropout(model)
     if precision.name == "bf16-true":
         check_updates_survive(model, stage.optim, kind)
-    packing = guard_model(model, train, kind, tokenizer.pad_token_id, stage.train.packing)
+    probe = [e.as_pair() for e in train[:8]] if unpaired else train
+    packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
         model = shard(model, _fsdp_dtype(precision))
     return Prepared(source, tokenizer, model, train, evals, precision, packing)
@@ -389,7 +411,7 @@ def _references(
     policy under FSDP2), or neither. Scored under the policy's precision, so that a reference equal
     to the starting weights gives log-ratios of exactly zero at step 1."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
-    if d.reference_free or loss_spec(d.loss_type).reference_free:
+    if d.reference_free or (d.loss_type != "kto" and loss_spec(d.loss_type).reference_free):
         return None, None, None
     if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
         return None, None, model  # the policy with its adapters off scores each batch: no copy
@@ -468,6 +490,9 @@ def run_dpo(
                 "a reference must share the policy's vocabulary"
             )
     pad = tokenizer.pad_token_id
+    unpaired = d.loss_type == "kto"
+    if unpaired:  # scored and cached as pairs: the completion, then the KL completion
+        train_examples, train, evals = train, [e.as_pair() for e in train], [e.as_pair() for e in evals]
     t1 = time.perf_counter()
     if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
         folders = [p for p in (source.path, source.base) if p]
@@ -495,10 +520,13 @@ def run_dpo(
         scores["ref_eval"] = ref_eval
     t2 = time.perf_counter()
     vocab = model.get_output_embeddings().weight.shape[0]
-    task = DPOTask(d, pad, vocab, reference=ref_train, ref_model=ref_model, packing=pack)
+    task_class = KTOTask if unpaired else DPOTask
+    task = task_class(d, pad, vocab, reference=ref_train, ref_model=ref_model, packing=pack)
     eval_task = (
-        DPOTask(d, pad, vocab, reference=ref_eval, ref_model=ref_model, packing=pack) if evals else None
+        task_class(d, pad, vocab, reference=ref_eval, ref_model=ref_model, packing=pack) if evals else None
     )
+    if unpaired:
+        train, evals = train_examples, prep.evals
     loggers = _loggers(cfg, run_dir, "dpo", world)
     trainer = Trainer(
         model,
@@ -525,14 +553,15 @@ def run_dpo(
     # evaluation scored every held-out pair with the trained weights, against the eval reference
     reference = ref_eval if ref_eval is not None else (None if d.ref_model else start_eval)
     reference = None if task.reference_free else reference
-    before = preference_eval(start_eval, evals, reference, d.beta) if evals else None
-    after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta) if evals else None
+    paired = evals and not unpaired  # KTO's evaluation is its loss and metrics (eval/ in metrics.jsonl)
+    before = preference_eval(start_eval, evals, reference, d.beta) if paired else None
+    after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta) if paired else None
     if after is not None:
         metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
     card = ModelCard(
         name=f"{Path(cfg.output_dir).name}-dpo",
         base_model=source.spec,
-        method=f"DPO (loss_type {d.loss_type}, beta {d.beta}" + (f", recipe {recipe})" if recipe else ")"),
+        method=_method_name(d, recipe),
         datasets=d.data.train,
         hyperparameters=to_dict(d),
         metrics=metrics,
@@ -543,6 +572,15 @@ def run_dpo(
     record_finished(run_dir, ck, results, d.train.keep_final_checkpoint, world)
     seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
     return StageResult(run_dir, model_dir, metrics, seconds, before, after)
+
+
+def _method_name(d: DPOConfig, recipe: str | None) -> str:
+    if d.loss_type == "kto":
+        weights = f"desirable_weight {d.desirable_weight}, undesirable_weight {d.undesirable_weight}"
+        return f"KTO (beta {d.beta}, {weights})"
+    if d.loss_type == "orpo":
+        return f"ORPO (beta {d.beta}, no reference)"
+    return f"DPO (loss_type {d.loss_type}, beta {d.beta}" + (f", recipe {recipe})" if recipe else ")")
 
 
 def _saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:

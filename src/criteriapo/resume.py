@@ -41,7 +41,7 @@ def stage_dirs(cfg: Config, command: str) -> list[Path]:
     dpo = [out / cfg.dpo.folder(r) for r in recipes]
     if command == "sft":
         return [out / "sft"]
-    if command in ("dpo", "orpo"):
+    if command in ("dpo", "orpo", "kto"):
         return [out / cfg.dpo.folder(cfg.dpo.recipe if cfg.dpo.recipe != "all" else None)]
     return dpo if cfg.dpo.one_stage else [out / "sft", *dpo]
 

@@ -24,15 +24,17 @@ from criteriapo.data.records import (
     RowRef,
     SFTExample,
     Text,
+    UnpairedExample,
 )
 
-KINDS = ("preference", "sft", "multi_criteria")
+KINDS = ("preference", "sft", "multi_criteria", "unpaired")
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_END_ROLES = ("user", "tool")
 EXPECTED_FIELDS = {
     "preference": "prompt (optional), chosen, rejected",
     "sft": "messages, or prompt and completion, or text",
     "multi_criteria": "instruction (or prompt) and completions",
+    "unpaired": "prompt, completion and label (true or false), or a preference pair",
 }
 
 
@@ -42,6 +44,8 @@ def detect_kind(row: dict[str, Any]) -> str | None:
         return "multi_criteria"
     if "chosen" in row or "rejected" in row:
         return "preference"
+    if "label" in row and "completion" in row:
+        return "unpaired"
     if "messages" in row or "completion" in row or "text" in row:
         return "sft"
     return None
@@ -294,6 +298,18 @@ def parse_sft(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": "", "completion": _string(_require(row, "text"), "text")}
 
 
+def parse_unpaired(row: dict[str, Any]) -> dict[str, Any]:
+    """Fields of an :class:`UnpairedExample` (without ``source``): TRL's unpaired format, a prompt
+    and a completion (standard or conversational, as an SFT row's) and a boolean label."""
+    label = _require(row, "label")
+    if not isinstance(label, bool):
+        raise RowProblem("label", f"expected true or false, got {_type_name(label)} {label!r}")
+    return {
+        **parse_sft({"prompt": _require(row, "prompt"), "completion": row.get("completion")}),
+        "label": label,
+    }
+
+
 def _number(value: Any, field: str) -> float | None:
     """A score: a number or numeric string; ``None``, "" or "N/A" mean not rated."""
     if value is None or (isinstance(value, str) and value.strip().upper() in ("", "N/A", "NA", "NONE")):
@@ -376,6 +392,7 @@ PARSERS = {
     "preference": (parse_preference, PreferenceExample),
     "sft": (parse_sft, SFTExample),
     "multi_criteria": (parse_multi_criteria, MultiCriteriaExample),
+    "unpaired": (parse_unpaired, UnpairedExample),
 }
 
 
@@ -388,7 +405,9 @@ def parse_row(kind: str, row: dict[str, Any], ref: RowRef):
             f"no recognised fields (found {', '.join(map(str, row)) or 'none'}); "
             f"expected {EXPECTED_FIELDS[kind]}",
         )
-    if found != kind:
+    if kind == "unpaired" and found == "preference":  # KTO reads a pair as two labelled completions
+        kind = found
+    elif found != kind:
         raise RowProblem(
             None, f"looks like a {found} row, but this dataset holds {kind} rows ({EXPECTED_FIELDS[kind]})"
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from criteriapo.data.formats import EXPECTED_FIELDS, KINDS, detect_kind, parse_row
 from criteriapo.data.readers import MAX_ROW_BYTES, RawRow, read_rows
-from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem
+from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem, split_pair
 from criteriapo.data.validation import apply_policy, check_policy
 from criteriapo.errors import DataError
 
@@ -74,7 +74,10 @@ def read_data(
         except RowProblem as p:
             bad.append(BadRow(r.ref.file, r.ref.row, p.field, p.reason))
             continue
-        examples.append(ex)
+        if kind == "unpaired" and isinstance(ex, PreferenceExample):
+            examples.extend(split_pair(ex))
+        else:
+            examples.append(ex)
         styles.update(_styles(ex))
     return LoadedData(kind, examples, bad, len(rows), styles)
 

@@ -97,6 +97,29 @@ class SFTExample:
 
 
 @dataclass
+class UnpairedExample:
+    """A prompt and one completion labelled desirable (``label`` true) or undesirable: KTO's data,
+    TRL's unpaired format. A preference pair is two of them."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    source: RowRef
+
+    @property
+    def conversational(self) -> bool:
+        return is_conversational(self.completion)
+
+
+def split_pair(ex: PreferenceExample) -> list[UnpairedExample]:
+    """A pair as KTO reads it: the chosen completion desirable, the rejected one undesirable."""
+    return [
+        UnpairedExample(ex.prompt, ex.chosen, True, ex.source),
+        UnpairedExample(ex.prompt, ex.rejected, False, ex.source),
+    ]
+
+
+@dataclass
 class RatedCompletion:
     """One candidate response with a score per criterion (``None``: not rated, e.g. "N/A")."""
 
@@ -128,4 +151,4 @@ class MultiCriteriaExample:
         return list(names)
 
 
-Example = PreferenceExample | SFTExample | MultiCriteriaExample
+Example = PreferenceExample | SFTExample | MultiCriteriaExample | UnpairedExample

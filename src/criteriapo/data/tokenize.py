@@ -9,6 +9,7 @@ none. Labels are masked (-100) on the prompt and on any non-assistant message.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from criteriapo.data.records import (
     RowRef,
     SFTExample,
     Text,
+    UnpairedExample,
 )
 from criteriapo.data.validation import apply_policy
 from criteriapo.errors import TemplateError
@@ -54,6 +56,23 @@ class TokenizedPair:
     source: RowRef
     criterion: str | None = None
     weight: float = 1.0
+
+
+@dataclass
+class TokenizedUnpaired:
+    """KTO's unit: a prompt, its completion and label, and the mismatched completion (another
+    prompt's) whose log-ratio estimates the KL term; ``kl_ids`` is set by :func:`assign_kl`."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+    source: RowRef
+    kl_ids: list[int] = dataclasses.field(default_factory=list)
+
+    def as_pair(self) -> TokenizedPair:
+        """The completion and the KL completion after one prompt: scored, collated and cached as a
+        pair's chosen and rejected are (the label plays no part there)."""
+        return TokenizedPair(self.prompt_ids, self.completion_ids, self.kl_ids, self.source)
 
 
 @dataclass
@@ -167,6 +186,14 @@ class ChatTokenizer:
         room = _room(len(prompt_ids), opts)
         return TokenizedPair(prompt_ids, chosen[:room], rejected[:room], ex.source, ex.criterion, ex.weight)
 
+    def encode_unpaired(self, ex: UnpairedExample, opts: TokenizeOptions) -> TokenizedUnpaired:
+        for name in ("prompt", "completion"):
+            self._check_text(getattr(ex, name), name)
+        prompt_ids = self.prompt_ids(ex.prompt)
+        completion = self.completion_ids(ex.prompt, prompt_ids, ex.completion, ex.source)
+        prompt_ids = _truncate_prompt(prompt_ids, opts)
+        return TokenizedUnpaired(prompt_ids, completion[: _room(len(prompt_ids), opts)], ex.label, ex.source)
+
     def encode_sft(self, ex: SFTExample, opts: TokenizeOptions) -> TokenizedSFT:
         self._check_text(ex.prompt, "prompt")
         self._check_text(
@@ -237,7 +264,7 @@ def _room(prompt_len: int, opts: TokenizeOptions) -> int | None:
 
 
 def tokenize_examples(
-    examples: Sequence[PreferenceExample | SFTExample],
+    examples: Sequence[PreferenceExample | SFTExample | UnpairedExample],
     tokenizer: ChatTokenizer,
     opts: TokenizeOptions,
     *,
@@ -248,13 +275,37 @@ def tokenize_examples(
     out, bad = [], []
     for ex in examples:
         try:
-            out.append(
-                tokenizer.encode_pair(ex, opts)
-                if isinstance(ex, PreferenceExample)
-                else tokenizer.encode_sft(ex, opts)
-            )
+            if isinstance(ex, PreferenceExample):
+                out.append(tokenizer.encode_pair(ex, opts))
+            elif isinstance(ex, UnpairedExample):
+                out.append(tokenizer.encode_unpaired(ex, opts))
+            else:
+                out.append(tokenizer.encode_sft(ex, opts))
         except RowProblem as p:
             bad.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
     policy = "error" if not out else on_bad_row  # skipping everything leaves nothing to train on
     apply_policy(bad, len(examples), policy, stage="tokenizing", report_path=report_path)
     return out
+
+
+def assign_kl(examples: Sequence[TokenizedUnpaired], seed: int, opts: TokenizeOptions) -> None:
+    """Give each example the completion of another, with a different prompt, for the KL estimate
+    (mismatched prompt and completion, as in the KTO paper and TRL). The partners are a seeded
+    shuffle taken in a ring, so they are fixed for a dataset and seed: the reference scores them
+    once, and a resumed run sees the same ones. Cut to max_length after the example's prompt."""
+    import random
+
+    order = list(range(len(examples)))
+    random.Random(f"kl {seed}").shuffle(order)
+    n = len(order)
+    for k, i in enumerate(order):
+        partner = next(
+            (
+                order[(k - step) % n]
+                for step in range(1, min(n, 64))
+                if examples[order[(k - step) % n]].prompt_ids != examples[i].prompt_ids
+            ),
+            order[(k - 1) % n],  # every prompt the same: the best there is
+        )
+        room = _room(len(examples[i].prompt_ids), opts)
+        examples[i].kl_ids = examples[partner].completion_ids[:room]

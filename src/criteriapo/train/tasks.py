@@ -15,9 +15,10 @@ from typing import Any, Protocol
 import torch
 
 from criteriapo.config import DPOConfig
-from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT
+from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
+from criteriapo.losses.kto import KTOParams, kl_estimate, kto_losses
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
 from criteriapo.rows.packing import collate, packing_problem, sequence_segment
@@ -90,6 +91,21 @@ def split_scores(out: SequenceLogps, b: int) -> PairScores:
     return PairScores(out.logps[:b], out.logps[b:], out.num_tokens[:b], out.num_tokens[b:])
 
 
+def reference_scores(
+    batch: dict[str, torch.Tensor], reference: PairScores | None, ref_model: torch.nn.Module | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs of a two-sided batch (sequences 0..B-1 and B..2B-1): read from
+    precomputed ``reference`` by example index, or scored by ``ref_model`` without gradient."""
+    b = batch["index"].shape[0]
+    device = batch["input_ids"].device
+    if reference is not None:
+        i = batch["index"].cpu()
+        return reference.chosen[i].to(device), reference.rejected[i].to(device)
+    with torch.no_grad(), adapters_off(ref_model):  # a LoRA policy is its own reference
+        out = batch_logps(ref_model, batch, 2 * b)
+    return out.logps[:b], out.logps[b:]
+
+
 class DPOTask:
     """DPO and its variants against a reference: precomputed scores, a frozen model, or none."""
 
@@ -134,17 +150,10 @@ class DPOTask:
         return {"pairs": b, "chosen_tokens": int(batch["chosen_tokens"])}
 
     def _reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        b = batch["index"].shape[0]
-        device = batch["input_ids"].device
         if self.reference_free:
-            zeros = torch.zeros(b, device=device)
+            zeros = torch.zeros(batch["index"].shape[0], device=batch["input_ids"].device)
             return zeros, zeros
-        if self.reference is not None:
-            i = batch["index"].cpu()
-            return self.reference.chosen[i].to(device), self.reference.rejected[i].to(device)
-        with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
-            out = batch_logps(self.ref_model, batch, 2 * b)
-        return out.logps[:b], out.logps[b:]
+        return reference_scores(batch, self.reference, self.ref_model)
 
     def loss(self, model, batch, totals):
         b = batch["index"].shape[0]
@@ -184,6 +193,80 @@ class DPOTask:
         if self.spec.metrics is not None:
             for name, v in self.spec.metrics(seen, self.params).items():
                 metrics[name] = (float(v.detach().sum()), n)
+        return loss, metrics
+
+
+class KTOTask:
+    """KTO (:mod:`criteriapo.losses.kto`) on unpaired examples. Each example's completion and its
+    mismatched KL completion are computed after one prompt, like a pair's two sides; the KL estimate
+    is over the micro-batch, as TRL's is over a device's batch. Reference scores come precomputed
+    (chosen side: the completion, rejected side: the KL completion) or from a frozen model."""
+
+    name = "kto"
+
+    def __init__(
+        self,
+        cfg: DPOConfig,
+        pad_id: int,
+        vocab_size: int,
+        reference: PairScores | None = None,
+        ref_model: torch.nn.Module | None = None,
+        packing: bool = True,
+    ):
+        if reference is None and ref_model is None:
+            raise ValueError("KTOTask needs reference scores or a reference model")
+        self.pad_id, self.vocab, self.packing = pad_id, vocab_size, packing
+        self.params = KTOParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+        self.reference, self.ref_model = reference, ref_model
+        self.reference_free = False
+        # per example (by index): policy log-probs of completion and KL completion, and their token
+        # counts, from the last pass without gradient
+        self.scores: dict[int, tuple[float, float, int, int]] = {}
+
+    def collate(
+        self, examples: Sequence[TokenizedUnpaired], indices: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        batch = collate_pairs([e.as_pair() for e in examples], indices, self.pad_id, self.packing)
+        batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+        return batch
+
+    def length(self, example: TokenizedUnpaired) -> int:
+        return len(example.prompt_ids) + len(example.completion_ids) + len(example.kl_ids)
+
+    def group(self, example: TokenizedUnpaired) -> tuple[int, ...]:
+        """A prompt's examples (a pair split in two): in one batch, the prompt is computed once."""
+        return tuple(example.prompt_ids)
+
+    def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        return {"examples": batch["index"].shape[0]}
+
+    def scored(self, n: int) -> PairScores:
+        c, k, nc, nk = zip(*(self.scores[i] for i in range(n)), strict=True)
+        return PairScores(torch.tensor(c), torch.tensor(k), torch.tensor(nc), torch.tensor(nk))
+
+    def loss(self, model, batch, totals):
+        b = batch["index"].shape[0]
+        out = batch_logps(model, batch, 2 * b)
+        s = split_scores(out, b)
+        if not torch.is_grad_enabled():
+            for row in zip(batch["index"].tolist(), *(t.tolist() for t in vars(s).values()), strict=True):
+                self.scores[row[0]] = row[1:]
+        ref, ref_kl = reference_scores(batch, self.reference, self.ref_model)
+        labels = batch["label"]
+        logratios = s.chosen - ref
+        z = kl_estimate(s.rejected, ref_kl)
+        loss = kto_losses(logratios, labels, z, self.params).sum() / totals["examples"]
+        rewards_ = (self.params.beta * logratios).detach()
+        ntok = out.num_tokens[:b].float()
+        metrics: Metrics = {"kl": (float(z), 1.0)}
+        for side, mask in (("chosen", labels), ("rejected", ~labels)):
+            n = float(mask.sum())
+            metrics[f"rewards/{side}"] = (float(rewards_[mask].sum()), n)
+            metrics[f"logps/{side}"] = (float(s.chosen.detach()[mask].sum()), n)
+            metrics[f"logits/{side}"] = (
+                float(out.logits_sum[:b][mask].sum()),
+                float(ntok[mask].sum()) * self.vocab,
+            )
         return loss, metrics
 
 
