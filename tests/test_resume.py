@@ -182,6 +182,28 @@ def test_orpo_killed_then_resumed_ends_bit_identical(setup, orpo_baseline, failp
     assert_identical(orpo_baseline, out / "orpo")
 
 
+@pytest.fixture(scope="module")
+def kto_baseline(setup):
+    root, common = setup
+    r = cli(["kto", *common, f"output_dir={root / 'kto-baseline'}"])  # the pairs file, split in two
+    assert r.returncode == 0, r.stderr
+    assert '"kl"' in (root / "kto-baseline" / "kto" / "metrics.jsonl").read_text()
+    return root / "kto-baseline" / "kto"
+
+
+@pytest.mark.parametrize("failpoint", ["step:5", "checkpoint-write:3"])
+def test_kto_killed_then_resumed_ends_bit_identical(setup, kto_baseline, failpoint):
+    root, common = setup
+    out = root / f"kto-{failpoint.replace(':', '-')}"
+    args = ["kto", *common, f"output_dir={out}"]
+    killed = cli(args, failpoint)
+    assert killed.returncode == -9, killed.stderr
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert_identical(kto_baseline, out / "kto")
+
+
 def _stopped(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
