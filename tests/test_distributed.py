@@ -130,3 +130,20 @@ def test_lora_dpo_with_the_adapters_off_reference_matches_one_process(common):
     assert w1.keys() == w2.keys() and not any("lora" in k for k in w1)  # merged into full weights
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo"])
+def test_kto_and_orpo_under_two_processes_train_like_one(common, method):
+    """KTO's KL estimate is summed over every micro-batch and process of a step, so two processes
+    (and micro-batches of 2 in a batch of 4) train as one batch does."""
+    root, args = common
+    for nproc in (1, 2):
+        r = run([method, *args, f"output_dir={root / f'{method}{nproc}'}"], nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(root / f"{method}1" / method), losses(root / f"{method}2" / method)
+    assert len(one) >= 2 and [s for s, _ in one] == [s for s, _ in two]
+    for (_, a), (_, b) in zip(one, two, strict=True):
+        assert b == pytest.approx(a, rel=LOSS_RTOL)
+    w1, w2 = weights(root / f"{method}1" / method), weights(root / f"{method}2" / method)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=k)

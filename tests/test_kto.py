@@ -4,6 +4,8 @@ completions) gives the same loss, KL estimate, rewards, log-probs and logits, 1e
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from criteriapo.data.loading import load_data
 from criteriapo.data.records import RowRef
 from criteriapo.data.tokenize import TokenizedUnpaired, TokenizeOptions, assign_kl
 from criteriapo.errors import DataError
+from criteriapo.train.loop import _totals
 from criteriapo.train.tasks import KTOTask, PairScores
 from tests.helpers import write_jsonl
 
@@ -119,7 +122,6 @@ def trl_setup(tiny_llama_dir, smollm2_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("reference", ["frozen model", "precomputed"])
 def test_loss_kl_and_metrics_match_trl(trl_setup, reference):
-    from criteriapo.rows.pairs import collate_pairs
     from criteriapo.train.tasks import score_pairs
 
     trainer, trl_batch, policy, ref, examples, tok = trl_setup
@@ -135,7 +137,7 @@ def test_loss_kl_and_metrics_match_trl(trl_setup, reference):
     else:
         task = KTOTask(cfg, tok.pad_token_id, policy.config.vocab_size, ref_model=ref)
     batch = task.collate(examples, range(4))
-    loss, sums = task.loss(policy, batch, task.counts(batch))
+    loss, sums = task.loss(policy, batch, _totals(task, [batch], policy, contextlib.nullcontext))
     ours = {k: s / c for k, (s, c) in sums.items()}
     assert float(loss.detach()) == pytest.approx(float(trl_loss), rel=1e-5)
     # the KL estimate is a difference of log-probs near -60 that each agree to ~1e-7 relative, so it
@@ -151,7 +153,6 @@ def test_loss_kl_and_metrics_match_trl(trl_setup, reference):
     )
     for key in keys:
         assert ours[key] == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-6), key
-    assert collate_pairs  # the layout shared with DPO (packed: each prompt computed once)
 
 
 def test_kto_needs_a_reference():

@@ -2,10 +2,10 @@
 desirable or undesirable, with no pairs needed.
 
 The reward is the log-ratio ``r = policy - reference`` of a completion; its reference point is an
-estimate of KL(policy || reference) over the batch, from mismatched prompts and completions
-(``z``: detached, at least 0). A desirable completion's loss is ``1 - sigmoid(beta (r - z))``, an
-undesirable one's ``1 - sigmoid(beta (z - r))``, weighted by ``desirable_weight`` and
-``undesirable_weight``; the loss is their mean, as in TRL's KTOTrainer.
+estimate of KL(policy || reference) over the batch, from mismatched prompts and completions:
+``z``, the mean log-ratio of those, detached and at least 0. A desirable completion's loss is
+``1 - sigmoid(beta (r - z))``, an undesirable one's ``1 - sigmoid(beta (z - r))``, weighted by
+``desirable_weight`` and ``undesirable_weight``; the loss is their mean, as in TRL's KTOTrainer.
 """
 
 from __future__ import annotations
@@ -20,11 +20,6 @@ class KTOParams:
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
-
-
-def kl_estimate(kl_policy: torch.Tensor, kl_reference: torch.Tensor) -> torch.Tensor:
-    """The reference point: the mean log-ratio of the mismatched completions, detached, >= 0."""
-    return (kl_policy - kl_reference).mean().detach().clamp(min=0)
 
 
 def kto_losses(logratios: torch.Tensor, labels: torch.Tensor, z: torch.Tensor, p: KTOParams) -> torch.Tensor:

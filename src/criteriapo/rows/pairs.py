@@ -10,26 +10,23 @@ import torch
 from criteriapo.data.tokenize import TokenizedPair
 from criteriapo.rows.packing import collate, prompt_segment, sequence_segment
 
+Sequence_ = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 
-def collate_pairs(
-    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, packing: bool = True
+
+def collate_sequences(
+    seqs: Sequence[Sequence_], pad_id: int, packing: bool = True, width: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Output sequences 0..B-1 are the chosen completions, B..2B-1 the rejected ones. A sequence
-    equal to an earlier one of the batch (same prompt and completion, as when one reply is the
-    chosen one of a prompt's pairs on several criteria) is computed once: ``canon`` maps each
-    output sequence to the one computed. With packing, each prompt is one segment that computes it
-    once for all its distinct completions; without, each distinct sequence has a padded row of its
-    own with the prompt before it. ``tokens`` and ``chosen_tokens`` count every output sequence,
-    as if each were computed on its own."""
-    b = len(pairs)
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    """Output sequence k is ``seqs[k]``. A sequence equal to an earlier one (same prompt and
+    completion) is computed once: ``canon`` maps each output sequence to the one computed. With
+    packing, a prompt's distinct completions follow it in segments no longer than ``width`` (default:
+    the longest sequence); without, each distinct sequence has a padded row of its own. ``tokens``
+    counts every output sequence, as if each were computed on its own."""
+    n = len(seqs)
     first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
     canon = [first.setdefault((tuple(prompt), tuple(c)), k) for k, (prompt, c) in enumerate(seqs)]
-    distinct = [k for k in range(2 * b) if canon[k] == k]
+    distinct = [k for k in range(n) if canon[k] == k]
     if packing:
-        # a prompt's distinct completions after it, in segments no longer than the longest pair: rows
-        # never get wider than one segment per pair would make them, so attention costs no more
-        width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        width = width or max(len(prompt) + len(c) for prompt, c in seqs)
         by_prompt: dict[tuple[int, ...], list[list[int]]] = {}
         for k in distinct:
             parts = by_prompt.setdefault(tuple(seqs[k][0]), [[]])
@@ -44,15 +41,30 @@ def collate_pairs(
         ]
     else:
         segments = [
-            sequence_segment(seqs[k][0] + seqs[k][1], [-100] * len(seqs[k][0]) + seqs[k][1], k)
+            sequence_segment([*seqs[k][0], *seqs[k][1]], [-100] * len(seqs[k][0]) + list(seqs[k][1]), k)
             for k in distinct
         ]
     batch = collate(segments, pad_id, packing)
-    labels = torch.bincount(batch["seq"], minlength=2 * b)
     batch["tokens"] = torch.tensor(sum(len(prompt) + len(c) for prompt, c in seqs))
-    batch["chosen_tokens"] = labels[canon[:b]].sum()
-    if len(distinct) < 2 * b:
+    if len(distinct) < n:
         batch["canon"] = torch.tensor(canon, dtype=torch.long)
+    batch["labelled"] = torch.bincount(batch["seq"], minlength=n)[canon]  # label tokens per output
+    return batch
+
+
+def collate_pairs(
+    pairs: Sequence[TokenizedPair], indices: Sequence[int], pad_id: int, packing: bool = True
+) -> dict[str, torch.Tensor]:
+    """Output sequences 0..B-1 are the chosen completions, B..2B-1 the rejected ones (see
+    :func:`collate_sequences`: a reply shared by a prompt's pairs on several criteria is computed
+    once). A prompt's segments are no longer than the batch's longest pair, so rows never get wider
+    than one segment per pair would make them, and attention costs no more. ``chosen_tokens``
+    counts every chosen sequence, as if each were computed on its own."""
+    b = len(pairs)
+    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    batch = collate_sequences(seqs, pad_id, packing, width)
+    batch["chosen_tokens"] = batch.pop("labelled")[:b].sum()
     batch["index"] = torch.tensor(list(indices), dtype=torch.long)
     batch["weight"] = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     return batch

@@ -241,10 +241,11 @@ class Trainer:
         mbs, w = self.cfg.micro_batch_size, self.world
         mine = indices[w.rank :: w.size]  # this process's share of the global batch
         batches = [self._collate(mine[i : i + mbs]) for i in range(0, len(mine), mbs)]
-        totals = _totals(self.task, batches)
+        totals = _totals(self.task, batches, self.model, self._autocast)
         if w.distributed:  # the loss's denominators are those of the whole step, on every process
             keys = sorted(totals)
-            totals = dict(zip(keys, (int(v) for v in all_sum([totals[k] for k in keys], w)), strict=True))
+            summed = all_sum([float(totals[k]) for k in keys], w)
+            totals = {k: type(totals[k])(v) for k, v in zip(keys, summed, strict=True)}
         loss_total, sums = 0.0, {}
         for b in batches:
             loss, metrics = self.forward_backward(b, totals)
@@ -293,7 +294,7 @@ class Trainer:
             for i in range(0, len(self.eval_set), mbs)
         ]
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
-        totals = _totals(task, batches)
+        totals = _totals(task, batches, self.model, self._autocast)
         loss_total, sums = 0.0, {}
         for b in batches:
             with self._autocast():
@@ -382,12 +383,19 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
-def _totals(task: Task, batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
-    """Loss units (tokens, pairs) of all micro-batches of a step: the loss's denominators."""
-    totals: dict[str, int] = {}
+def _totals(task: Task, batches: list[dict[str, torch.Tensor]], model=None, compute=None) -> dict[str, float]:
+    """Loss units (tokens, pairs) of all micro-batches of a step: the loss's denominators; and for a
+    task with ``step_sums`` (KTO's KL estimate), those sums, computed without gradient first."""
+    totals: dict[str, float] = {}
     for b in batches:
         for k, v in task.counts(b).items():
             totals[k] = totals.get(k, 0) + v
+    step_sums = getattr(task, "step_sums", None)
+    if step_sums is not None and model is not None:
+        for b in batches:
+            with compute():
+                for k, v in step_sums(model, b).items():
+                    totals[k] = totals.get(k, 0.0) + v
     return totals
 
 

@@ -18,11 +18,11 @@ from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
 from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
-from criteriapo.losses.kto import KTOParams, kl_estimate, kto_losses
+from criteriapo.losses.kto import KTOParams, kto_losses
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.models.lora import adapters_off
 from criteriapo.rows.packing import collate, packing_problem, sequence_segment
-from criteriapo.rows.pairs import collate_pairs
+from criteriapo.rows.pairs import collate_pairs, collate_sequences
 from criteriapo.train.precision import Precision, precision_of
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
@@ -41,6 +41,10 @@ class Task(Protocol):
         ...
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]: ...
+
+    # optional: ``step_sums(model, batch) -> dict[str, float]``, sums over a micro-batch computed
+    # without gradient before the step's forward and backward, added up over the step (and every
+    # process) into ``totals`` (KTO's KL estimate)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, int]
@@ -197,10 +201,12 @@ class DPOTask:
 
 
 class KTOTask:
-    """KTO (:mod:`criteriapo.losses.kto`) on unpaired examples. Each example's completion and its
-    mismatched KL completion are computed after one prompt, like a pair's two sides; the KL estimate
-    is over the micro-batch, as TRL's is over a device's batch. Reference scores come precomputed
-    (chosen side: the completion, rejected side: the KL completion) or from a frozen model."""
+    """KTO (:mod:`criteriapo.losses.kto`) on unpaired examples. The KL reference point is estimated
+    over the whole optimizer step (every micro-batch, every process: :meth:`step_sums`, without
+    gradient, before the step's forward and backward), so accumulation and FSDP2 give the gradient of
+    one big batch; TRL estimates it per device batch, which is the same when there is one. Reference
+    scores come precomputed (``chosen``: the completion, ``rejected``: the KL completion, scored as a
+    pair's two sides) or from a frozen model."""
 
     name = "kto"
 
@@ -219,19 +225,23 @@ class KTOTask:
         self.params = KTOParams(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
         self.reference, self.ref_model = reference, ref_model
         self.reference_free = False
-        # per example (by index): policy log-probs of completion and KL completion, and their token
-        # counts, from the last pass without gradient
-        self.scores: dict[int, tuple[float, float, int, int]] = {}
 
     def collate(
         self, examples: Sequence[TokenizedUnpaired], indices: Sequence[int]
     ) -> dict[str, torch.Tensor]:
-        batch = collate_pairs([e.as_pair() for e in examples], indices, self.pad_id, self.packing)
+        """The completions (trained), and under ``kl_`` the KL completions (scored without gradient)."""
+        main = collate_sequences(
+            [(e.prompt_ids, e.completion_ids) for e in examples], self.pad_id, self.packing
+        )
+        kl = collate_sequences([(e.prompt_ids, e.kl_ids) for e in examples], self.pad_id, self.packing)
+        main.pop("labelled")
+        batch = {**main, **{f"kl_{k}": v for k, v in kl.items() if k not in ("tokens", "labelled")}}
+        batch["index"] = torch.tensor(list(indices), dtype=torch.long)
         batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
         return batch
 
     def length(self, example: TokenizedUnpaired) -> int:
-        return len(example.prompt_ids) + len(example.completion_ids) + len(example.kl_ids)
+        return len(example.prompt_ids) + len(example.completion_ids)
 
     def group(self, example: TokenizedUnpaired) -> tuple[int, ...]:
         """A prompt's examples (a pair split in two): in one batch, the prompt is computed once."""
@@ -240,33 +250,40 @@ class KTOTask:
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"examples": batch["index"].shape[0]}
 
-    def scored(self, n: int) -> PairScores:
-        c, k, nc, nk = zip(*(self.scores[i] for i in range(n)), strict=True)
-        return PairScores(torch.tensor(c), torch.tensor(k), torch.tensor(nc), torch.tensor(nk))
+    @torch.no_grad()
+    def step_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """This micro-batch's share of the KL estimate: the sum of the KL completions' log-ratios."""
+        b = batch["index"].shape[0]
+        kl = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
+        policy = batch_logps(model, kl, b).logps
+        if self.reference is not None:
+            ref = self.reference.rejected[batch["index"].cpu()].to(policy.device)
+        else:
+            with adapters_off(self.ref_model):  # a LoRA policy is its own reference
+                ref = batch_logps(self.ref_model, kl, b).logps
+        return {"kl_sum": float((policy - ref).sum()), "kl_count": float(b)}
 
     def loss(self, model, batch, totals):
         b = batch["index"].shape[0]
-        out = batch_logps(model, batch, 2 * b)
-        s = split_scores(out, b)
-        if not torch.is_grad_enabled():
-            for row in zip(batch["index"].tolist(), *(t.tolist() for t in vars(s).values()), strict=True):
-                self.scores[row[0]] = row[1:]
-        ref, ref_kl = reference_scores(batch, self.reference, self.ref_model)
+        out = batch_logps(model, batch, b)
+        if self.reference is not None:
+            ref = self.reference.chosen[batch["index"].cpu()].to(out.logps.device)
+        else:
+            with torch.no_grad(), adapters_off(self.ref_model):
+                ref = batch_logps(self.ref_model, batch, b).logps
         labels = batch["label"]
-        logratios = s.chosen - ref
-        z = kl_estimate(s.rejected, ref_kl)
+        logratios = out.logps - ref
+        z = torch.tensor(max(0.0, totals["kl_sum"] / totals["kl_count"]), device=out.logps.device)
         loss = kto_losses(logratios, labels, z, self.params).sum() / totals["examples"]
         rewards_ = (self.params.beta * logratios).detach()
-        ntok = out.num_tokens[:b].float()
-        metrics: Metrics = {"kl": (float(z), 1.0)}
+        ntok = out.num_tokens.float()
+        metrics: Metrics = {"kl": (float(z) * b, float(b))}
         for side, mask in (("chosen", labels), ("rejected", ~labels)):
             n = float(mask.sum())
             metrics[f"rewards/{side}"] = (float(rewards_[mask].sum()), n)
-            metrics[f"logps/{side}"] = (float(s.chosen.detach()[mask].sum()), n)
-            metrics[f"logits/{side}"] = (
-                float(out.logits_sum[:b][mask].sum()),
-                float(ntok[mask].sum()) * self.vocab,
-            )
+            metrics[f"logps/{side}"] = (float(out.logps.detach()[mask].sum()), n)
+            logit_count = float(ntok[mask].sum()) * self.vocab
+            metrics[f"logits/{side}"] = (float(out.logits_sum[mask].sum()), logit_count)
         return loss, metrics
 
 
