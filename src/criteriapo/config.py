@@ -194,7 +194,7 @@ class Config:
 
     def validate(self) -> Config:
         """Every value on its own and against the others. Names that registries above this module
-        define (``dpo.loss_type``) are checked by :func:`criteriapo.pipeline.check_choices`."""
+        define (``dpo.loss_type``) are checked by :func:`criteriapo.stages.preference.check_choices`."""
         for name, stage in (("sft", self.sft), ("dpo", self.dpo)):
             _validate_stage(name, stage.data, stage.optim, stage.train)
             _validate_lora(name, stage.lora)

@@ -1,0 +1,211 @@
+"""What every stage does around its training: check everything that can fail fast and load the
+model (:func:`prepare`), loggers and progress, and the end (plots, export with a model card)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from criteriapo.config import Config, DPOConfig, SFTConfig, to_dict
+from criteriapo.criteria.pairs import RecipeOptions
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, assign_kl
+from criteriapo.distributed import (
+    World,
+    all_sum,
+    barrier,
+    check_batch,
+    device_for,
+    gather_model,
+    init_world,
+    shard,
+)
+from criteriapo.errors import ConfigError
+from criteriapo.eval.preference import PreferenceEval
+from criteriapo.export import ExportError, ModelCard, export_model
+from criteriapo.models import load_model, load_tokenizer, resolve_model
+from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
+from criteriapo.models.lora import apply_lora, for_export, trainable_parameters
+from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
+from criteriapo.resume import FINISHED, guard_unfinished
+from criteriapo.stages.data import tokenized
+from criteriapo.tracking.loggers import Loggers, build_loggers
+from criteriapo.tracking.plots import plot_run
+from criteriapo.tracking.progress import ProgressBar
+from criteriapo.train.guard import guard_model
+from criteriapo.train.loop import Trainer, seed_everything
+from criteriapo.train.precision import Precision, check_updates_survive, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    run_dir: Path
+    model_dir: Path
+    metrics: dict[str, float]
+    seconds: dict[str, float] = field(default_factory=dict)
+    before: PreferenceEval | None = None  # DPO only: held-out preference of the starting model
+    after: PreferenceEval | None = None
+
+
+@dataclass
+class Prepared:
+    source: ModelSource
+    tokenizer: Any
+    model: Any
+    train: list
+    evals: list
+    precision: Precision
+    packing: bool
+
+
+def prepare(
+    cfg: Config,
+    model_spec: str,
+    stage: SFTConfig | DPOConfig,
+    kind: str,
+    run_dir: Path,
+    recipe: str | None = None,
+    resume: bool = False,
+    world: World | None = None,
+) -> Prepared:
+    """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights,
+    then the guard (our log-probs and packing against the model's own forward)."""
+    world = world or init_world()
+    check_batch(world, stage.train.batch_size, stage.train.micro_batch_size, kind)
+    guard_unfinished(run_dir / "checkpoints", resume, world)
+    source, tokenizer, chat = chat_tokenizer(cfg, model_spec)
+    if not stage.data.train:
+        raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # a rerun into the same folder starts clean; a resumed one keeps its metrics (trimmed later)
+    for stale in (
+        (("bad_rows.jsonl",) if resume else ("bad_rows.jsonl", "metrics.jsonl", FINISHED))
+        if world.main
+        else ()
+    ):
+        (run_dir / stale).unlink(missing_ok=True)
+    barrier(world)
+    unpaired = kind == "dpo" and stage.loss_type == "kto"
+    data_kind = "sft" if kind == "sft" else "unpaired" if unpaired else "preference"
+    ropts = recipe_options(stage) if recipe else None
+    report = run_dir if world.main else None  # one report, from rank 0
+    made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
+    train = tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made)
+    evals = tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made)
+    if unpaired:  # each example's mismatched completion for the KL estimate, fixed by the seed
+        opts = TokenizeOptions(
+            stage.data.max_length, stage.data.max_prompt_length, stage.data.truncation_mode
+        )
+        for i, examples in enumerate((train, evals)):
+            assign_kl(examples, stage.train.seed + i, opts)
+    seed_everything(stage.train.seed)
+    device = device_for(world, cfg.model.device)
+    precision = resolve_precision(
+        stage.train.precision, pick_dtype(cfg.model.dtype, pick_device(device)), stage.lora.enabled
+    )
+    model = load_model(
+        source, dtype=precision.weights, device=device, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if stage.train.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if stage.lora.enabled:
+        model = apply_lora(model, stage.lora)
+        trainable, total = trainable_parameters(model)
+        log.info("LoRA: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
+    if kind == "dpo" and stage.disable_dropout:  # after LoRA: its adapters have dropout of their own
+        disable_dropout(model)
+    if precision.name == "bf16-true":
+        check_updates_survive(model, stage.optim, kind)
+    probe = [e.as_pair() for e in train[:8]] if unpaired else train
+    packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
+    if world.distributed:
+        model = shard(model, fsdp_dtype(precision))
+    return Prepared(source, tokenizer, model, train, evals, precision, packing)
+
+
+def fsdp_dtype(precision: Precision):
+    """FSDP2 gathers bf16-mixed weights in bf16 (half the traffic); every model of a run is sharded
+    alike, so a frozen reference computes as the policy does."""
+    return precision.autocast if precision.name == "bf16-mixed" else None
+
+
+def chat_tokenizer(cfg: Config, model_spec: str):
+    source = resolve_model(model_spec, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.chat_template:
+        path = Path(cfg.model.chat_template)
+        if not path.is_file():
+            raise ConfigError(f"model.chat_template: no such file {path}")
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+    chat = ChatTokenizer(tokenizer, eos_ids(source), name=model_spec)
+    return source, tokenizer, chat
+
+
+def recipe_options(d: DPOConfig) -> RecipeOptions:
+    return RecipeOptions(d.mini_size, d.mini_min_margin, d.criterion_weights, d.condition_on_criterion)
+
+
+def eos_ids(source: ModelSource) -> list[int]:
+    path = source.path / "generation_config.json"
+    if not path.exists():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def finish(
+    cfg: Config,
+    stage: SFTConfig | DPOConfig,
+    trainer: Trainer,
+    run_dir: Path,
+    tokenizer,
+    card: ModelCard,
+    source: ModelSource,
+) -> Path:
+    trainer.loggers.close()
+    world = trainer.world
+    if cfg.tracking.plots and world.main:
+        plot_run(run_dir)
+    model = trainer.model
+    dtype = pick_dtype(cfg.model.dtype, str(next(model.parameters()).device))  # what the user asked for
+    if world.distributed:  # every process hands over its shard; rank 0 rebuilds the whole model
+        model = gather_model(model, source, stage.lora, dtype, world)
+    elif not stage.lora.enabled:  # float32 master weights are saved in that dtype
+        model.to(dtype)
+    out = run_dir / "model"
+    failure = None
+    if world.main:
+        try:
+            export_model(for_export(model, keep_adapter=stage.lora.export == "adapter"), tokenizer, out, card)
+        except ExportError as e:
+            failure = e
+    if all_sum([float(failure is not None)], world)[0]:  # every process stops together
+        e = failure or ExportError(f"rank 0 could not write the model folder {out}")
+        if trainer.last_checkpoint is None:
+            raise e
+        raise ExportError(
+            f"{e}. The trained weights are safe in {trainer.last_checkpoint}: fix the cause and run the "
+            "same command with --resume to export them without training again"
+        ) from e
+    return out
+
+
+def progress_bar(cfg: Config, label: str, world: World) -> ProgressBar | None:
+    return ProgressBar(label) if cfg.tracking.progress and world.main else None
+
+
+def stage_loggers(cfg: Config, run_dir: Path, name: str, world: World) -> Loggers:
+    if not world.main:
+        return Loggers([])
+    write_config(run_dir, cfg)
+    return build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-{name}", to_dict(cfg))

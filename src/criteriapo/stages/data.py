@@ -1,0 +1,100 @@
+"""The data a stage reads: built-in datasets by name (the criteria data sampled from the model a
+stage starts from), files read, validated, made into pairs by a recipe and tokenized."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from criteriapo.config import CriteriaDataConfig, DataConfig, to_dict
+from criteriapo.criteria.pairs import RecipeOptions, build_pairs
+from criteriapo.data.builtin import builtin_path
+from criteriapo.data.loading import load_data
+from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.errors import ConfigError
+from criteriapo.models import resolve_model
+
+log = logging.getLogger(__name__)
+
+
+CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
+
+
+def data_paths(
+    entries: list[str], model: str | None = None, maker: CriteriaDataConfig | None = None
+) -> list[Path]:
+    """Paths as given; ``builtin:NAME`` names a dataset the project makes itself: ``sft``,
+    ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout``: replies
+    sampled from ``model`` (the model DPO starts from, so the data is on-policy) with the settings
+    ``maker`` (``dpo.criteria_data``), made once per model and settings into the cache."""
+    out = []
+    for e in entries:
+        name = e.removeprefix("builtin:")
+        if name == e:
+            out.append(Path(e))
+        elif name in CRITERIA_BUILTINS:
+            if model is None:
+                raise ConfigError(f"{e} is sampled from the model DPO starts from; name it in dpo.data only")
+            out.append(
+                builtin_criteria(model, maker or CriteriaDataConfig())
+                / f"{name.removeprefix('criteria-')}.jsonl"
+            )
+        else:
+            try:
+                out.append(builtin_path(name))
+            except ValueError as err:
+                raise ConfigError(f"{err}, {', '.join(CRITERIA_BUILTINS)}") from None
+    return out
+
+
+def builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
+    from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset, maker_digest
+    from criteriapo.fsutil import cache_dir, file_lock
+    from criteriapo.models.refcache import folder_digest
+
+    source = resolve_model(model)
+    opts = MakerOptions(**to_dict(maker))
+    # a changed maker or another model (by the digest of its files), a new folder
+    folder = cache_dir() / "data" / f"criteria-{maker_digest(opts)}-{folder_digest(source.path)[:12]}"
+    with file_lock(folder.with_suffix(".lock")):
+        if not (folder / "heldout.jsonl").exists():
+            log.warning(
+                "making the criteria data: %d replies per prompt from %s (minutes, unless sampled before)",
+                opts.samples,
+                source.spec,
+            )
+            make_criteria_dataset(folder, str(source.path), opts)
+    return folder
+
+
+def tokenized(
+    data: DataConfig,
+    files: list[str],
+    kind: str,
+    tok: ChatTokenizer,
+    run_dir: Path | None,
+    recipe: str | None = None,
+    recipe_opts: RecipeOptions | None = None,
+    model: str | None = None,
+    maker: CriteriaDataConfig | None = None,
+) -> list:
+    """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs.
+    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`)."""
+    if not files:
+        return []
+    report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
+    loaded = load_data(
+        data_paths(files, model, maker),
+        kind="multi_criteria" if recipe else kind,
+        split=data.split,
+        on_bad_row=data.on_bad_row,
+        report_path=report,
+        max_row_bytes=data.max_row_bytes,
+    )
+    examples = (
+        build_pairs(recipe, loaded.examples, recipe_opts or RecipeOptions()) if recipe else loaded.examples
+    )
+    if not examples:
+        raise ConfigError(f"the {recipe} recipe built no pairs from {', '.join(files)}")
+    opts = TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+    return tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
