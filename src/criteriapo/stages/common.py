@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +33,12 @@ from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.loading import ModelSource, pick_device, pick_dtype
 from criteriapo.models.lora import apply_lora, for_export, trainable_parameters
 from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
-from criteriapo.resume import FINISHED, guard_unfinished
+from criteriapo.resume import FINISHED, guard_unfinished, record_finished, stage_checkpointer
 from criteriapo.stages.data import tokenized
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
+from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.loop import Trainer, seed_everything
 from criteriapo.train.precision import Precision, check_updates_survive, resolve_precision
@@ -209,3 +212,95 @@ def stage_loggers(cfg: Config, run_dir: Path, name: str, world: World) -> Logger
         return Loggers([])
     write_config(run_dir, cfg)
     return build_loggers(run_dir, cfg.tracking, f"{Path(cfg.output_dir).name}-{name}", to_dict(cfg))
+
+
+@dataclass
+class Started:
+    """A stage checked and loaded (:func:`begin`), with its checkpointer; ``done``: the record of the
+    same run finished before (nothing to train), ``latest``: the checkpoint to go on from."""
+
+    prep: Prepared
+    world: World
+    checkpointer: Any
+    latest: Checkpoint | None
+    done: dict | None
+    t0: float
+
+
+def begin(
+    cfg: Config,
+    model_spec: str,
+    stage: SFTConfig | DPOConfig,
+    kind: str,
+    run_dir: Path,
+    recipe: str | None = None,
+    resume: bool = False,
+) -> Started:
+    """Every stage's start: :func:`prepare`, then its checkpointer, and on resume what it finds."""
+    t0 = time.perf_counter()
+    world = init_world()
+    prep = prepare(cfg, model_spec, stage, kind, run_dir, recipe, resume, world)
+    run = {"recipe": recipe} if kind == "dpo" else {}
+    ck, latest, done = stage_checkpointer(
+        cfg, kind, stage, model_spec, run_dir, prep.train, world, resume, **run
+    )
+    return Started(prep, world, ck, latest, done, t0)
+
+
+@dataclass
+class Plan:
+    """What a stage trains and how its model card describes it (see :func:`train_and_export`)."""
+
+    task: Any
+    train: list
+    evals: list
+    label: str  # of the progress bar
+    method: str  # the model card's
+    eval_task: Any = None
+    notes: list[str] = field(default_factory=list)
+    extra_state: dict[str, Any] = field(default_factory=dict)  # tensors saved with every checkpoint
+    # after training, the stage's own results (kept in finished.json); it may add to the metrics
+    results: Callable[[dict[str, float]], dict[str, Any]] | None = None
+
+
+def train_and_export(
+    cfg: Config, stage: SFTConfig | DPOConfig, name: str, run_dir: Path, s: Started, plan: Plan
+) -> tuple[Path, dict[str, float], dict[str, Any], dict[str, float]]:
+    """The sequence every stage shares: loggers, the trainer (restored on resume), training, the
+    stage's results, the model card, export, the finished record. Returns the model folder, the
+    metrics, the results and the seconds of training and export."""
+    prep, world = s.prep, s.world
+    trainer = Trainer(
+        prep.model,
+        plan.task,
+        plan.train,
+        stage.optim,
+        stage.train,
+        stage_loggers(cfg, run_dir, name, world),
+        plan.evals,
+        progress_bar(cfg, plan.label, world),
+        eval_task=plan.eval_task,
+        checkpointer=s.checkpointer,
+        world=world,
+        precision=prep.precision,
+        extra_state=plan.extra_state or None,
+    )
+    if s.latest is not None:
+        s.checkpointer.restore(trainer, s.latest)
+    t0 = time.perf_counter()
+    metrics = trainer.train()
+    t1 = time.perf_counter()
+    results = plan.results(metrics) if plan.results else {}
+    card = ModelCard(
+        name=f"{Path(cfg.output_dir).name}-{name}",
+        base_model=prep.source.spec,
+        method=plan.method,
+        datasets=stage.data.train,
+        hyperparameters=to_dict(stage),
+        metrics=metrics,
+        notes=plan.notes,
+    )
+    model_dir = finish(cfg, stage, trainer, run_dir, prep.tokenizer, card, prep.source)
+    keep = stage.train.keep_final_checkpoint
+    record_finished(run_dir, s.checkpointer, {"metrics": metrics, **results}, keep, world)
+    return model_dir, metrics, results, {"train": t1 - t0, "export": time.perf_counter() - t1}

@@ -7,43 +7,42 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from criteriapo.config import Config, DPOConfig, to_dict
+import torch
+
+from criteriapo.config import Config, DPOConfig
 from criteriapo.criteria.pairs import RECIPES
 from criteriapo.distributed import (
     World,
     barrier,
     device_for,
-    init_world,
     shard,
 )
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
-from criteriapo.export import ModelCard
 from criteriapo.losses.dpo import LOSSES, loss_spec
 from criteriapo.models import load_model, load_tokenizer
 from criteriapo.models.loading import ModelSource
 from criteriapo.models.lora import adapters_off, is_lora
 from criteriapo.models.refcache import ReferenceCache, reference_cache, score_layout
 from criteriapo.models.training import disable_dropout
-from criteriapo.resume import record_finished, stage_checkpointer
 from criteriapo.stages.common import (
+    Plan,
     StageResult,
+    Started,
+    begin,
     chat_tokenizer,
-    finish,
     fsdp_dtype,
-    prepare,
-    progress_bar,
     recipe_options,
-    stage_loggers,
+    train_and_export,
 )
 from criteriapo.stages.data import CRITERIA_BUILTINS, tokenized
 from criteriapo.tracking.progress import work_progress
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
-from criteriapo.train.loop import Trainer
 from criteriapo.train.precision import Precision
 from criteriapo.train.tasks import DPOTask, KTOTask, PairScores, score_pairs
 
@@ -149,6 +148,118 @@ def references(
         return score_pairs(model, train, pad, mbs, cache, packing, precision, advance), start_eval, None
 
 
+@dataclass
+class References:
+    """The starting model's scores and the reference of a preference stage. ``start_eval``: the
+    starting model on the held-out sequences (the "before" figures, and usually the eval reference);
+    ``train`` / ``eval``: precomputed reference scores, or ``model``: a reference scored per batch."""
+
+    start_eval: PairScores | None
+    train: PairScores | None
+    eval: PairScores | None
+    model: Any = None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Saved with every checkpoint, so a resumed run scores nothing again."""
+        scores = {"start_eval": self.start_eval, "ref_train": self.train}
+        if self.eval is not self.start_eval:
+            scores["ref_eval"] = self.eval
+        return {
+            f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
+        }
+
+
+def _score_references(
+    cfg: Config, s: Started, train: list, evals: list, ref_cache: dict | None
+) -> References:
+    """On resume, from the checkpoint; else scored (each sequence once, through ``ref_cache``: by
+    default a file in the cache folder, see :mod:`criteriapo.models.refcache`)."""
+    d, prep, world = cfg.dpo, s.prep, s.world
+    model, pad = prep.model, prep.tokenizer.pad_token_id
+    if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
+        folders = [p for p in (prep.source.path, prep.source.base) if p]
+        layout = score_layout(prep.packing, fsdp_dtype(prep.precision) if world.distributed else None)
+        ref_cache = reference_cache(folders, model, prep.precision.autocast, layout)
+    saved = saved_scores(s.latest)
+    mbs, pack = d.train.micro_batch_size, prep.packing
+    with adapters_off(model):
+        start_eval = saved.get("start_eval") or (
+            score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision) if evals else None
+        )
+    if "ref_train" in saved:
+        refs = References(start_eval, saved["ref_train"], saved.get("ref_eval", start_eval))
+    else:
+        args = (
+            cfg,
+            prep.source,
+            model,
+            pad,
+            train,
+            evals,
+            start_eval,
+            ref_cache,
+            world,
+            prep.precision,
+            pack,
+        )
+        refs = References(start_eval, *references(*args))
+    if isinstance(ref_cache, ReferenceCache) and world.main:
+        ref_cache.save()
+    barrier(world)  # every process of a later stage reads the same cache (and so scores the same batches)
+    return refs
+
+
+def _check_ref_vocabulary(cfg: Config, model_spec: str, tokenizer) -> None:
+    """A reference scores sequences tokenized for the policy: the vocabularies must be the same."""
+    ref_model = cfg.dpo.ref_model
+    if not ref_model:
+        return
+    if (
+        load_tokenizer(ref_model, trust_remote_code=cfg.model.trust_remote_code).get_vocab()
+        != tokenizer.get_vocab()
+    ):
+        raise ConfigError(
+            f"dpo.ref_model {ref_model} has a different tokenizer from {model_spec}; "
+            "a reference must share the policy's vocabulary"
+        )
+
+
+def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan:
+    """The task (DPOTask, or KTOTask for unpaired rows) with its reference, and the before / after
+    evaluation on held-out pairs: the starting model is its own reference (reward accuracy 0); after,
+    the trainer's final evaluation scored every held-out pair with the trained weights."""
+    d, prep = cfg.dpo, s.prep
+    pad, vocab = prep.tokenizer.pad_token_id, prep.model.get_output_embeddings().weight.shape[0]
+    cls = KTOTask if d.loss_type == "kto" else DPOTask
+    task = cls(d, pad, vocab, reference=refs.train, ref_model=refs.model, packing=prep.packing)
+    evals = prep.evals
+    eval_task = (
+        cls(d, pad, vocab, reference=refs.eval, ref_model=refs.model, packing=prep.packing) if evals else None
+    )
+    reference = refs.eval if refs.eval is not None else (None if d.ref_model else refs.start_eval)
+    reference = None if task.reference_free else reference
+
+    def results(metrics: dict[str, float]) -> dict[str, Any]:
+        if not evals or cls is KTOTask:  # KTO's evaluation: its loss and metrics (eval/ in metrics.jsonl)
+            return {}
+        before = preference_eval(refs.start_eval, evals, reference, d.beta)
+        after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta)
+        metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
+        return {"before": before.as_dict(), "after": after.as_dict()}
+
+    return Plan(
+        task,
+        prep.train,
+        evals,
+        label=f"{d.folder(None)} ({d.loss_type})",
+        method=method_name(d, recipe),
+        eval_task=eval_task,
+        notes=[f"Reference model: {reference_note(d, task)}"],
+        extra_state=refs.state(),
+        results=results,
+    )
+
+
 def run_dpo(
     cfg: Config,
     model_spec: str | None = None,
@@ -157,9 +268,9 @@ def run_dpo(
     ref_cache: dict | None = None,
     resume: bool = False,
 ) -> StageResult:
-    """DPO from ``model_spec``. With a recipe, pairs are built from multi-criteria data. The starting
-    model's score of each sequence is kept in ``ref_cache`` (by default a file in the cache folder,
-    see :mod:`criteriapo.models.refcache`), so recipes, reruns and later epochs score nothing twice."""
+    """The preference stage from ``model_spec``: DPO or a variant, ORPO, or KTO (``dpo.loss_type``).
+    With a recipe, pairs are built from multi-criteria data. The starting model's score of each
+    sequence is kept in ``ref_cache``, so recipes, reruns and later epochs score nothing twice."""
     model_spec = model_spec or cfg.model.name_or_path
     d = cfg.dpo
     recipe = recipe or (d.recipe if d.recipe != "all" else None)
@@ -168,107 +279,24 @@ def run_dpo(
             "dpo.recipe: all trains one model per recipe: use `criteriapo pipeline`, or pick one"
         )
     run_dir = Path(run_dir or Path(cfg.output_dir) / d.folder(recipe))
-    t0 = time.perf_counter()
-    world = init_world()
-    prep = prepare(cfg, model_spec, d, "dpo", run_dir, recipe, resume, world)
-    source, tokenizer, model, train, evals = prep.source, prep.tokenizer, prep.model, prep.train, prep.evals
-    ck, latest, done = stage_checkpointer(
-        cfg, "dpo", d, model_spec, run_dir, train, world, resume, recipe=recipe
-    )
-    if done is not None:
-        before, after = (PreferenceEval(**done[k]) if done.get(k) else None for k in ("before", "after"))
-        seconds = {"prepare": time.perf_counter() - t0}
-        return StageResult(run_dir, run_dir / "model", done["metrics"], seconds, before, after)
-    if d.ref_model:  # it scores sequences tokenized for the policy: the vocabularies must be the same
-        ref_tok = load_tokenizer(d.ref_model, trust_remote_code=cfg.model.trust_remote_code)
-        if ref_tok.get_vocab() != tokenizer.get_vocab():
-            raise ConfigError(
-                f"dpo.ref_model {d.ref_model} has a different tokenizer from {model_spec}; "
-                "a reference must share the policy's vocabulary"
-            )
-    pad = tokenizer.pad_token_id
-    unpaired = d.loss_type == "kto"
-    if unpaired:  # scored and cached as pairs: the completion, then the KL completion
-        train_examples, train, evals = train, [e.as_pair() for e in train], [e.as_pair() for e in evals]
+    s = begin(cfg, model_spec, d, "dpo", run_dir, recipe, resume)
+    if s.done is not None:
+        before, after = (PreferenceEval(**s.done[k]) if s.done.get(k) else None for k in ("before", "after"))
+        seconds = {"prepare": time.perf_counter() - s.t0}
+        return StageResult(run_dir, run_dir / "model", s.done["metrics"], seconds, before, after)
+    _check_ref_vocabulary(cfg, model_spec, s.prep.tokenizer)
     t1 = time.perf_counter()
-    if ref_cache is None and d.ref_cache and d.precompute_ref_log_probs:
-        folders = [p for p in (source.path, source.base) if p]
-        layout = score_layout(prep.packing, fsdp_dtype(prep.precision) if world.distributed else None)
-        ref_cache = reference_cache(folders, model, prep.precision.autocast, layout)
-    saved = saved_scores(latest)  # on resume: the starting model's scores, from the checkpoint
-    # the starting model's scores on held-out pairs: "before" accuracy, and the eval reference
-    mbs, pack = d.train.micro_batch_size, prep.packing
-    with adapters_off(model):
-        start_eval = saved.get("start_eval") or (
-            score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision) if evals else None
-        )
-    if "ref_train" in saved:
-        ref_train, ref_eval, ref_model = saved["ref_train"], saved.get("ref_eval", start_eval), None
-    else:
-        ref_train, ref_eval, ref_model = references(
-            cfg, source, model, pad, train, evals, start_eval, ref_cache, world, prep.precision, pack
-        )
-    if isinstance(ref_cache, ReferenceCache) and world.main:
-        ref_cache.save()
-    barrier(world)  # every process of a later stage reads the same cache (and so scores the same batches)
-    # saved with checkpoints; the eval reference is usually the start scores themselves
-    scores = {"start_eval": start_eval, "ref_train": ref_train}
-    if ref_eval is not start_eval:
-        scores["ref_eval"] = ref_eval
+    # scored and cached as pairs; KTO's as its completions, then its KL completions
+    train, evals = (
+        [e.as_pair() for e in x] if d.loss_type == "kto" else x for x in (s.prep.train, s.prep.evals)
+    )
+    refs = _score_references(cfg, s, train, evals, ref_cache)
     t2 = time.perf_counter()
-    vocab = model.get_output_embeddings().weight.shape[0]
-    task_class = KTOTask if unpaired else DPOTask
-    task = task_class(d, pad, vocab, reference=ref_train, ref_model=ref_model, packing=pack)
-    eval_task = (
-        task_class(d, pad, vocab, reference=ref_eval, ref_model=ref_model, packing=pack) if evals else None
-    )
-    if unpaired:
-        train, evals = train_examples, prep.evals
-    loggers = stage_loggers(cfg, run_dir, "dpo", world)
-    trainer = Trainer(
-        model,
-        task,
-        train,
-        d.optim,
-        d.train,
-        loggers,
-        evals,
-        progress_bar(cfg, f"dpo ({d.loss_type})", world),
-        eval_task=eval_task,
-        checkpointer=ck,
-        world=world,
-        precision=prep.precision,
-        extra_state={
-            f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
-        },
-    )
-    if latest is not None:
-        ck.restore(trainer, latest)
-    metrics = trainer.train()
-    t3 = time.perf_counter()
-    # before: the starting model is its own reference (reward accuracy 0); after: the trainer's final
-    # evaluation scored every held-out pair with the trained weights, against the eval reference
-    reference = ref_eval if ref_eval is not None else (None if d.ref_model else start_eval)
-    reference = None if task.reference_free else reference
-    paired = evals and not unpaired  # KTO's evaluation is its loss and metrics (eval/ in metrics.jsonl)
-    before = preference_eval(start_eval, evals, reference, d.beta) if paired else None
-    after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta) if paired else None
-    if after is not None:
-        metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
-    card = ModelCard(
-        name=f"{Path(cfg.output_dir).name}-dpo",
-        base_model=source.spec,
-        method=method_name(d, recipe),
-        datasets=d.data.train,
-        hyperparameters=to_dict(d),
-        metrics=metrics,
-        notes=[f"Reference model: {reference_note(d, task)}"],
-    )
-    model_dir = finish(cfg, d, trainer, run_dir, tokenizer, card, source)
-    results = {"metrics": metrics, **{k: e.as_dict() for k, e in (("before", before), ("after", after)) if e}}
-    record_finished(run_dir, ck, results, d.train.keep_final_checkpoint, world)
-    seconds = {"prepare": t1 - t0, "reference": t2 - t1, "train": t3 - t2, "export": time.perf_counter() - t3}
-    return StageResult(run_dir, model_dir, metrics, seconds, before, after)
+    plan = _plan(cfg, s, refs, recipe)
+    model_dir, metrics, results, seconds = train_and_export(cfg, d, "dpo", run_dir, s, plan)
+    before, after = (PreferenceEval(**results[k]) if k in results else None for k in ("before", "after"))
+    times = {"prepare": t1 - s.t0, "reference": t2 - t1, **seconds}
+    return StageResult(run_dir, model_dir, metrics, times, before, after)
 
 
 def method_name(d: DPOConfig, recipe: str | None) -> str:
