@@ -42,3 +42,16 @@ def test_an_upward_import_breaks_the_contract(tmp_path):
     out = _lint(src, tmp_path)
     assert out.returncode != 0
     assert "criteriapo.data.records -> criteriapo.pipeline" in out.stdout
+
+
+def test_no_function_in_the_package_is_over_60_lines():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "src" / "criteriapo").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name} ({lines} lines)")
+    assert not long, "split these: " + "; ".join(long)

@@ -350,14 +350,18 @@ def _chat(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from criteriapo.config import DataConfig  # light: no torch
-
     p = argparse.ArgumentParser(
         prog="criteriapo", description="Preference-tune language models, criteria first."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
+    for add in (_add_model_commands, _add_data_commands, _add_stage_commands, _add_use_commands):
+        add(sub)
+    return p
+
+
+def _add_model_commands(sub) -> None:
     models = sub.add_parser("models", help="the embedded default model and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)
     f = msub.add_parser("fetch", help="convert an embedded model into the cache (instant once done)")
@@ -366,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list embedded models and whether they are fetched").set_defaults(
         func=_models_list
     )
+
+
+def _add_data_commands(sub) -> None:
+    from criteriapo.config import DataConfig  # light: no torch
 
     data = sub.add_parser("data", help="inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -409,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.set_defaults(func=_make_criteria)
 
+
+def _add_stage_commands(sub) -> None:
     for name, func, about in (
         ("sft", _sft, "supervised fine-tuning (the config's sft section)"),
         ("dpo", _dpo, "DPO or a variant (the config's dpo section)"),
@@ -429,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.set_defaults(func=func)
 
+
+def _add_use_commands(sub) -> None:
+    """eval, chat and generate: the models a run made, put to use."""
     ev = sub.add_parser("eval", help="preference accuracy and criteria pass rates of one or more models")
     ev.add_argument("models", nargs="+", help="model folders or names, optionally NAME=MODEL")
     ev.add_argument(
@@ -469,7 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_generate)
-    return p
 
 
 def _positive_int(text: str) -> int:

@@ -32,12 +32,9 @@ class ModelCard:
     example_prompt: str = "What is the capital of France?"
     notes: list[str] = field(default_factory=list)
 
-    def render(self, model_dir: Path) -> str:
-        import torch
-        import transformers
-
+    def front_matter(self) -> str:
         hub = hub_id(self.base_model)
-        header = yaml.safe_dump(
+        return yaml.safe_dump(
             {
                 **({"base_model": hub} if hub else {}),  # the Hub's field names a Hub model only
                 "library_name": "transformers",
@@ -46,6 +43,12 @@ class ModelCard:
             },
             sort_keys=False,
         )
+
+    def render(self, model_dir: Path) -> str:
+        import torch
+        import transformers
+
+        header = self.front_matter()
         hp = yaml.safe_dump(self.hyperparameters, sort_keys=False).rstrip()
         metrics = "\n".join(
             f"| {k} | {v:.4g} | {METRIC_MEANINGS.get(k.removeprefix('eval/'), '')} |"

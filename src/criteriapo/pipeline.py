@@ -75,6 +75,36 @@ def _compare(cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str
     return out / "comparison" / "comparison.md"
 
 
+def _write_summary(
+    out: Path,
+    sft: StageResult | None,
+    start: Path,
+    dpo: dict[str, StageResult],
+    seconds: dict[str, float],
+    generations: list[dict[str, str]],
+) -> Path:
+    stages = {**({"sft": sft} if sft else {}), **dpo}
+    summary = {
+        "sft_model": str(sft.model_dir) if sft else None,
+        "start_model": str(start),
+        "seconds": seconds,
+        "stage_seconds": {name: stage.seconds for name, stage in stages.items()},
+        "generations": generations,
+        "dpo": {
+            name: {
+                "model": str(stage.model_dir),
+                "metrics": stage.metrics,
+                "before": stage.before.as_dict() if stage.before else None,
+                "after": stage.after.as_dict() if stage.after else None,
+            }
+            for name, stage in dpo.items()
+        },
+    }
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
 def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     """SFT, then DPO against the SFT model (one run per recipe with ``dpo.recipe: all``, sharing one
     reference pass), generations before and after, and with criteria data a comparison by criterion."""
@@ -121,23 +151,6 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
         "generate+eval": t_end - t_train,
         "total": t_end - t0,
     }
-    summary = {
-        "sft_model": str(sft.model_dir) if sft else None,
-        "start_model": str(start),
-        "seconds": seconds,
-        "stage_seconds": {name: stage.seconds for name, stage in stages.items()},
-        "generations": generations,
-        "dpo": {
-            name: {
-                "model": str(stage.model_dir),
-                "metrics": stage.metrics,
-                "before": stage.before.as_dict() if stage.before else None,
-                "after": stage.after.as_dict() if stage.after else None,
-            }
-            for name, stage in dpo.items()
-        },
-    }
-    path = out / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    path = _write_summary(out, sft, start, dpo, seconds, generations)
     barrier(world)
     return PipelineResult(sft, dpo, generations, seconds, path, comparison)

@@ -81,6 +81,20 @@ def _strip_word(text: str, kw: str) -> str:
     return re.sub(r"[ \t]{2,}", " ", out).strip()
 
 
+def _include(r: str, keywords: list[str], extra: Sequence[str]) -> str | None:
+    """``r`` with, for each keyword it lacks, one of the model's other sentences that has it."""
+    added = []
+    for k in keywords:
+        has = re.compile(rf"(?i)(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])")
+        if has.search(r):
+            continue
+        found = next((s for s in extra if has.search(s) and s not in added), None)
+        if found is None:
+            return None
+        added.append(found)
+    return " ".join([r, *added])
+
+
 def satisfy(reply: str, c: Criterion, topic: str = "", extra: Sequence[str] = ()) -> str | None:
     """``reply`` edited to satisfy ``c``, or None when no natural edit does. ``topic`` names what
     the prompt is about (for a title); ``extra`` are sentences the model wrote in its other replies."""
@@ -112,16 +126,7 @@ def satisfy(reply: str, c: Criterion, topic: str = "", extra: Sequence[str] = ()
         groups = [s[i : i + size] for i in range(0, len(s), size)]
         return "\n\n".join(" ".join(g) for g in groups) if len(groups) == n else None
     if family == "include":
-        kws = arg.split("|")
-        missing = [k for k in kws if not re.search(rf"(?i)(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])", r)]
-        added = []
-        for k in missing:
-            has = re.compile(rf"(?i)(?<![A-Za-z0-9]){re.escape(k)}(?![A-Za-z0-9])")
-            found = next((s for s in extra if has.search(s) and s not in added), None)
-            if found is None:
-                return None
-            added.append(found)
-        return " ".join([r, *added])
+        return _include(r, arg.split("|"), extra)
     if family == "avoid":
         for k in arg.split("|"):
             r = _strip_word(r, k)

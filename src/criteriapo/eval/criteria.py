@@ -54,7 +54,8 @@ def evaluate_model(
     reference: str | None = None,
     beta: float = 0.1,
 ) -> ModelReport:
-    from criteriapo.generation import generate_batch
+    """One model on held-out criteria data: rewards against ``reference`` (the model DPO started
+    from) on the vanilla and finegrained pairs, and its replies judged (:func:`_judge_replies`)."""
     from criteriapo.models import load_model, load_tokenizer, resolve_model
     from criteriapo.tracking.progress import work_progress
     from criteriapo.train.guard import guard_model
@@ -69,7 +70,6 @@ def evaluate_model(
     opts = TokenizeOptions(max_length=None)
     vanilla = tokenize_examples(build_vanilla(examples), chat, opts, on_bad_row="skip")
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
-    # the log-prob path reproduces this model's own distribution (or this stops), and packing too
     pack = guard_model(model, vanilla, "dpo", tok.pad_token_id, True) if vanilla else False
     # vanilla and finegrained pairs share most replies: each sequence is scored once, and kept
     seen = _score_cache(source, model, pack)
@@ -78,7 +78,6 @@ def evaluate_model(
         scores = score_pairs(model, vanilla, pad, batch_size, seen, pack, progress=advance)
         fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack, progress=advance)
     seen.save()
-    # the model DPO started from (its own rewards are 0 by definition)
     ref_scores, ref_fine = (
         _reference_scores(reference, (vanilla, fine), pad, batch_size, pack) if reference else (None, None)
     )
@@ -89,20 +88,35 @@ def evaluate_model(
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
         by_family[family(p.criterion)].append(nan if is_reference else float(ok))
+    g = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "batch_size": batch_size}
+    passes, samples, qualities = _judge_replies(name, model, tok, examples, g)
+    flat = [v for vs in passes.values() for v in vs]
+    return ModelReport(
+        name,
+        overall.accuracy,
+        {k: sum(v) / len(v) for k, v in sorted(by_family.items())},
+        sum(flat) / max(1, len(flat)),
+        {k: sum(v) / len(v) for k, v in sorted(passes.items())},
+        samples,
+        quality_summary(qualities),
+        overall.reward_accuracy,
+        overall.reward_margin,
+    )
+
+
+def _judge_replies(
+    name: str, model, tok, examples: list[MultiCriteriaExample], gen: dict
+) -> tuple[dict[str, list[float]], list[dict], list]:
+    """The model's replies to the held-out prompts (``gen``: generation settings), each judged by
+    the checkers of its prompt's criteria and by the quality guards."""
+    from criteriapo.generation import generate_batch
+    from criteriapo.tracking.progress import work_progress
+
     prompts = [
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
     with work_progress(f"{name}: replying to held-out prompts", len(prompts)) as advance:
-        replies = generate_batch(
-            model,
-            tok,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-            batch_size=batch_size,
-            progress=advance,
-        )
+        replies = generate_batch(model, tok, prompts, progress=advance, **gen)
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
     asked = [_verifiable(e.metadata.get("criteria", e.criteria)) for e in examples]
@@ -117,18 +131,7 @@ def evaluate_model(
         samples.append(
             {"prompt": prompt[-1]["content"], "reply": text, "passes": verdicts, "problems": q.problems()}
         )
-    flat = [v for vs in passes.values() for v in vs]
-    return ModelReport(
-        name,
-        overall.accuracy,
-        {k: sum(v) / len(v) for k, v in sorted(by_family.items())},
-        sum(flat) / max(1, len(flat)),
-        {k: sum(v) / len(v) for k, v in sorted(passes.items())},
-        samples,
-        quality_summary(qualities),
-        overall.reward_accuracy,
-        overall.reward_margin,
-    )
+    return passes, samples, qualities
 
 
 def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_size: int, pack: bool):

@@ -108,6 +108,19 @@ def prepare(
         for i, examples in enumerate((train, evals)):
             assign_kl(examples, stage.train.seed + i, opts)
     seed_everything(stage.train.seed)
+    model, precision = _load_for_training(cfg, source, stage, kind, world)
+    probe = [e.as_pair() for e in train[:8]] if unpaired else train
+    packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
+    if world.distributed:
+        model = shard(model, fsdp_dtype(precision))
+    return Prepared(source, tokenizer, model, train, evals, precision, packing)
+
+
+def _load_for_training(
+    cfg: Config, source: ModelSource, stage: SFTConfig | DPOConfig, kind: str, world: World
+):
+    """The weights in the stage's precision on its device, with activation checkpointing, LoRA and
+    dropout as configured; bf16-true checked to keep the learning rate's updates."""
     device = device_for(world, cfg.model.device)
     precision = resolve_precision(
         stage.train.precision, pick_dtype(cfg.model.dtype, pick_device(device)), stage.lora.enabled
@@ -125,11 +138,7 @@ def prepare(
         disable_dropout(model)
     if precision.name == "bf16-true":
         check_updates_survive(model, stage.optim, kind)
-    probe = [e.as_pair() for e in train[:8]] if unpaired else train
-    packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
-    if world.distributed:
-        model = shard(model, fsdp_dtype(precision))
-    return Prepared(source, tokenizer, model, train, evals, precision, packing)
+    return model, precision
 
 
 def fsdp_dtype(precision: Precision):
