@@ -52,6 +52,25 @@ def test_sampled_replies_of_one_prompt_differ_and_repeat_with_the_seed(tiny_llam
     assert generate_batch(model, tok, PROMPTS, **hot) == replies
 
 
+def test_generation_leaves_the_process_rng_and_the_tokenizer_alone(tiny_llama_dir):
+    """Sampling draws from a generator of the call's own, and left padding is built, not set on the
+    tokenizer: anything long-running (a server, a trainer) can generate between its own steps."""
+    import torch
+
+    from criteriapo.generation import generate
+
+    model, tok = load_model(tiny_llama_dir), load_tokenizer(tiny_llama_dir)
+    side = tok.padding_side
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_batch(model, tok, PROMPTS, max_new_tokens=4, temperature=1.0, samples=2)
+    generate(model, tok, PROMPTS[0], max_new_tokens=4, temperature=1.0, seed=5)
+    assert torch.equal(torch.rand(3), expected) and tok.padding_side == side
+    a = generate(model, tok, PROMPTS[1], max_new_tokens=6, temperature=1.0, seed=5)
+    assert generate(model, tok, PROMPTS[1], max_new_tokens=6, temperature=1.0, seed=5) == a
+
+
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 50, 0.95), (0.7, 8, 0.8), (1.3, 0, 1.0)])
 def test_the_sampler_draws_what_transformers_sampling_draws(temperature, top_k, top_p):
     """Its draws follow the distribution of transformers' own warpers (temperature, top-k, top-p),

@@ -47,7 +47,7 @@ def _generate_ids(
 ) -> tuple[str, list[int]]:
     """The reply's text and its new token ids."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -56,12 +56,10 @@ def _generate_ids(
     enc = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     ).to(model.device)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p}
-        if temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    torch.manual_seed(seed)
+    sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if temperature > 0:  # drawn from a generator of this call's own: the process's seed is left alone
+        g = torch.Generator(model.device).manual_seed(seed)
+        sampling["logits_processor"] = LogitsProcessorList([_Sampler(temperature, 50, top_p, g)])
     with torch.inference_mode():
         out = model.generate(
             **enc,
@@ -175,35 +173,44 @@ def generate_batch(
     import torch
     from transformers import LogitsProcessorList
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     greedy = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     eos = _eos_ids(model, tokenizer)
     per_batch = max(1, batch_size // samples)  # prompts per batch
     out: list[Reply] = []
-    try:
-        for start in range(0, len(conversations), per_batch):
-            chunk = conversations[start : start + per_batch]
-            enc = tokenizer.apply_chat_template(
-                chunk, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
-            ).to(model.device)
-            sampling = dict(greedy)
-            if temperature > 0:
-                g = torch.Generator(model.device).manual_seed(seed + start)
-                sampling["logits_processor"] = LogitsProcessorList([_Sampler(temperature, top_k, top_p, g)])
-            with torch.inference_mode():
-                inputs = _prefilled(model, enc, samples) if samples > 1 else dict(enc)
-                ids = model.generate(
-                    **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
-                )
-            new = ids[:, enc["input_ids"].shape[1] :]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for row, text in zip(new.tolist(), texts, strict=True):
-                out.append(Reply(text.strip(), not any(t in eos for t in row)))
-            if progress is not None:
-                progress(len(chunk))
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(conversations), per_batch):
+        chunk = conversations[start : start + per_batch]
+        enc = _left_padded(tokenizer, chunk, model.device)
+        sampling = dict(greedy)
+        if temperature > 0:
+            g = torch.Generator(model.device).manual_seed(seed + start)
+            sampling["logits_processor"] = LogitsProcessorList([_Sampler(temperature, top_k, top_p, g)])
+        with torch.inference_mode():
+            inputs = _prefilled(model, enc, samples) if samples > 1 else dict(enc)
+            ids = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+            )
+        new = ids[:, enc["input_ids"].shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for row, text in zip(new.tolist(), texts, strict=True):
+            out.append(Reply(text.strip(), not any(t in eos for t in row)))
+        if progress is not None:
+            progress(len(chunk))
     return out
+
+
+def _left_padded(tokenizer: Any, conversations: list[list[Message]], device: Any) -> dict:
+    """The conversations' prompts, rendered by the chat template and padded on the left (where
+    generation needs the padding), without touching the tokenizer's own padding side."""
+    import torch
+
+    rows = [
+        list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for c in conversations
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 class _Sampler:
