@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from criteriapo.config import DPOConfig
 from criteriapo.criteria.quality import AS_ASKED, AS_ASKED_DESCRIPTION, acceptable
 from criteriapo.data.records import MultiCriteriaExample, PreferenceExample, RatedCompletion, Text
 from criteriapo.errors import ConfigError
@@ -27,7 +28,7 @@ RECIPES = ("vanilla", "mini", "finegrained")
 @dataclass(frozen=True)
 class RecipeOptions:
     mini_size: int | None = None  # None: every agreeing pair
-    mini_min_margin: float = 1.0
+    mini_min_margin: float = DPOConfig.mini_min_margin  # one default, the config's
     weights: dict[str, float] = field(default_factory=dict)  # finegrained: per-criterion loss weight
     condition_on_criterion: bool = False
     descriptions: dict[str, str] = field(default_factory=dict)  # criterion -> instruction text
