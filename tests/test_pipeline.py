@@ -255,3 +255,35 @@ def test_builtin_criteria_data_is_sampled_from_the_model_dpo_starts_from(
     assert data_paths(["builtin:criteria-train"], str(other), maker)[0].parent != train.parent
     with pytest.raises(ConfigError, match="sampled from the model DPO starts from"):
         data_paths(["builtin:criteria-train"])
+
+
+def test_the_pipeline_trains_orpo_from_the_base_model_and_kto_after_sft(config, tmp_path, tiny_llama_dir):
+    """ORPO is one stage from the base model (no SFT folder); KTO reads TRL-style unpaired rows (the
+    preflight reads them as such before SFT) and trains against the SFT model."""
+    from dataclasses import replace
+
+    from criteriapo.pipeline import run_pipeline
+
+    orpo = run_pipeline(replace(config, dpo=replace(config.dpo, loss_type="orpo")))
+    out = Path(config.output_dir)
+    assert orpo.sft is None and not (out / "sft").exists() and list(orpo.dpo) == ["orpo"]
+    assert (out / "orpo" / "model" / "model.safetensors").is_file()
+    assert orpo.dpo["orpo"].after is not None  # held-out pairs before and after
+
+    rows = [
+        {"prompt": "Capital of France?", "completion": f"Paris {i}.", "label": i % 2 == 0} for i in range(8)
+    ]
+    unpaired = write_jsonl(tmp_path / "unpaired.jsonl", rows)
+    cfg = replace(
+        config,
+        output_dir=str(tmp_path / "kto-run"),
+        dpo=replace(
+            config.dpo, loss_type="kto", data=replace(config.dpo.data, train=[str(unpaired)], eval=[])
+        ),
+    )
+    kto = run_pipeline(cfg)
+    assert kto.sft is not None and list(kto.dpo) == ["kto"]
+    metrics = [
+        json.loads(x) for x in (tmp_path / "kto-run" / "kto" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len([m for m in metrics if "kl" in m]) == 4  # 8 rows, batches of 2

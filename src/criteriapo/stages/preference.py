@@ -87,7 +87,9 @@ def preflight_dpo(cfg: Config) -> None:
         ropts = recipe_options(d) if recipe else None
         for files in (d.data.train, d.data.eval):
             given = [f for f in files if f.removeprefix("builtin:") not in CRITERIA_BUILTINS]
-            tokenized(d.data, given, "preference", chat, None, recipe, ropts)
+            tokenized(
+                d.data, given, "unpaired" if d.loss_type == "kto" else "preference", chat, None, recipe, ropts
+            )
 
 
 def references(
