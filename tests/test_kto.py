@@ -160,3 +160,21 @@ def test_kto_needs_a_reference():
         KTOTask(DPOConfig(loss_type="kto"), 0, 16)
     scores = PairScores(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
     assert KTOTask(DPOConfig(loss_type="kto"), 0, 16, reference=scores).reference is scores
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"rpo_alpha": 0.5}, "dpo.rpo_alpha: a setting of the paired losses"),
+        ({"label_smoothing": 0.1}, "dpo.label_smoothing: a setting of the paired losses"),
+        ({"reference_free": True}, "KTO's rewards are log-ratios against a reference"),
+        ({"recipe": "vanilla"}, "KTO reads unpaired rows or pairs"),
+    ],
+)
+def test_settings_kto_cannot_use_are_refused(settings, message):
+    from criteriapo.config import Config
+    from criteriapo.errors import ConfigError
+    from criteriapo.pipeline import check_choices
+
+    with pytest.raises(ConfigError, match=message):
+        check_choices(Config(dpo=DPOConfig(loss_type="kto", **settings)))

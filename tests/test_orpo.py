@@ -146,3 +146,5 @@ def test_orpo_takes_no_reference_and_refuses_rpo_alpha():
     cfg = Config(dpo=DPOConfig(loss_type="orpo", rpo_alpha=0.5))
     with pytest.raises(ConfigError, match="orpo has the chosen replies' NLL in its loss already"):
         check_choices(cfg)
+    with pytest.raises(ConfigError, match="dpo.ref_model: orpo uses no reference model"):
+        check_choices(Config(dpo=DPOConfig(loss_type="orpo", ref_model="smollm2")))

@@ -269,6 +269,8 @@ def test_the_pipeline_trains_orpo_from_the_base_model_and_kto_after_sft(config, 
     assert orpo.sft is None and not (out / "sft").exists() and list(orpo.dpo) == ["orpo"]
     assert (out / "orpo" / "model" / "model.safetensors").is_file()
     assert orpo.dpo["orpo"].after is not None  # held-out pairs before and after
+    card = (out / "orpo" / "model" / "README.md").read_text()
+    assert "# run-orpo" in card and "ORPO (beta 0.1, no reference)" in card
 
     rows = [
         {"prompt": "Capital of France?", "completion": f"Paris {i}.", "label": i % 2 == 0} for i in range(8)

@@ -59,7 +59,8 @@ def _generate_ids(
     sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     if temperature > 0:  # drawn from a generator of this call's own: the process's seed is left alone
         g = torch.Generator(model.device).manual_seed(seed)
-        sampling["logits_processor"] = LogitsProcessorList([_Sampler(temperature, 50, top_p, g)])
+        top_k = getattr(model.generation_config, "top_k", None) or 50  # the model's own, as transformers'
+        sampling["logits_processor"] = LogitsProcessorList([_Sampler(temperature, top_k, top_p, g)])
     with torch.inference_mode():
         out = model.generate(
             **enc,

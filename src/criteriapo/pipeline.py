@@ -108,6 +108,7 @@ def _write_summary(
 def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     """SFT, then DPO against the SFT model (one run per recipe with ``dpo.recipe: all``, sharing one
     reference pass), generations before and after, and with criteria data a comparison by criterion."""
+    check_choices(cfg)
     out = Path(cfg.output_dir)
     world = init_world()
     t0 = time.perf_counter()
@@ -121,13 +122,15 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     t_data = time.perf_counter()
     # ORPO starts from the base model in one stage; DPO from the SFT model
     sft = None if cfg.dpo.one_stage else run_sft(cfg, run_dir=out / "sft", resume=resume)
-    start = sft.model_dir if sft else resolve_model(cfg.model.name_or_path).path
+    trust = cfg.model.trust_remote_code
+    start = sft.model_dir if sft else resolve_model(cfg.model.name_or_path, trust_remote_code=trust).path
+    spec = str(sft.model_dir) if sft else cfg.model.name_or_path  # what the stage's card and checkpoint name
     recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
     # the SFT model's log-prob of each sequence is scored once for every recipe (the on-disk cache,
     # or with dpo.ref_cache false one dict shared here)
     ref_cache: dict | None = None if cfg.dpo.ref_cache else {}
     dpo = {
-        r or cfg.dpo.folder(None): run_dpo(cfg, str(start), out / cfg.dpo.folder(r), r, ref_cache, resume)
+        r or cfg.dpo.folder(None): run_dpo(cfg, spec, out / cfg.dpo.folder(r), r, ref_cache, resume)
         for r in recipes
     }
     t_train = time.perf_counter()

@@ -384,6 +384,10 @@ def parse_multi_criteria(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _kind_of(value: Any) -> str:
     return "a message list" if isinstance(value, list) else f"a {_type_name(value)}"
 
@@ -409,7 +413,9 @@ def parse_row(kind: str, row: dict[str, Any], ref: RowRef):
         kind = found
     elif found != kind:
         raise RowProblem(
-            None, f"looks like a {found} row, but this dataset holds {kind} rows ({EXPECTED_FIELDS[kind]})"
+            None,
+            f"looks like {_article(found)} {found} row, but this dataset holds {kind} rows "
+            f"({EXPECTED_FIELDS[kind]})",
         )
     parse, cls = PARSERS[kind]
     return cls(source=ref, **parse(row))

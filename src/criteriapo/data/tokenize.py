@@ -10,6 +10,7 @@ none. Labels are masked (-100) on the prompt and on any non-assistant message.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from criteriapo.data.validation import apply_policy
 from criteriapo.errors import TemplateError
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 TruncationMode = Literal["keep_end", "keep_start"]
 
 
@@ -297,7 +299,7 @@ def assign_kl(examples: Sequence[TokenizedUnpaired], seed: int, opts: TokenizeOp
 
     order = list(range(len(examples)))
     random.Random(f"kl {seed}").shuffle(order)
-    n = len(order)
+    n, same = len(order), 0
     for k, i in enumerate(order):
         partner = next(
             (
@@ -305,7 +307,17 @@ def assign_kl(examples: Sequence[TokenizedUnpaired], seed: int, opts: TokenizeOp
                 for step in range(1, min(n, 64))
                 if examples[order[(k - step) % n]].prompt_ids != examples[i].prompt_ids
             ),
-            order[(k - 1) % n],  # every prompt the same: the best there is
+            None,
         )
+        if partner is None:  # every nearby prompt the same: the best there is, said once
+            partner = order[(k - 1) % n]
+            same += 1
         room = _room(len(examples[i].prompt_ids), opts)
         examples[i].kl_ids = examples[partner].completion_ids[:room]
+    if same:
+        log.warning(
+            "KTO: %d of %d examples found no completion of another prompt for the KL estimate (their "
+            "prompts are all the same); it then uses completions of the same prompt",
+            same,
+            n,
+        )

@@ -279,6 +279,7 @@ def train_and_export(
     stage's results, the model card, export, the finished record. Returns the model folder, the
     metrics, the results and the seconds of training and export."""
     prep, world = s.prep, s.world
+    t0 = time.perf_counter()  # the trainer's set-up (optimizer, loggers) and a restore count as training
     trainer = Trainer(
         prep.model,
         plan.task,
@@ -296,7 +297,6 @@ def train_and_export(
     )
     if s.latest is not None:
         s.checkpointer.restore(trainer, s.latest)
-    t0 = time.perf_counter()
     metrics = trainer.train()
     t1 = time.perf_counter()
     results = plan.results(metrics) if plan.results else {}

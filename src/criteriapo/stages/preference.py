@@ -62,11 +62,16 @@ def check_choices(cfg: Config) -> Config:
             raise ConfigError(
                 "dpo.recipe builds pairs from multi-criteria data; KTO reads unpaired rows or pairs"
             )
+        for key, value in (("rpo_alpha", d.rpo_alpha), ("label_smoothing", d.label_smoothing or None)):
+            if value is not None:
+                raise ConfigError(f"dpo.{key}: a setting of the paired losses, which KTO has no use for")
         return cfg
     if d.loss_type not in LOSSES:
         choices = ", ".join([*LOSSES, "kto"])
         raise ConfigError(f"dpo.loss_type: unknown loss {d.loss_type!r}; choose one of {choices}")
     spec = loss_spec(cfg.dpo.loss_type)
+    if spec.reference_free and d.ref_model:
+        raise ConfigError(f"dpo.ref_model: {d.loss_type} uses no reference model; leave it unset")
     if spec.chosen_nll and cfg.dpo.rpo_alpha:
         raise ConfigError(
             f"dpo.rpo_alpha: {cfg.dpo.loss_type} has the chosen replies' NLL in its loss already (weight "
@@ -274,7 +279,7 @@ def run_dpo(
     With a recipe, pairs are built from multi-criteria data. The starting model's score of each
     sequence is kept in ``ref_cache``, so recipes, reruns and later epochs score nothing twice."""
     model_spec = model_spec or cfg.model.name_or_path
-    d = cfg.dpo
+    d = check_choices(cfg).dpo
     recipe = recipe or (d.recipe if d.recipe != "all" else None)
     if d.recipe == "all" and recipe is None:
         raise ConfigError(
@@ -295,7 +300,8 @@ def run_dpo(
     refs = _score_references(cfg, s, train, evals, ref_cache)
     t2 = time.perf_counter()
     plan = _plan(cfg, s, refs, recipe)
-    model_dir, metrics, results, seconds = train_and_export(cfg, d, "dpo", run_dir, s, plan)
+    name = d.folder(None)  # dpo, orpo or kto: the model card's and the tracker's run name
+    model_dir, metrics, results, seconds = train_and_export(cfg, d, name, run_dir, s, plan)
     before, after = (PreferenceEval(**results[k]) if k in results else None for k in ("before", "after"))
     times = {"prepare": t1 - s.t0, "reference": t2 - t1, **seconds}
     return StageResult(run_dir, model_dir, metrics, times, before, after)

@@ -230,9 +230,10 @@ class KTOTask:
         self, examples: Sequence[TokenizedUnpaired], indices: Sequence[int]
     ) -> dict[str, torch.Tensor]:
         """The completions (trained), and under ``kl_`` the KL completions (scored without gradient)."""
-        main = collate_sequences(
-            [(e.prompt_ids, e.completion_ids) for e in examples], self.pad_id, self.packing
-        )
+        # a prompt's completions (a pair split in two) in one segment where they fit in a pair's width
+        width = max(len(e.prompt_ids) + len(e.completion_ids) + len(e.kl_ids) for e in examples)
+        seqs = [(e.prompt_ids, e.completion_ids) for e in examples]
+        main = collate_sequences(seqs, self.pad_id, self.packing, width)
         kl = collate_sequences([(e.prompt_ids, e.kl_ids) for e in examples], self.pad_id, self.packing)
         main.pop("labelled")
         batch = {**main, **{f"kl_{k}": v for k, v in kl.items() if k not in ("tokens", "labelled")}}
