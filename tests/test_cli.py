@@ -278,3 +278,13 @@ def test_eval_reads_the_builtin_held_out_data_sampled_from_the_reference(tiny_ll
     )
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "cmp" / "comparison.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "folder, method",
+    [("dpo", "DPO"), ("dpo-finegrained", "DPO"), ("orpo", "ORPO"), ("orpo-mini", "ORPO"), ("kto", "KTO")],
+)
+def test_what_a_stage_trained_is_named_by_its_folder(folder, method):
+    from criteriapo.cli import _method
+
+    assert _method(folder) == method

@@ -239,9 +239,14 @@ def _kto(args: argparse.Namespace) -> None:
     _dpo(args, "kto")
 
 
-def _preference_table(before, after, name: str = "dpo") -> None:
+def _method(stage: str) -> str:
+    """What a preference stage's folder name says it trained: ORPO, KTO, or DPO (and its variants)."""
+    return {"orpo": "ORPO", "kto": "KTO"}.get(stage.partition("-")[0], "DPO")
+
+
+def _preference_table(before, after, name: str = "dpo", method: str | None = None) -> None:
     table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
-    method = "ORPO" if name.startswith("orpo") else "DPO"
+    method = method or _method(name)
     for col in ("", f"before {method}", f"after {method}"):
         table.add_column(col, justify="right")
     if after.reward_accuracy is not None:  # what DPO optimises: the reward against the reference
@@ -269,8 +274,8 @@ def _pipeline(args: argparse.Namespace) -> None:
         r = run_pipeline(cfg, resume=args.resume)
     for name, stage in r.dpo.items():
         if stage.before and stage.after:
-            _preference_table(stage.before, stage.after, name)
-    method = "ORPO" if r.sft is None else "DPO"
+            _preference_table(stage.before, stage.after, name, _method(cfg.dpo.folder(None)))
+    method = _method(cfg.dpo.folder(None))
     for g in r.generations:
         console.print(f"\n[bold]prompt:[/] {g['prompt']}", highlight=False)
         for key, reply in g.items():
@@ -287,7 +292,6 @@ def _pipeline(args: argparse.Namespace) -> None:
         console.print(f"  {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in stage.seconds.items()))
     if r.sft:
         console.print(f"SFT model: {r.sft.model_dir}")
-    method = "ORPO" if r.sft is None else "DPO"
     for name, stage in r.dpo.items():
         console.print(f"[bold]{method} model ({name}): {stage.model_dir}[/]")
     console.print(f"summary: {r.summary_path}")
