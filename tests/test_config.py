@@ -131,3 +131,18 @@ def test_an_empty_config_file_takes_the_defaults_with_a_warning(tmp_path, caplog
         cfg = load_config(path)
     assert f"{path} is empty: every setting takes its default" in caplog.text
     assert cfg.dpo.beta == load_config().dpo.beta
+
+
+def test_fields_free_to_change_on_resume_are_declared_where_they_are():
+    from criteriapo.config import resume_free_keys
+    from criteriapo.resume import FREE_KEYS
+
+    keys = resume_free_keys()
+    assert FREE_KEYS == keys
+    assert {
+        "model.device",
+        "sft.train.log_every",
+        "dpo.train.checkpoint_every",
+        "dpo.train.on_nonfinite",
+    } <= set(keys)
+    assert not {k for k in keys if k.endswith((".seed", ".lr", ".batch_size", ".epochs", "name_or_path"))}

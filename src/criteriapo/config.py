@@ -24,11 +24,16 @@ from criteriapo.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def _resume_free(default: Any) -> Any:
+    """A field that may change between a run and its resumption (it does not touch the weights)."""
+    return field(default=default, metadata={"resume": "free"})
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2"  # embedded name, local folder, .gguf file or cached hub id
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = _resume_free("auto")  # where a run computes does not change what it trains
     trust_remote_code: bool = False
     chat_template: str | None = None  # a .jinja file replacing the tokenizer's template (base models)
 
@@ -69,14 +74,15 @@ class TrainConfig:
     max_steps: int | None = None  # stops early when set
     batch_size: int = 8  # examples per optimizer step (the global batch)
     micro_batch_size: int | None = None  # examples per forward (default batch_size); ratio = accumulation
-    eval_every: int | None = None  # steps; evaluation also runs at the end when there is eval data
-    log_every: int = 1
-    checkpoint_every: int | None = 200  # steps; a checkpoint is also written at the end and on SIGINT/SIGTERM
-    keep_checkpoints: int = 2  # the newest K are kept
+    eval_every: int | None = _resume_free(None)  # steps; evaluation also runs at the end with eval data
+    log_every: int = _resume_free(1)
+    checkpoint_every: int | None = _resume_free(200)  # steps; also at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = _resume_free(2)  # the newest K are kept
     # once the model is exported, its last checkpoint (weights and optimizer state: about 3x the model)
     # is deleted unless kept; finished.json then records the finished stage for --resume
-    keep_final_checkpoint: bool = False
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step
+    keep_final_checkpoint: bool = _resume_free(False)
+    # a NaN/inf loss or gradient: stop, or drop that step
+    on_nonfinite: Literal["stop", "skip"] = _resume_free("stop")
     gradient_checkpointing: bool = False  # recompute each decoder block in backward: less memory, ~30% slower
     # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.
     # bf16-mixed: float32 (master) weights, compute under bf16 autocast. bf16-true: bfloat16 weights
@@ -471,6 +477,19 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported config type {tp} at {path}")  # a programmer error
+
+
+def resume_free_keys(cls: type | None = None, prefix: str = "") -> tuple[str, ...]:
+    """Dotted names of the fields declared with :func:`_resume_free`, under every section."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("resume") == "free":
+            out.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out.extend(resume_free_keys(hints[f.name], f"{prefix}{f.name}."))
+    return tuple(out)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

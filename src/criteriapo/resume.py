@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from criteriapo.config import Config, to_dict
+from criteriapo.config import Config, resume_free_keys, to_dict
 from criteriapo.criteria.pairs import RECIPES
 from criteriapo.distributed import World, barrier
 from criteriapo.errors import CriteriaPOError
@@ -22,12 +22,8 @@ from criteriapo.train.checkpoint import Checkpoint, Checkpointer, CheckpointErro
 
 log = logging.getLogger(__name__)
 
-# keys that may change between a run and its resumption: they do not touch the trained weights
-FREE_KEYS = tuple(
-    f"{stage}.train.{k}"
-    for stage in ("sft", "dpo")
-    for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
-) + ("model.device",)
+# keys that may change between a run and its resumption, as declared in the config (_resume_free)
+FREE_KEYS = resume_free_keys()
 
 
 class FinishedRun(CriteriaPOError):
