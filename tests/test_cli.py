@@ -285,6 +285,6 @@ def test_eval_reads_the_builtin_held_out_data_sampled_from_the_reference(tiny_ll
     [("dpo", "DPO"), ("dpo-finegrained", "DPO"), ("orpo", "ORPO"), ("orpo-mini", "ORPO"), ("kto", "KTO")],
 )
 def test_what_a_stage_trained_is_named_by_its_folder(folder, method):
-    from criteriapo.cli import _method
+    from criteriapo.stages.methods import title_of
 
-    assert _method(folder) == method
+    assert title_of(folder) == method

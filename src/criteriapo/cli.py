@@ -202,7 +202,8 @@ def _stage_summary(name: str, result) -> None:
 
 def _claimed(args: argparse.Namespace, command: str):
     """The config, and the run folder owned by this run (see criteriapo.resume.claim_run_folder)."""
-    from criteriapo.resume import claim_run_folder, stage_dirs
+    from criteriapo.resume import claim_run_folder
+    from criteriapo.stages.methods import stage_dirs
 
     cfg = _config(args)
     return cfg, claim_run_folder(Path(cfg.output_dir), stage_dirs(cfg, command), args.resume, args.overwrite)
@@ -239,14 +240,11 @@ def _kto(args: argparse.Namespace) -> None:
     _dpo(args, "kto")
 
 
-def _method(stage: str) -> str:
-    """What a preference stage's folder name says it trained: ORPO, KTO, or DPO (and its variants)."""
-    return {"orpo": "ORPO", "kto": "KTO"}.get(stage.partition("-")[0], "DPO")
-
-
 def _preference_table(before, after, name: str = "dpo", method: str | None = None) -> None:
+    from criteriapo.stages.methods import title_of
+
     table = Table(title=f"{name}: held-out preference ({after.pairs} pairs)")
-    method = method or _method(name)
+    method = method or title_of(name)
     for col in ("", f"before {method}", f"after {method}"):
         table.add_column(col, justify="right")
     if after.reward_accuracy is not None:  # what DPO optimises: the reward against the reference
@@ -268,14 +266,15 @@ def _preference_table(before, after, name: str = "dpo", method: str | None = Non
 
 def _pipeline(args: argparse.Namespace) -> None:
     from criteriapo.pipeline import run_pipeline
+    from criteriapo.stages.methods import method_of
 
     cfg, claim = _claimed(args, "pipeline")
     with claim:
         r = run_pipeline(cfg, resume=args.resume)
     for name, stage in r.dpo.items():
         if stage.before and stage.after:
-            _preference_table(stage.before, stage.after, name, _method(cfg.dpo.folder(None)))
-    method = _method(cfg.dpo.folder(None))
+            _preference_table(stage.before, stage.after, name, method_of(cfg.dpo).title)
+    method = method_of(cfg.dpo).title
     for g in r.generations:
         console.print(f"\n[bold]prompt:[/] {g['prompt']}", highlight=False)
         for key, reply in g.items():

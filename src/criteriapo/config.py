@@ -161,16 +161,6 @@ class DPOConfig:
     condition_on_criterion: bool = False
     criteria_data: CriteriaDataConfig = field(default_factory=CriteriaDataConfig)
 
-    @property
-    def one_stage(self) -> bool:
-        """ORPO trains from the base model in one stage: no SFT before it, no reference."""
-        return self.loss_type == "orpo"
-
-    def folder(self, recipe: str | None) -> str:
-        """The stage's folder under output_dir: ``dpo`` (``orpo``), or ``dpo-RECIPE``."""
-        name = self.loss_type if self.loss_type in ("orpo", "kto") else "dpo"
-        return f"{name}-{recipe}" if recipe else name
-
 
 @dataclass
 class EvalConfig:

@@ -20,6 +20,7 @@ from criteriapo.generation import chat_messages, generate_batch
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.stages.common import StageResult
 from criteriapo.stages.data import data_paths
+from criteriapo.stages.methods import method_of
 from criteriapo.stages.preference import check_choices, preflight_dpo, run_dpo
 from criteriapo.stages.sft import run_sft
 
@@ -120,8 +121,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     barrier(world)
     preflight_dpo(cfg)
     t_data = time.perf_counter()
-    # ORPO starts from the base model in one stage; DPO from the SFT model
-    sft = None if cfg.dpo.one_stage else run_sft(cfg, run_dir=out / "sft", resume=resume)
+    # DPO and KTO start from the SFT model; ORPO from the base model, in one stage
+    method = method_of(cfg.dpo)
+    sft = run_sft(cfg, run_dir=out / "sft", resume=resume) if method.after_sft else None
     trust = cfg.model.trust_remote_code
     start = sft.model_dir if sft else resolve_model(cfg.model.name_or_path, trust_remote_code=trust).path
     spec = str(sft.model_dir) if sft else cfg.model.name_or_path  # what the stage's card and checkpoint name
@@ -130,8 +132,7 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
     # or with dpo.ref_cache false one dict shared here)
     ref_cache: dict | None = None if cfg.dpo.ref_cache else {}
     dpo = {
-        r or cfg.dpo.folder(None): run_dpo(cfg, spec, out / cfg.dpo.folder(r), r, ref_cache, resume)
-        for r in recipes
+        r or method.name: run_dpo(cfg, spec, out / method.folder(r), r, ref_cache, resume) for r in recipes
     }
     t_train = time.perf_counter()
     if not world.main:  # generation and evaluation run on rank 0

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from criteriapo.config import Config, resume_free_keys, to_dict
-from criteriapo.criteria.pairs import RECIPES
 from criteriapo.distributed import World, barrier
 from criteriapo.errors import CriteriaPOError
 from criteriapo.fsutil import run_lock
@@ -28,18 +27,6 @@ FREE_KEYS = resume_free_keys()
 
 class FinishedRun(CriteriaPOError):
     """A new run would replace a finished one's model."""
-
-
-def stage_dirs(cfg: Config, command: str) -> list[Path]:
-    """The stage folders that ``criteriapo COMMAND`` (sft, dpo or pipeline) writes under output_dir."""
-    out = Path(cfg.output_dir)
-    recipes = list(RECIPES) if cfg.dpo.recipe == "all" else [cfg.dpo.recipe]
-    dpo = [out / cfg.dpo.folder(r) for r in recipes]
-    if command == "sft":
-        return [out / "sft"]
-    if command in ("dpo", "orpo", "kto"):
-        return [out / cfg.dpo.folder(cfg.dpo.recipe if cfg.dpo.recipe != "all" else None)]
-    return dpo if cfg.dpo.one_stage else [out / "sft", *dpo]
 
 
 @contextlib.contextmanager

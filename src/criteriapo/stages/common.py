@@ -15,7 +15,7 @@ import yaml
 
 from criteriapo.config import Config, DPOConfig, SFTConfig, to_dict
 from criteriapo.criteria.pairs import RecipeOptions
-from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, assign_kl
+from criteriapo.data.tokenize import ChatTokenizer
 from criteriapo.distributed import (
     World,
     all_sum,
@@ -35,6 +35,7 @@ from criteriapo.models.lora import apply_lora, for_export, trainable_parameters
 from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
 from criteriapo.resume import FINISHED, guard_unfinished, record_finished, stage_checkpointer
 from criteriapo.stages.data import tokenized
+from criteriapo.stages.methods import method_of
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
@@ -94,22 +95,18 @@ def prepare(
     ):
         (run_dir / stale).unlink(missing_ok=True)
     barrier(world)
-    unpaired = kind == "dpo" and stage.loss_type == "kto"
-    data_kind = "sft" if kind == "sft" else "unpaired" if unpaired else "preference"
+    method = method_of(stage) if kind == "dpo" else None
+    data_kind = method.data_kind if method else "sft"
     ropts = recipe_options(stage) if recipe else None
     report = run_dir if world.main else None  # one report, from rank 0
     made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
     train = tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made)
     evals = tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made)
-    if unpaired:  # each example's mismatched completion for the KL estimate, fixed by the seed
-        opts = TokenizeOptions(
-            stage.data.max_length, stage.data.max_prompt_length, stage.data.truncation_mode
-        )
-        for i, examples in enumerate((train, evals)):
-            assign_kl(examples, stage.train.seed + i, opts)
+    if method is not None:
+        method.prepare(train, evals, stage)
     seed_everything(stage.train.seed)
     model, precision = _load_for_training(cfg, source, stage, kind, world)
-    probe = [e.as_pair() for e in train[:8]] if unpaired else train
+    probe = method.as_pairs(train[:8]) if method else train
     packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
         model = shard(model, fsdp_dtype(precision))

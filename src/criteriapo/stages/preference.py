@@ -23,7 +23,7 @@ from criteriapo.distributed import (
 )
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import PreferenceEval, preference_eval
-from criteriapo.losses.dpo import LOSSES, loss_spec
+from criteriapo.losses.dpo import loss_spec
 from criteriapo.models import load_model, load_tokenizer
 from criteriapo.models.loading import ModelSource
 from criteriapo.models.lora import adapters_off, is_lora
@@ -40,43 +40,20 @@ from criteriapo.stages.common import (
     train_and_export,
 )
 from criteriapo.stages.data import CRITERIA_BUILTINS, tokenized
+from criteriapo.stages.methods import check_method, method_of
 from criteriapo.tracking.progress import work_progress
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.precision import Precision
-from criteriapo.train.tasks import DPOTask, KTOTask, PairScores, score_pairs
+from criteriapo.train.tasks import DPOTask, PairScores, score_pairs
 
 log = logging.getLogger(__name__)
 
 
 def check_choices(cfg: Config) -> Config:
-    """The settings whose allowed values come from the registries (losses, recipes), checked as soon
-    as a config is read: :meth:`Config.validate` checks the rest, below them."""
-    d = cfg.dpo
-    if d.loss_type == "kto":  # unpaired: its own task, no pair loss
-        if d.reference_free:
-            raise ConfigError(
-                "dpo.reference_free: KTO's rewards are log-ratios against a reference; set it false"
-            )
-        if d.recipe:
-            raise ConfigError(
-                "dpo.recipe builds pairs from multi-criteria data; KTO reads unpaired rows or pairs"
-            )
-        for key, value in (("rpo_alpha", d.rpo_alpha), ("label_smoothing", d.label_smoothing or None)):
-            if value is not None:
-                raise ConfigError(f"dpo.{key}: a setting of the paired losses, which KTO has no use for")
-        return cfg
-    if d.loss_type not in LOSSES:
-        choices = ", ".join([*LOSSES, "kto"])
-        raise ConfigError(f"dpo.loss_type: unknown loss {d.loss_type!r}; choose one of {choices}")
-    spec = loss_spec(cfg.dpo.loss_type)
-    if spec.reference_free and d.ref_model:
-        raise ConfigError(f"dpo.ref_model: {d.loss_type} uses no reference model; leave it unset")
-    if spec.chosen_nll and cfg.dpo.rpo_alpha:
-        raise ConfigError(
-            f"dpo.rpo_alpha: {cfg.dpo.loss_type} has the chosen replies' NLL in its loss already (weight "
-            f"{spec.chosen_nll}); leave rpo_alpha unset"
-        )
+    """The settings whose allowed values come from the registries (methods, losses), and those the
+    method cannot use, checked as soon as a config is read: :meth:`Config.validate` checks the rest."""
+    check_method(cfg.dpo)
     return cfg
 
 
@@ -92,9 +69,7 @@ def preflight_dpo(cfg: Config) -> None:
         ropts = recipe_options(d) if recipe else None
         for files in (d.data.train, d.data.eval):
             given = [f for f in files if f.removeprefix("builtin:") not in CRITERIA_BUILTINS]
-            tokenized(
-                d.data, given, "unpaired" if d.loss_type == "kto" else "preference", chat, None, recipe, ropts
-            )
+            tokenized(d.data, given, method_of(d).data_kind, chat, None, recipe, ropts)
 
 
 def references(
@@ -237,7 +212,8 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
     the trainer's final evaluation scored every held-out pair with the trained weights."""
     d, prep = cfg.dpo, s.prep
     pad, vocab = prep.tokenizer.pad_token_id, prep.model.get_output_embeddings().weight.shape[0]
-    cls = KTOTask if d.loss_type == "kto" else DPOTask
+    method = method_of(d)
+    cls = method.task
     task = cls(d, pad, vocab, reference=refs.train, ref_model=refs.model, packing=prep.packing)
     evals = prep.evals
     eval_task = (
@@ -247,7 +223,7 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
     reference = None if task.reference_free else reference
 
     def results(metrics: dict[str, float]) -> dict[str, Any]:
-        if not evals or cls is KTOTask:  # KTO's evaluation: its loss and metrics (eval/ in metrics.jsonl)
+        if not evals or method.data_kind != "preference":  # KTO's: its loss and metrics (eval/...)
             return {}
         before = preference_eval(refs.start_eval, evals, reference, d.beta)
         after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta)
@@ -258,8 +234,8 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
         task,
         prep.train,
         evals,
-        label=f"{d.folder(None)} ({d.loss_type})",
-        method=method_name(d, recipe),
+        label=f"{method.name} ({d.loss_type})",
+        method=method.describe(d, recipe),
         eval_task=eval_task,
         notes=[f"Reference model: {reference_note(d, task)}"],
         extra_state=refs.state(),
@@ -285,7 +261,8 @@ def run_dpo(
         raise ConfigError(
             "dpo.recipe: all trains one model per recipe: use `criteriapo pipeline`, or pick one"
         )
-    run_dir = Path(run_dir or Path(cfg.output_dir) / d.folder(recipe))
+    method = method_of(d)
+    run_dir = Path(run_dir or Path(cfg.output_dir) / method.folder(recipe))
     s = begin(cfg, model_spec, d, "dpo", run_dir, recipe, resume)
     if s.done is not None:
         before, after = (PreferenceEval(**s.done[k]) if s.done.get(k) else None for k in ("before", "after"))
@@ -294,26 +271,14 @@ def run_dpo(
     _check_ref_vocabulary(cfg, model_spec, s.prep.tokenizer)
     t1 = time.perf_counter()
     # scored and cached as pairs; KTO's as its completions, then its KL completions
-    train, evals = (
-        [e.as_pair() for e in x] if d.loss_type == "kto" else x for x in (s.prep.train, s.prep.evals)
-    )
+    train, evals = method.as_pairs(s.prep.train), method.as_pairs(s.prep.evals)
     refs = _score_references(cfg, s, train, evals, ref_cache)
     t2 = time.perf_counter()
     plan = _plan(cfg, s, refs, recipe)
-    name = d.folder(None)  # dpo, orpo or kto: the model card's and the tracker's run name
-    model_dir, metrics, results, seconds = train_and_export(cfg, d, name, run_dir, s, plan)
+    model_dir, metrics, results, seconds = train_and_export(cfg, d, method.name, run_dir, s, plan)
     before, after = (PreferenceEval(**results[k]) if k in results else None for k in ("before", "after"))
     times = {"prepare": t1 - s.t0, "reference": t2 - t1, **seconds}
     return StageResult(run_dir, model_dir, metrics, times, before, after)
-
-
-def method_name(d: DPOConfig, recipe: str | None) -> str:
-    if d.loss_type == "kto":
-        weights = f"desirable_weight {d.desirable_weight}, undesirable_weight {d.undesirable_weight}"
-        return f"KTO (beta {d.beta}, {weights})"
-    if d.loss_type == "orpo":
-        return f"ORPO (beta {d.beta}, no reference)"
-    return f"DPO (loss_type {d.loss_type}, beta {d.beta}" + (f", recipe {recipe})" if recipe else ")")
 
 
 def saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
