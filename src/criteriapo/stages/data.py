@@ -67,6 +67,10 @@ def builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
     return folder
 
 
+def tokenize_options(data: DataConfig) -> TokenizeOptions:
+    return TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+
+
 def tokenized(
     data: DataConfig,
     files: list[str],
@@ -96,5 +100,5 @@ def tokenized(
     )
     if not examples:
         raise ConfigError(f"the {recipe} recipe built no pairs from {', '.join(files)}")
-    opts = TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+    opts = tokenize_options(data)
     return tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from criteriapo.config import Config, DPOConfig
 from criteriapo.criteria.pairs import RECIPES
-from criteriapo.data.tokenize import TokenizedUnpaired, TokenizeOptions, assign_kl
+from criteriapo.data.tokenize import TokenizedUnpaired, assign_kl
 from criteriapo.errors import ConfigError
 from criteriapo.losses.dpo import LOSSES, loss_spec
+from criteriapo.stages.data import tokenize_options
 from criteriapo.train.tasks import DPOTask, KTOTask
 
 
@@ -31,7 +32,7 @@ class Method:
     def prepare(self, train: list, evals: list, d: DPOConfig) -> None:
         """After tokenizing: KTO gives each example its mismatched completion (fixed by the seed)."""
         if self.data_kind == "unpaired":
-            opts = TokenizeOptions(d.data.max_length, d.data.max_prompt_length, d.data.truncation_mode)
+            opts = tokenize_options(d.data)
             for i, examples in enumerate((train, evals)):
                 assign_kl(examples, d.train.seed + i, opts)
 

@@ -251,30 +251,29 @@ class KTOTask:
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"examples": batch["index"].shape[0]}
 
+    def _reference(self, rows: dict[str, torch.Tensor], index: torch.Tensor, kl: bool) -> torch.Tensor:
+        """The reference's log-probs of the completions (or, with ``kl``, the KL completions) of a
+        batch's ``rows``: precomputed (the rejected side holds the KL completions), or scored."""
+        if self.reference is not None:
+            scores = self.reference.rejected if kl else self.reference.chosen
+            return scores[index.cpu()].to(rows["input_ids"].device)
+        with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
+            return batch_logps(self.ref_model, rows, index.shape[0]).logps
+
     @torch.no_grad()
     def step_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """This micro-batch's share of the KL estimate: the sum of the KL completions' log-ratios."""
-        b = batch["index"].shape[0]
+        """This micro-batch's share of the KL estimate: the sum of the KL completions' log-ratios
+        (divided by the step's example count, one KL completion each, in :meth:`loss`)."""
         kl = {k.removeprefix("kl_"): v for k, v in batch.items() if k.startswith("kl_")}
-        policy = batch_logps(model, kl, b).logps
-        if self.reference is not None:
-            ref = self.reference.rejected[batch["index"].cpu()].to(policy.device)
-        else:
-            with adapters_off(self.ref_model):  # a LoRA policy is its own reference
-                ref = batch_logps(self.ref_model, kl, b).logps
-        return {"kl_sum": float((policy - ref).sum()), "kl_count": float(b)}
+        policy = batch_logps(model, kl, batch["index"].shape[0]).logps
+        return {"kl_sum": float((policy - self._reference(kl, batch["index"], kl=True)).sum())}
 
     def loss(self, model, batch, totals):
         b = batch["index"].shape[0]
         out = batch_logps(model, batch, b)
-        if self.reference is not None:
-            ref = self.reference.chosen[batch["index"].cpu()].to(out.logps.device)
-        else:
-            with torch.no_grad(), adapters_off(self.ref_model):
-                ref = batch_logps(self.ref_model, batch, b).logps
         labels = batch["label"]
-        logratios = out.logps - ref
-        z = torch.tensor(max(0.0, totals["kl_sum"] / totals["kl_count"]), device=out.logps.device)
+        logratios = out.logps - self._reference(batch, batch["index"], kl=False)
+        z = torch.tensor(max(0.0, totals["kl_sum"] / totals["examples"]), device=out.logps.device)
         loss = kto_losses(logratios, labels, z, self.params).sum() / totals["examples"]
         rewards_ = (self.params.beta * logratios).detach()
         ntok = out.num_tokens.float()
