@@ -1,4 +1,5 @@
-"""A run folder's lock: held by one process, stale when its owner is gone, cleaned up on the way out."""
+"""A run folder's lock: held by one process, stale when its owner is gone, cleaned up on the way out;
+and the one atomic way a folder is written."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import pytest
 
-from criteriapo.fsutil import RUN_LOCK, FolderInUse, run_lock
+from criteriapo.fsutil import RUN_LOCK, FolderInUse, atomic_dir, run_lock
 
 
 def test_the_lock_names_its_owner_and_goes_with_the_run(tmp_path):
@@ -50,3 +51,19 @@ def test_a_held_lock_refuses_a_second_owner(tmp_path):
             os._exit(4)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_an_atomic_folder_replaces_the_old_one_whole_or_not_at_all(tmp_path):
+    dest = tmp_path / "model"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("first")
+        assert not dest.exists()  # nothing shows until the block ends
+    assert (dest / "a.txt").read_text() == "first"
+    with pytest.raises(OSError, match="disk full"), atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise OSError("disk full")
+    assert (dest / "a.txt").read_text() == "first"  # the old folder untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left behind
+    with atomic_dir(dest) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]

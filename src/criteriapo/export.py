@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from safetensors import SafetensorError
 
 import criteriapo
 from criteriapo.errors import CriteriaPOError
-from criteriapo.fsutil import plain_modes, publish_dir, staging_dir, write_error
+from criteriapo.fsutil import atomic_dir, plain_modes, write_error
 from criteriapo.models.refcache import record_digests
 
 
@@ -159,20 +158,16 @@ def export_model(model: Any, tokenizer: Any, out_dir: Path, card: ModelCard) -> 
     """Write config, model.safetensors, tokenizer files, chat template, generation config and
     README.md into ``out_dir``, atomically (a temporary folder renamed into place)."""
     out_dir = Path(out_dir)
-    tmp = None
     try:
-        tmp = staging_dir(out_dir)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if not (tmp / "generation_config.json").exists() and getattr(model, "generation_config", None):
-            model.generation_config.save_pretrained(tmp)  # an adapter folder keeps its base's settings
-        tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
-        plain_modes(tmp)  # model.safetensors comes out 0600 from its temporary file
-        publish_dir(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if not (tmp / "generation_config.json").exists() and getattr(model, "generation_config", None):
+                model.generation_config.save_pretrained(tmp)  # an adapter folder keeps its base's settings
+            tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(card.render(out_dir.resolve()), encoding="utf-8")
+            plain_modes(tmp)  # model.safetensors comes out 0600 from its temporary file
         record_digests(out_dir)  # the reference cache's key of this folder, while its bytes are warm
     except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
         kept = " (the previous model folder there is untouched)" if out_dir.exists() else ""
         raise ExportError(f"could not write the model folder {out_dir}: {write_error(e)}{kept}") from e
     return out_dir

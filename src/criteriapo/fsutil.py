@@ -161,6 +161,20 @@ def publish_dir(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: Path) -> Iterator[Path]:
+    """The one way a folder is written: fill the staging folder this yields (beside ``dest``); when
+    the block ends normally it replaces ``dest`` in one step (:func:`publish_dir`). When the block or
+    the publication raises, the staging folder is removed and ``dest`` is as it was."""
+    tmp = staging_dir(dest)
+    try:
+        yield tmp
+        publish_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_error(e: BaseException) -> str:
     """What went wrong in a failed write, in a user's words: "No space left on device (OSError)"."""
     if isinstance(e, OSError) and e.strerror:

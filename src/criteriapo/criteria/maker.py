@@ -24,7 +24,7 @@ from criteriapo.criteria.edits import looping, plain_sentences, satisfy, satisfy
 from criteriapo.criteria.library import Criterion, parse_criterion
 from criteriapo.criteria.phrasing import phrase_criterion, phrase_prompt, phrase_task
 from criteriapo.criteria.quality import AS_ASKED, UNASKED, acceptable, repeated_span, unasked_format
-from criteriapo.fsutil import cache_dir, publish_dir, staging_dir
+from criteriapo.fsutil import atomic_dir, cache_dir
 
 LOOP_DECOYS = 1 / 3  # of the decoys, the share that loop instead of showing an unasked format
 TOPICS = [
@@ -326,11 +326,10 @@ def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOpti
     sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
     decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
     rows = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
-    tmp = staging_dir(out_dir)
-    for split in ("heldout", "train"):
-        lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
-        (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    publish_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for split in ("heldout", "train"):
+            lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
+            (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     counts = {split: sum(d.split == split for d in drawn) for split in ("train", "heldout")}
     return counts | {
         "completions": sum(len(r["completions"]) for r in rows),

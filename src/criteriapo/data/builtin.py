@@ -13,7 +13,7 @@ import json
 import random
 from pathlib import Path
 
-from criteriapo.fsutil import cache_dir, publish_dir, staging_dir
+from criteriapo.fsutil import atomic_dir, cache_dir
 
 FACTS = [
     ("What is the capital of France?", "Paris", "The capital of France is Paris."),
@@ -162,8 +162,7 @@ def builtin_path(name: str, seed: int = 0) -> Path:
     ]  # a changed maker, a new folder
     folder = cache_dir() / "data" / f"builtin-seed{seed}-{digest}"
     if not folder.exists():
-        tmp = staging_dir(folder)
-        for key, text in files.items():
-            (tmp / f"{key}.jsonl").write_text(text, encoding="utf-8")
-        publish_dir(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            for key, text in files.items():
+                (tmp / f"{key}.jsonl").write_text(text, encoding="utf-8")
     return folder / f"{name}.jsonl"

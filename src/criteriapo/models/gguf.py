@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from criteriapo.errors import ModelLoadError
-from criteriapo.fsutil import cache_dir, file_lock, publish_dir, staging_dir
+from criteriapo.fsutil import atomic_dir, cache_dir, file_lock
 
 SOURCE_FILE = "criteriapo_source.json"  # written last into a converted folder: its presence = complete
 log = logging.getLogger(__name__)
@@ -39,16 +39,15 @@ def convert_gguf(gguf: Path, dest: Path, *, source: dict | None = None) -> Path:
         if is_complete(dest):  # another process finished it while we waited
             return dest
         t0 = time.perf_counter()
-        tmp = staging_dir(dest)
-        _write_folder(gguf, tmp)
-        meta = {
-            "gguf_file": str(gguf),
-            "gguf_bytes": gguf.stat().st_size,
-            "converted_in_s": round(time.perf_counter() - t0, 1),
-            **(source or {}),
-        }
-        (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        publish_dir(tmp, dest)
+        with atomic_dir(dest) as tmp:
+            _write_folder(gguf, tmp)
+            meta = {
+                "gguf_file": str(gguf),
+                "gguf_bytes": gguf.stat().st_size,
+                "converted_in_s": round(time.perf_counter() - t0, 1),
+                **(source or {}),
+            }
+            (tmp / SOURCE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         log.info("converted %s to %s in %.1f s", gguf.name, dest, time.perf_counter() - t0)
     return dest
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from criteriapo import faults
 from criteriapo.distributed import SINGLE, World, all_sum, barrier
 from criteriapo.errors import CriteriaPOError
-from criteriapo.fsutil import fsync_dir, publish_dir, staging_dir, write_error
+from criteriapo.fsutil import atomic_dir, fsync_dir, write_error
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +101,12 @@ class Checkpointer:
         weights, optim, layout = _gather(trainer)
         failure = None
         if self.world.main:
-            tmp = None
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                tmp = staging_dir(dest)
-                self._write(tmp, trainer, weights, optim, layout, extra or {})
-                faults.point("checkpoint-publish")
-                publish_dir(tmp, dest)
+                with atomic_dir(dest) as tmp:
+                    self._write(tmp, trainer, weights, optim, layout, extra or {})
+                    faults.point("checkpoint-publish")
             except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own
-                if tmp is not None:
-                    shutil.rmtree(tmp, ignore_errors=True)
                 kept = self.valid()
                 failure = CheckpointError(
                     f"could not write checkpoint {dest}: {write_error(e)}. "
