@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 from criteriapo.criteria.maker import draw_prompts
-from criteriapo.generation import _prefilled, generate_batch
+from criteriapo.generation import Sampling, generate_batch
+from criteriapo.generation.batch import _prefilled
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 
 
@@ -31,14 +33,16 @@ def main() -> None:
     source = resolve_model(args.model)
     model, tok = load_model(source.path), load_tokenizer(source.path)
     convs = [[{"role": "user", "content": d.text}] for d in draw_prompts(args.prompts, 5, 0.2)]
-    kw = {"max_new_tokens": 64, "temperature": 1.0, "top_p": 0.95}
+    hot = Sampling(max_new_tokens=64, temperature=1.0, top_p=0.95)
     k = args.samples
 
     def per_round(batch: int) -> int:
-        return sum(len(generate_batch(model, tok, convs, seed=s, batch_size=batch, **kw)) for s in range(k))
+        return sum(
+            len(generate_batch(model, tok, convs, replace(hot, seed=s), batch_size=batch)) for s in range(k)
+        )
 
     def shared(batch: int) -> int:
-        return len(generate_batch(model, tok, convs, samples=k, batch_size=batch, **kw))
+        return len(generate_batch(model, tok, convs, hot, samples=k, batch_size=batch))
 
     def transformers_sampler(batch: int) -> int:
         """The shared prompt, as generate_batch does it, but sampled by transformers' do_sample."""

@@ -158,7 +158,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from criteriapo.generation import chat_messages, generate
+    from criteriapo.generation import Sampling, chat_messages, generate
     from criteriapo.models import load_model, load_tokenizer, resolve_model
 
     prompt = args.prompt
@@ -171,14 +171,8 @@ def _generate(args: argparse.Namespace) -> None:
     model = load_model(source, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(source)
     messages = chat_messages(prompt, args.system)
-    reply = generate(
-        model,
-        tokenizer,
-        messages,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-    )
+    sampling = Sampling(args.max_new_tokens, args.temperature, seed=args.seed)
+    reply = generate(model, tokenizer, messages, sampling)
     console.print(f"[bold]user:[/] {prompt}", highlight=False)
     console.print(f"[bold]assistant ({args.model}):[/]", highlight=False)
     console.print(reply, highlight=False, markup=False)
@@ -300,13 +294,14 @@ CHAT_HELP = "/reset forgets the conversation, /system TEXT sets the system messa
 
 
 def _chat(args: argparse.Namespace) -> None:
-    from criteriapo.generation import stream_reply
+    from criteriapo.generation import ReplyStream, Sampling
     from criteriapo.models import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(args.model)
     model = load_model(source, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(source)
     system = args.system
+    sampling = Sampling(args.max_new_tokens, args.temperature, seed=args.seed)
     messages: list[dict] = []
     console.print(f"chatting with {args.model}; Ctrl-C stops a reply; {CHAT_HELP}", highlight=False)
     while True:
@@ -335,21 +330,25 @@ def _chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         console.print("[bold]assistant:[/] ", end="")
-        reply = stream_reply(
-            model,
-            tokenizer,
-            ([{"role": "system", "content": system}] if system else []) + messages,
-            lambda piece: console.out(piece, end="", highlight=False),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
-        if reply.stopped:
+        conversation = ([{"role": "system", "content": system}] if system else []) + messages
+        reply = _streamed(ReplyStream(model, tokenizer, conversation, sampling))
+        if reply.finish_reason == "interrupted":
             console.print(" [dim](stopped)[/]", end="")
         elif reply.cut_off:
             console.print(f" [dim](cut off at {args.max_new_tokens} tokens: --max-new-tokens)[/]", end="")
         console.print()
         messages.append({"role": "assistant", "content": reply.text})
+
+
+def _streamed(stream):
+    """Print a reply as it comes; Ctrl-C stops it, and what it said up to there is printed whole."""
+    try:
+        for piece in stream:
+            console.out(piece, end="", highlight=False)
+    except KeyboardInterrupt:
+        for piece in stream:  # the token being made when Ctrl-C came
+            console.out(piece, end="", highlight=False)
+    return stream.result()
 
 
 def build_parser() -> argparse.ArgumentParser:

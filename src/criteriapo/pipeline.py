@@ -16,7 +16,7 @@ from criteriapo.config import Config
 from criteriapo.criteria.pairs import RECIPES
 from criteriapo.data.loading import load_data
 from criteriapo.distributed import barrier, init_world
-from criteriapo.generation import chat_messages, generate_batch
+from criteriapo.generation import Sampling, chat_messages, generate_batch
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.stages.common import StageResult
 from criteriapo.stages.data import data_paths
@@ -52,7 +52,7 @@ def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str
     model = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
     tok, max_new_tokens = load_tokenizer(model_dir), cfg.eval.max_new_tokens
     conversations = [chat_messages(p) for p in prompts]
-    replies = generate_batch(model, tok, conversations, max_new_tokens=max_new_tokens, temperature=0.0)
+    replies = generate_batch(model, tok, conversations, Sampling(max_new_tokens))
     return [r.text for r in replies]
 
 

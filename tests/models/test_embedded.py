@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from criteriapo.generation import chat_messages, generate
+from criteriapo.generation import Sampling, chat_messages, generate
 from criteriapo.models import fetch_embedded, find_embedded, load_model, load_tokenizer, resolve_model
 from criteriapo.models.gguf import SOURCE_FILE
 
@@ -40,9 +40,9 @@ def test_any_name_of_the_default_resolves_to_it(smollm2_path, alias):
 
 def test_greedy_generation_is_fluent(smollm2_path):
     model, tok = load_model(smollm2_path, dtype="float32"), load_tokenizer(smollm2_path)
-    reply = generate(model, tok, chat_messages("What is the capital of France?"), max_new_tokens=24)
+    reply = generate(model, tok, chat_messages("What is the capital of France?"), Sampling(24))
     assert "Paris" in reply
-    reply = generate(model, tok, chat_messages("Name three primary colors."), max_new_tokens=40)
+    reply = generate(model, tok, chat_messages("Name three primary colors."), Sampling(40))
     assert sum(c in reply.lower() for c in ("red", "blue", "yellow", "green")) >= 2
 
 

@@ -198,7 +198,7 @@ def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> st
 def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> list[list[dict]]:
     """``opts.samples`` replies per prompt (``{"text", "cut_off"}``), from the disk cache when this
     model (by the digest of its files), these prompts and these settings were sampled before."""
-    from criteriapo.generation import generate_batch
+    from criteriapo.generation import Sampling, generate_batch
     from criteriapo.models import load_model, load_tokenizer
     from criteriapo.tracking.progress import work_progress
 
@@ -212,11 +212,8 @@ def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> 
             model,
             tok,
             convs,
+            Sampling(opts.max_new_tokens, opts.temperature, opts.top_p, seed=opts.seed * 1000),
             samples=opts.samples,
-            max_new_tokens=opts.max_new_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            seed=opts.seed * 1000,
             batch_size=opts.batch_size,
             progress=advance,
         )

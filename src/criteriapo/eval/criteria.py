@@ -23,6 +23,7 @@ from criteriapo.data.records import MultiCriteriaExample
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import preference_eval
+from criteriapo.generation import Sampling
 
 
 @dataclass
@@ -88,8 +89,8 @@ def evaluate_model(
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
         by_family[family(p.criterion)].append(nan if is_reference else float(ok))
-    g = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed, "batch_size": batch_size}
-    passes, samples, qualities = _judge_replies(name, model, tok, examples, g)
+    sampling = Sampling(max_new_tokens, temperature, top_p=0.95, seed=seed)  # top_p: when sampled
+    passes, samples, qualities = _judge_replies(name, model, tok, examples, sampling, batch_size)
     flat = [v for vs in passes.values() for v in vs]
     return ModelReport(
         name,
@@ -105,9 +106,9 @@ def evaluate_model(
 
 
 def _judge_replies(
-    name: str, model, tok, examples: list[MultiCriteriaExample], gen: dict
+    name: str, model, tok, examples: list[MultiCriteriaExample], sampling: Sampling, batch_size: int
 ) -> tuple[dict[str, list[float]], list[dict], list]:
-    """The model's replies to the held-out prompts (``gen``: generation settings), each judged by
+    """The model's replies to the held-out prompts, each judged by
     the checkers of its prompt's criteria and by the quality guards."""
     from criteriapo.generation import generate_batch
     from criteriapo.tracking.progress import work_progress
@@ -116,7 +117,7 @@ def _judge_replies(
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
     with work_progress(f"{name}: replying to held-out prompts", len(prompts)) as advance:
-        replies = generate_batch(model, tok, prompts, progress=advance, **gen)
+        replies = generate_batch(model, tok, prompts, sampling, batch_size=batch_size, progress=advance)
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
     asked = [_verifiable(e.metadata.get("criteria", e.criteria)) for e in examples]

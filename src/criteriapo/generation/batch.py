@@ -1,0 +1,185 @@
+"""Replies to many conversations at once, in left-padded batches, on ``model.generate``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from criteriapo.data.records import Message
+from criteriapo.generation.options import GREEDY, Sampling
+from criteriapo.generation.replies import ReplyText
+from criteriapo.generation.sampler import Sampler
+
+OnText = Callable[[int, str], None]  # (reply index, new text)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str = "stop"  # stop (end of turn or a stop string), length, interrupted
+
+    @property
+    def cut_off(self) -> bool:
+        """The token limit stopped it before the model ended its reply."""
+        return self.finish_reason == "length"
+
+
+def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The tokens that end a turn: the model's generation config's and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    conversations: list[list[Message]],
+    sampling: Sampling = GREEDY,
+    *,
+    samples: int = 1,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+    on_text: OnText | None = None,
+    interrupt: threading.Event | None = None,
+) -> list[Reply]:
+    """``samples`` replies per conversation (conversation-major: all of the first's, then the
+    second's, ...), generated in left-padded batches of about ``batch_size`` sequences as
+    ``sampling`` says; the same seed gives the same replies. Sampled draws come from
+    :class:`~criteriapo.generation.sampler.Sampler` with a generator of the batch's own (seeded
+    ``sampling.seed`` plus the batch's first conversation index), never the process's.
+    ``progress(n)`` is told of each ``n`` conversations answered; ``on_text(i, piece)`` of each
+    settled piece of reply ``i`` as it is generated; setting ``interrupt`` (from another thread)
+    ends every reply after the current token, as ``interrupted``.
+
+    With several samples, each prompt is computed once and its keys and values copied to its
+    samples (:func:`_prefilled`) instead of computing the same prompt ``samples`` times."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    eos = eos_ids(model, tokenizer)
+    per_batch = max(1, batch_size // samples)  # prompts per batch
+    out: list[Reply] = []
+    for start in range(0, len(conversations), per_batch):
+        chunk = conversations[start : start + per_batch]
+        enc = _left_padded(tokenizer, chunk, model.device)
+        settings: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        if not sampling.greedy:
+            g = torch.Generator(model.device).manual_seed(sampling.seed + start)
+            sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, g)
+            settings["logits_processor"] = LogitsProcessorList([sampler])
+        first = len(out)
+        watch = _Watch([ReplyText(tokenizer, eos, sampling.stop) for _ in range(len(chunk) * samples)])
+        watch.on_text = None if on_text is None else lambda i, piece, first=first: on_text(first + i, piece)
+        watch.interrupt = interrupt
+        with torch.inference_mode():
+            inputs = _prefilled(model, enc, samples) if samples > 1 else dict(enc)
+            model.generate(
+                **inputs,
+                max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([watch]),
+                **settings,
+            )
+        out.extend(watch.finish(sampling.max_new_tokens))
+        if progress is not None:
+            progress(len(chunk))
+        if interrupt is not None and interrupt.is_set():
+            break
+    return out
+
+
+class _Watch:
+    """``generate``'s stopping criterion that follows every row's new token: each row's text grows
+    in its :class:`ReplyText`, which ends the row at the end of turn or a stop string."""
+
+    def __init__(self, rows: list[ReplyText]):
+        self.rows = rows
+        self.on_text: OnText | None = None
+        self.interrupt: threading.Event | None = None
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        for i, (row, token) in enumerate(zip(self.rows, input_ids[:, -1].tolist(), strict=True)):
+            piece = row.add(token)
+            if piece and self.on_text is not None:
+                self.on_text(i, piece)
+        stopped = self.interrupt is not None and self.interrupt.is_set()
+        done = [stopped or row.finish is not None for row in self.rows]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, max_new_tokens: int) -> list[Reply]:
+        replies = []
+        for i, row in enumerate(self.rows):
+            if row.finish is None:
+                at_limit = len(row.ids) >= max_new_tokens
+                piece = row.end("length" if at_limit else "interrupted")
+                if piece and self.on_text is not None:
+                    self.on_text(i, piece)
+            replies.append(Reply(row.text.strip(), row.finish))
+        return replies
+
+
+def _left_padded(tokenizer: Any, conversations: list[list[Message]], device: Any) -> dict:
+    """The conversations' prompts, rendered by the chat template and padded on the left (where
+    generation needs the padding), without touching the tokenizer's own padding side."""
+    import torch
+
+    rows = [
+        list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
+        for c in conversations
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def _prefilled(model: Any, enc: Any, samples: int) -> dict:
+    """``generate``'s inputs for ``samples`` replies per prompt: every prompt but its last token run
+    once into a cache, the cache and the prompts repeated ``samples`` times; ``generate`` then
+    computes only the last prompt token onwards. Positions count from each prompt's first real
+    token, as ``generate`` counts them under left padding."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    repeated = {
+        "input_ids": ids.repeat_interleave(samples, dim=0),
+        "attention_mask": mask.repeat_interleave(samples, dim=0),
+    }
+    cache = DynamicCache(config=model.config)
+    if any(type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer) for layer in cache.layers):
+        return repeated  # state-space or linear-attention layers: their state is not copied here
+    if ids.shape[1] > 1:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, :-1]  # (P, T-1)
+        model(
+            input_ids=ids[:, :-1],
+            attention_mask=mask[:, :-1],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache.batch_repeat_interleave(samples)
+    return repeated | {"cache": cache}
+
+
+def generate(model: Any, tokenizer: Any, messages: list[Message], sampling: Sampling = GREEDY) -> str:
+    """The reply to one conversation."""
+    return generate_batch(model, tokenizer, [messages], sampling)[0].text
+
+
+def sample_batch(
+    model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling, **kw: Any
+) -> list[str]:
+    """The texts of :func:`generate_batch`."""
+    return [r.text for r in generate_batch(model, tokenizer, conversations, sampling, **kw)]

@@ -1,0 +1,53 @@
+"""A reply as its tokens arrive: decoded as it grows, shown only where the text is final, ended at
+the end of turn or before a stop string."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+FINISH_REASONS = ("stop", "length", "interrupted")  # end of turn or stop string; the token limit; stopped
+
+
+class ReplyText:
+    """One reply's tokens, text and end. :meth:`add` takes the next token and returns the text that
+    may be shown now: text that a later token could still change (a character whose bytes are not
+    all there, the start of a stop string) is held back until it is settled."""
+
+    def __init__(self, tokenizer: Any, eos_ids: Iterable[int], stop: tuple[str, ...] = ()):
+        self.tok, self.eos, self.stop = tokenizer, set(eos_ids), stop
+        self.ids: list[int] = []
+        self.text = ""  # the reply so far, up to (not including) a stop string
+        self.shown = 0  # characters of ``text`` handed out
+        self.finish: str | None = None
+
+    def add(self, token: int) -> str:
+        if self.finish is not None:
+            return ""  # generate pads a finished row until the batch ends
+        if token in self.eos:
+            self.finish = "stop"
+            return self._rest()
+        self.ids.append(token)
+        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        ends = [i for s in self.stop if (i := self.text.find(s)) >= 0]
+        if ends:
+            self.text, self.finish = self.text[: min(ends)], "stop"
+            return self._rest()
+        return self._settled()
+
+    def end(self, reason: str) -> str:
+        """The row stopped without an end of turn (``length`` or ``interrupted``): the held text."""
+        if self.finish is None:
+            self.finish = reason
+        return self._rest()
+
+    def _settled(self) -> str:
+        text = self.text.rstrip("\ufffd")  # a character split across tokens is not there yet
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = max(len(text) - held, self.shown)  # held: the end that begins a stop string
+        piece, self.shown = self.text[self.shown : safe], safe
+        return piece
+
+    def _rest(self) -> str:
+        piece, self.shown = self.text[self.shown :], len(self.text)
+        return piece

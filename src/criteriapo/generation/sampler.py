@@ -1,0 +1,31 @@
+"""The sampling step: one token per row, drawn from a generator of the call's own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Sampler:
+    """Temperature, top-k, top-p, then one token per row drawn by the exponential race: the argmax
+    of p_i / E_i with E_i ~ Exp(1) is distributed as the categorical p. It returns logits whose only
+    finite entry is the drawn token, so greedy decoding emits it. The draw is the one transformers'
+    sampling makes (temperature, then top-k, then top-p: a token is dropped when the more likely
+    ones already hold ``top_p`` of the mass), but over the k kept tokens only: ``torch.multinomial``
+    and the top-p sort over the whole vocabulary took a third of the sampling time on CPU."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float, generator: Any):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        logits = scores.float() / self.temperature
+        k = min(self.top_k, logits.shape[-1]) if self.top_k else logits.shape[-1]
+        top, index = logits.topk(k, dim=-1)  # (B, k), most likely first
+        probs = top.softmax(-1)
+        if self.top_p < 1.0:
+            before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+            probs = probs.masked_fill(before >= self.top_p, 0.0)  # the most likely one always stays
+        race = torch.empty_like(probs).exponential_(generator=self.generator)
+        drawn = index.gather(-1, (probs / race).argmax(-1, keepdim=True))  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
