@@ -23,7 +23,7 @@ from criteriapo.losses.logprobs import token_logps
 from criteriapo.rows.packing import attention_mask
 from criteriapo.rows.pairs import collate_pairs
 from criteriapo.train.optim import build_optimizer
-from criteriapo.train.tasks import score_pairs
+from criteriapo.train.scores import score_pairs
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
         t = time.perf_counter()
         lp, _ = token_logps(hidden.flatten(0, 1)[batch["src"]], head.weight, batch["target"])
         logps = torch.zeros(2 * b).index_add(0, batch["seq"], lp)
-        loss = loss_fn(LogPs(logps[:b], logps[b:], ref.chosen, ref.rejected), params).mean()
+        loss = loss_fn(LogPs(logps[:b], logps[b:], ref.chosen.logps, ref.rejected.logps), params).mean()
         times["loss"] = time.perf_counter() - t
         t = time.perf_counter()
         loss.backward()

@@ -145,7 +145,8 @@ def run_ours(args, model, tok, data) -> dict:
     from criteriapo.models.training import enable_activation_checkpointing
     from criteriapo.tracking.loggers import Loggers
     from criteriapo.train.loop import Trainer
-    from criteriapo.train.tasks import DPOTask, score_pairs
+    from criteriapo.train.scores import score_pairs
+    from criteriapo.train.tasks import DPOTask
 
     chat = ChatTokenizer(tok)
     opts = TokenizeOptions(max_length=None)

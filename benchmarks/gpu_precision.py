@@ -103,7 +103,8 @@ def _one_model(arch: str, setting: str, device, pairs) -> dict:
     from criteriapo.rows.pairs import collate_pairs
     from criteriapo.train.guard import ModelCheckError, check_logprobs
     from criteriapo.train.precision import resolve_precision
-    from criteriapo.train.tasks import DPOTask, score_pairs
+    from criteriapo.train.scores import score_pairs
+    from criteriapo.train.tasks import DPOTask
 
     prec = resolve_precision(
         {"fp32": "fp32", "bf16": "bf16-true", "bf16-mixed": "bf16-mixed"}[setting], torch.float32

@@ -46,7 +46,8 @@ def _dpo_variant(ctx: Context, v: dict, arch: str, length: int, batch: int, step
     from criteriapo.train.loop import Trainer
     from criteriapo.train.optim import BackwardAdamW
     from criteriapo.train.precision import resolve_precision
-    from criteriapo.train.tasks import DPOTask, score_pairs
+    from criteriapo.train.scores import score_pairs
+    from criteriapo.train.tasks import DPOTask
 
     cuda = ctx.device.type == "cuda"
     prec = resolve_precision(v["precision"], torch.bfloat16)

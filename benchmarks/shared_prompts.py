@@ -22,7 +22,8 @@ from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.models.training import disable_dropout
 from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.loop import Trainer
-from criteriapo.train.tasks import DPOTask, score_pairs
+from criteriapo.train.scores import score_pairs
+from criteriapo.train.tasks import DPOTask
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from criteriapo.data.records import RowRef
 from criteriapo.data.tokenize import TokenizedUnpaired, TokenizeOptions, assign_kl
 from criteriapo.errors import DataError
 from criteriapo.train.loop import _totals
-from criteriapo.train.tasks import KTOTask, PairScores
+from criteriapo.train.scores import PairScores, SequenceScores
+from criteriapo.train.tasks import KTOTask
 from tests.helpers import write_jsonl
 
 PROMPTS = ["What color is the sky?", "Name a prime number.", "Say hello in French.", "What is 2+2?"]
@@ -122,7 +123,7 @@ def trl_setup(tiny_llama_dir, smollm2_tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("reference", ["frozen model", "precomputed"])
 def test_loss_kl_and_metrics_match_trl(trl_setup, reference):
-    from criteriapo.train.tasks import score_pairs
+    from criteriapo.train.scores import score_pairs
 
     trainer, trl_batch, policy, ref, examples, tok = trl_setup
     policy.train()
@@ -158,7 +159,8 @@ def test_loss_kl_and_metrics_match_trl(trl_setup, reference):
 def test_kto_needs_a_reference():
     with pytest.raises(ValueError, match="needs reference scores or a reference model"):
         KTOTask(DPOConfig(loss_type="kto"), 0, 16)
-    scores = PairScores(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
+    side = SequenceScores(torch.zeros(1), torch.ones(1, dtype=torch.long))
+    scores = PairScores(side, side)
     assert KTOTask(DPOConfig(loss_type="kto"), 0, 16, reference=scores).reference is scores
 
 

@@ -8,11 +8,13 @@ import torch
 from criteriapo.data.records import RowRef
 from criteriapo.data.tokenize import TokenizedPair
 from criteriapo.eval.preference import preference_eval
-from criteriapo.train.tasks import PairScores
+from criteriapo.train.scores import PairScores, SequenceScores
 
 
 def scores(c, r, nc, nr) -> PairScores:
-    return PairScores(torch.tensor(c), torch.tensor(r), torch.tensor(nc), torch.tensor(nr))
+    return PairScores(
+        SequenceScores(torch.tensor(c), torch.tensor(nc)), SequenceScores(torch.tensor(r), torch.tensor(nr))
+    )
 
 
 def test_three_views_of_one_set_of_scores():

@@ -16,7 +16,8 @@ from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.loop import Trainer
 from criteriapo.train.precision import resolve_precision
-from criteriapo.train.tasks import DPOTask, score_pairs
+from criteriapo.train.scores import score_pairs
+from criteriapo.train.tasks import DPOTask
 from tests.train.test_loop import PAD, tiny_model, toy_pairs
 
 LORA = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
@@ -59,9 +60,9 @@ def test_reference_is_the_policy_with_adapters_off():
     with adapters_off(model):
         off = score_pairs(model, pairs, PAD)
     on = score_pairs(model, pairs, PAD)
-    torch.testing.assert_close(off.chosen, base_scores.chosen)  # the base never moved
-    assert not torch.allclose(on.chosen - on.rejected, off.chosen - off.rejected)  # the adapters did
-    assert float((on.chosen - on.rejected).mean()) > float((off.chosen - off.rejected).mean())
+    torch.testing.assert_close(off.chosen.logps, base_scores.chosen.logps)  # the base never moved
+    assert not torch.allclose(on.margins, off.margins)  # the adapters did
+    assert float(on.margins.mean()) > float(off.margins.mean())
 
 
 @pytest.mark.parametrize("keep_adapter", [False, True])

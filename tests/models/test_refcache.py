@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from criteriapo.models.refcache import ReferenceCache, file_digest, model_key
-from criteriapo.train.tasks import score_pairs
+from criteriapo.train.scores import score_pairs
 from tests.train.test_loop import PAD, tiny_model, toy_pairs
 
 
@@ -22,10 +22,12 @@ def test_a_second_run_reads_every_score_back_without_scoring(tmp_path):
     first.save()
     again = ReferenceCache(tmp_path / "ref.safetensors")
     got = score_pairs(tiny_model(1), pairs, PAD, cache=again)  # another model: only a cache hit gives want
-    assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)
-    assert torch.equal(got.chosen_tokens, want.chosen_tokens)
+    assert torch.equal(got.chosen.logps, want.chosen.logps) and torch.equal(
+        got.rejected.logps, want.rejected.logps
+    )
+    assert torch.equal(got.chosen.tokens, want.chosen.tokens)
     fresh = score_pairs(tiny_model(1), pairs, PAD)
-    assert not torch.equal(fresh.chosen, want.chosen)
+    assert not torch.equal(fresh.chosen.logps, want.chosen.logps)
 
 
 def test_new_sequences_are_added_to_the_file(tmp_path):

@@ -23,7 +23,8 @@ from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.guard import check_logprobs, packing_matches
 from criteriapo.train.loop import Trainer
 from criteriapo.train.precision import resolve_precision
-from criteriapo.train.tasks import DPOTask, score_pairs
+from criteriapo.train.scores import score_pairs
+from criteriapo.train.tasks import DPOTask
 from tests.zoo import VOCAB, ZOO, zoo_model
 
 PAD = 0

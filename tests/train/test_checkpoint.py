@@ -27,7 +27,7 @@ RUN = {"config": {"dpo": {"beta": 0.1, "optim": {"lr": 1e-3}}}, "data": "abc", "
 def trainer_with(folder, every=1, keep=2, run=RUN, **kw):
     t = dpo_trainer(tiny_model(), toy_pairs(16), micro=4, epochs=2, **kw)
     t.checkpointer = Checkpointer(folder, run, every=every, keep=keep)
-    t.extra_state = {"ref.chosen": torch.arange(4.0)}
+    t.extra_state = {"ref.chosen.logps": torch.arange(4.0)}
     return t
 
 
@@ -50,7 +50,7 @@ def test_restored_trainer_continues_bit_identically_and_old_checkpoints_rotate(t
     latest = resumed.checkpointer.latest()
     assert latest.step == 3
     extra = resumed.checkpointer.restore(resumed, latest)
-    assert torch.equal(extra["ref.chosen"], torch.arange(4.0))
+    assert torch.equal(extra["ref.chosen.logps"], torch.arange(4.0))
     assert resumed.state == straight.state and resumed.last_metrics == straight.last_metrics
     assert resumed.order.state_dict() == straight.order.state_dict()
     for _ in range(2):  # into the second epoch
@@ -238,3 +238,28 @@ def test_optimizer_settings_come_back_exactly(tmp_path):
     for i, st in a["state"].items():
         for k, v in st.items():
             assert torch.equal(v, b["state"][i][k]), (i, k)
+
+
+def test_a_checkpoint_keeps_the_tasks_reference_and_the_evaluation_returns_its_scores(tmp_path):
+    """The precomputed reference is the task's state, saved by the loop with every checkpoint and
+    read back by the stage on resume; the final evaluation returns the trained model's scores of
+    every eval pair, in pair order (the "after" figures)."""
+    from criteriapo.stages.preference import saved_scores
+    from criteriapo.train.scores import score_pairs
+    from tests.train.test_loop import PAD
+
+    pairs = toy_pairs(16)
+    t = dpo_trainer(tiny_model(), pairs, micro=4, epochs=1)
+    t.checkpointer = Checkpointer(tmp_path / "ck", RUN, every=1, keep=1)
+    t.train()
+    saved = saved_scores(t.checkpointer.latest())
+    assert set(saved) == {"train"}  # one task trains and evaluates: its reference is saved once
+    for side in ("chosen", "rejected"):
+        want = getattr(t.task.reference, side)
+        assert torch.equal(getattr(saved["train"], side).logps, want.logps)
+        assert torch.equal(getattr(saved["train"], side).tokens, want.tokens)
+    after = score_pairs(t.model, pairs, PAD)
+    torch.testing.assert_close(t.eval_scores.chosen.logps, after.chosen.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t.eval_scores.rejected.logps, after.rejected.logps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(t.eval_scores.chosen.tokens, after.chosen.tokens)
+    assert not torch.allclose(t.eval_scores.margins, t.task.reference.margins)  # trained, not the start

@@ -16,7 +16,8 @@ from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.batching import DataOrder
 from criteriapo.train.loop import NonFiniteError, Trainer
 from criteriapo.train.optim import lr_at
-from criteriapo.train.tasks import DPOTask, SFTTask, score_pairs
+from criteriapo.train.scores import score_pairs
+from criteriapo.train.tasks import DPOTask, SFTTask
 
 PAD = 0
 
@@ -281,9 +282,9 @@ def test_reference_cache_scores_each_sequence_once():
     swapped = [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.source) for p in pairs[:4]]
     again = score_pairs(model, swapped + pairs[4:], PAD, cache=cache)
     assert len(cache) == 12  # only the 2 new pairs were scored
-    torch.testing.assert_close(again.chosen[:4], first.rejected)
+    torch.testing.assert_close(again.chosen.logps[:4], first.rejected.logps)
     fresh = score_pairs(model, swapped + pairs[4:], PAD)
-    torch.testing.assert_close(again.chosen, fresh.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again.chosen.logps, fresh.chosen.logps, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "sigmoid", "ipo"])
@@ -301,7 +302,9 @@ def test_rewards_measure_what_the_loss_optimises(loss_type):
         _, sums = task.loss(model, batch, task.counts(batch))
         out = batch_logps(model, batch, 8)
     pc, pr, nc, nr = out.logps[:4], out.logps[4:], out.num_tokens[:4], out.num_tokens[4:]
-    rc, rr = (torch.zeros(4), torch.zeros(4)) if loss_type == "simpo" else (ref.chosen, ref.rejected)
+    rc, rr = (
+        (torch.zeros(4), torch.zeros(4)) if loss_type == "simpo" else (ref.chosen.logps, ref.rejected.logps)
+    )
     if loss_type == "simpo":
         pc, pr = pc / nc, pr / nr
     margins = 0.5 * ((pc - rc) - (pr - rr))

@@ -14,7 +14,8 @@ from criteriapo.tracking.loggers import Loggers
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.loop import Trainer
 from criteriapo.train.optim import BackwardAdamW
-from criteriapo.train.tasks import DPOTask, SFTTask, score_pairs
+from criteriapo.train.scores import score_pairs
+from criteriapo.train.tasks import DPOTask, SFTTask
 from tests.train.test_loop import PAD, tiny_model, toy_pairs, toy_sft
 
 RUN = {"config": {}, "data": "abc", "examples": 16}

@@ -24,7 +24,7 @@ from criteriapo.rows.packing import (
     sequence_segment,
 )
 from criteriapo.rows.pairs import collate_pairs
-from criteriapo.train.tasks import score_pairs
+from criteriapo.train.scores import score_pairs
 
 PAD = 0
 SMALL = {
@@ -233,7 +233,9 @@ def test_models_that_packing_would_get_wrong_fall_back_to_padding(caplog):
     assert "dpo.train.packing: off for this model" in caplog.text
     ps = pairs()  # reference scoring falls back by itself, and gives the windowed model's own scores
     got, want = score_pairs(windowed, ps, PAD, packing=True), score_pairs(windowed, ps, PAD, packing=False)
-    assert torch.equal(got.chosen, want.chosen) and torch.equal(got.rejected, want.rejected)
+    assert torch.equal(got.chosen.logps, want.chosen.logps) and torch.equal(
+        got.rejected.logps, want.rejected.logps
+    )
 
 
 def test_reference_scores_are_the_policys_own_at_step_one():
@@ -243,4 +245,6 @@ def test_reference_scores_are_the_policys_own_at_step_one():
     ref = score_pairs(lm, ps, PAD, micro_batch_size=len(ps))
     lm.train()
     out = batch_logps(lm, collate_pairs(ps, range(len(ps)), PAD), 2 * len(ps))
-    assert torch.equal(out.logps[: len(ps)], ref.chosen) and torch.equal(out.logps[len(ps) :], ref.rejected)
+    assert torch.equal(out.logps[: len(ps)], ref.chosen.logps) and torch.equal(
+        out.logps[len(ps) :], ref.rejected.logps
+    )

@@ -60,7 +60,7 @@ def evaluate_model(
     from criteriapo.models import load_model, load_tokenizer, resolve_model
     from criteriapo.tracking.progress import work_progress
     from criteriapo.train.guard import guard_model
-    from criteriapo.train.tasks import score_pairs
+    from criteriapo.train.scores import score_pairs
 
     source = resolve_model(model_spec)
     is_reference = reference is not None and resolve_model(reference).path == source.path
@@ -83,9 +83,9 @@ def evaluate_model(
         _reference_scores(reference, (vanilla, fine), pad, batch_size, pack) if reference else (None, None)
     )
     overall = preference_eval(scores, vanilla, ref_scores, beta)
-    margin = fine_scores.chosen - fine_scores.rejected
+    margin = fine_scores.margins
     if ref_fine is not None:  # per criterion, what DPO optimises: the reward, not the sum
-        margin = margin - (ref_fine.chosen - ref_fine.rejected)
+        margin = margin - ref_fine.margins
     by_family: dict[str, list[float]] = defaultdict(list)
     for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
         by_family[family(p.criterion)].append(nan if is_reference else float(ok))
@@ -141,7 +141,7 @@ def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_
     against this reference."""
     from criteriapo.models import load_model, resolve_model
     from criteriapo.tracking.progress import work_progress
-    from criteriapo.train.tasks import score_pairs
+    from criteriapo.train.scores import score_pairs
 
     ids = tuple(tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in g) for g in groups)
     key = (reference, pack, ids)

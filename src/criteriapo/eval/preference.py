@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from criteriapo.data.tokenize import TokenizedPair
-from criteriapo.train.tasks import PairScores
+from criteriapo.train.scores import PairScores
 
 
 @dataclass
@@ -51,16 +51,14 @@ def preference_eval(
     reference: PairScores | None = None,
     beta: float = 0.1,
 ) -> PreferenceEval:
-    diff = scores.chosen - scores.rejected  # (N,)
+    diff = scores.margins  # (N,)
     correct = (diff > 0).float()
-    per_token = scores.chosen / scores.chosen_tokens.clamp(
-        min=1
-    ) - scores.rejected / scores.rejected_tokens.clamp(min=1)
+    per_token = scores.chosen.per_token - scores.rejected.per_token
     by = _by_criterion(pairs, correct.tolist())
     reward_acc = reward_margin = None
     reward_by: dict[str, float] = {}
     if reference is not None:
-        rewards = beta * (diff - (reference.chosen - reference.rejected))  # chosen minus rejected reward
+        rewards = beta * (diff - reference.margins)  # chosen minus rejected reward
         reward_acc, reward_margin = float((rewards > 0).float().mean()), float(rewards.mean())
         reward_by = _by_criterion(pairs, (rewards > 0).float().tolist())
     return PreferenceEval(

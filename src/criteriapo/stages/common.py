@@ -265,8 +265,9 @@ class Plan:
     eval_task: Any = None
     notes: list[str] = field(default_factory=list)
     extra_state: dict[str, Any] = field(default_factory=dict)  # tensors saved with every checkpoint
-    # after training, the stage's own results (kept in finished.json); it may add to the metrics
-    results: Callable[[dict[str, float]], dict[str, Any]] | None = None
+    # after training, the stage's own results (kept in finished.json) from the metrics (it may add
+    # to them) and the final evaluation's scores of the eval examples (the trainer's eval_scores)
+    results: Callable[[dict[str, float], Any], dict[str, Any]] | None = None
 
 
 def train_and_export(
@@ -296,7 +297,7 @@ def train_and_export(
         s.checkpointer.restore(trainer, s.latest)
     metrics = trainer.train()
     t1 = time.perf_counter()
-    results = plan.results(metrics) if plan.results else {}
+    results = plan.results(metrics, trainer.eval_scores) if plan.results else {}
     card = ModelCard(
         name=f"{Path(cfg.output_dir).name}-{name}",
         base_model=prep.source.spec,

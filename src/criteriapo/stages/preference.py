@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ from criteriapo.tracking.progress import work_progress
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.precision import Precision
-from criteriapo.train.tasks import DPOTask, PairScores, score_pairs
+from criteriapo.train.scores import PairScores, score_pairs
+from criteriapo.train.tasks import DPOTask
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +143,9 @@ class References:
     model: Any = None
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Saved with every checkpoint, so a resumed run scores nothing again."""
-        scores = {"start_eval": self.start_eval, "ref_train": self.train}
-        if self.eval is not self.start_eval:
-            scores["ref_eval"] = self.eval
-        return {
-            f"{name}.{k}": v for name, sc in scores.items() if sc is not None for k, v in vars(sc).items()
-        }
+        """Saved with every checkpoint beside the tasks' own state (their reference scores, see
+        ``DPOTask.state``), so a resumed run scores nothing again."""
+        return self.start_eval.state("start_eval") if self.start_eval is not None else {}
 
 
 def _score_references(
@@ -168,8 +165,8 @@ def _score_references(
         start_eval = saved.get("start_eval") or (
             score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision) if evals else None
         )
-    if "ref_train" in saved:
-        refs = References(start_eval, saved["ref_train"], saved.get("ref_eval", start_eval))
+    if "train" in saved:
+        refs = References(start_eval, saved["train"], saved.get("eval", start_eval))
     else:
         args = (
             cfg,
@@ -222,11 +219,11 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
     reference = refs.eval if refs.eval is not None else (None if d.ref_model else refs.start_eval)
     reference = None if task.reference_free else reference
 
-    def results(metrics: dict[str, float]) -> dict[str, Any]:
+    def results(metrics: dict[str, float], scores: PairScores | None) -> dict[str, Any]:
         if not evals or method.data_kind != "preference":  # KTO's: its loss and metrics (eval/...)
             return {}
         before = preference_eval(refs.start_eval, evals, reference, d.beta)
-        after = preference_eval(eval_task.scored(len(evals)), evals, reference, d.beta)
+        after = preference_eval(scores, evals, reference, d.beta)
         metrics.update({"eval/preference_accuracy": after.accuracy, "eval/logp_margin": after.margin})
         return {"before": before.as_dict(), "after": after.as_dict()}
 
@@ -282,14 +279,17 @@ def run_dpo(
 
 
 def saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
+    """The scores a checkpoint keeps: ``start_eval`` (the stage's), ``train`` and ``eval`` (the
+    training and evaluation tasks' precomputed references)."""
     if ckpt is None:
         return {}
     tensors = ckpt.tensors("extra.safetensors")
-    out = {}
-    for name in ("start_eval", "ref_train", "ref_eval"):
-        if f"extra.{name}.chosen" in tensors:
-            out[name] = PairScores(**{f.name: tensors[f"extra.{name}.{f.name}"] for f in fields(PairScores)})
-    return out
+    names = {
+        "start_eval": "extra.start_eval",
+        "train": "extra.task.reference",
+        "eval": "extra.eval_task.reference",
+    }
+    return {k: sc for k, name in names.items() if (sc := PairScores.from_state(tensors, name)) is not None}
 
 
 def reference_note(d: DPOConfig, task: DPOTask) -> str:

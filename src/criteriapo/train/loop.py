@@ -122,6 +122,7 @@ class Trainer:
         self._tensor_lr = any(isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups)
         self.state = TrainState()
         self.last_metrics: dict[str, float] = {}
+        self.eval_scores: Any = None  # the last evaluation's scores of the eval examples (task.evaluate)
         self.checkpointer, self.extra_state = checkpointer, extra_state or {}
         self.last_checkpoint: Path | None = None
         self._stop_signal: str | None = None
@@ -285,7 +286,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The task's loss and metrics over the whole eval set, prefixed ``eval/``."""
+        """The task's loss and metrics over the whole eval set, prefixed ``eval/``. A task with
+        ``evaluate`` also scores each example: kept, in example order, as ``eval_scores``."""
         self.model.eval()
         mbs = self.cfg.micro_batch_size
         task = self.eval_task
@@ -295,12 +297,19 @@ class Trainer:
         ]
         batches = [{k: v.to(self.device) for k, v in b.items()} for b in batches]
         totals = _totals(task, batches, self.model, self._autocast)
-        loss_total, sums = 0.0, {}
+        scoring = getattr(task, "evaluate", None)
+        loss_total, sums, scores = 0.0, {}, []
         for b in batches:
             with self._autocast():
-                loss, metrics = task.loss(self.model, b, totals)
+                if scoring is None:
+                    loss, metrics = task.loss(self.model, b, totals)
+                else:
+                    loss, metrics, batch_scores = scoring(self.model, b, totals)
+                    scores.append((b["index"], batch_scores))
             loss_total += float(loss)
             _accumulate(sums, metrics)
+        if scores:
+            self.eval_scores = type(scores[0][1]).in_order(scores)
         self.model.train()
         reshard(self.model)
         return {"eval/loss": loss_total, **{f"eval/{k}": s / c for k, (s, c) in sums.items() if c}}
@@ -311,8 +320,18 @@ class Trainer:
         if self.checkpointer is None:
             return None
         if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.state.step:08d}":
-            self.last_checkpoint = self.checkpointer.save(self, self.extra_state)
+            self.last_checkpoint = self.checkpointer.save(self, self._extra_state())
         return self.last_checkpoint
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps beyond the trainer's own state: the stage's ``extra_state`` and
+        what each task holds (``state()``: its precomputed reference), under ``task.``/``eval_task.``."""
+        out = dict(self.extra_state)
+        for name, task in (("task", self.task), ("eval_task", self.eval_task)):
+            state = getattr(task, "state", None)
+            if state is not None and (name == "task" or task is not self.task):
+                out.update({f"{name}.{k}": v for k, v in state().items()})
+        return out
 
     @contextlib.contextmanager
     def _stop_requests(self) -> Iterator[None]:

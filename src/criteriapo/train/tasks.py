@@ -8,22 +8,20 @@ Metrics come back as (sum, count) pairs and are averaged over the step by the lo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
-from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
 from criteriapo.losses.kto import KTOParams, kto_losses
-from criteriapo.losses.logprobs import SequenceLogps, batch_logps
+from criteriapo.losses.logprobs import batch_logps
 from criteriapo.models.lora import adapters_off
-from criteriapo.rows.packing import collate, packing_problem, sequence_segment
+from criteriapo.rows.packing import collate, sequence_segment
 from criteriapo.rows.pairs import collate_pairs, collate_sequences
-from criteriapo.train.precision import Precision, precision_of
+from criteriapo.train.scores import PairScores
 
 Metrics = dict[str, tuple[float, float]]  # name -> (sum, count)
 
@@ -45,6 +43,11 @@ class Task(Protocol):
     # optional: ``step_sums(model, batch) -> dict[str, float]``, sums over a micro-batch computed
     # without gradient before the step's forward and backward, added up over the step (and every
     # process) into ``totals`` (KTO's KL estimate)
+    # optional: ``evaluate(model, batch, totals) -> (loss, metrics, scores)``, the loss and metrics
+    # of an evaluation batch and its examples' scores (DPO's PairScores), which the loop's
+    # evaluation gathers in example order
+    # optional: ``state() -> dict[str, Tensor]``, what the task holds that a checkpoint must keep
+    # (its precomputed reference scores); the loop saves it under ``task.`` (``eval_task.``)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor], totals: dict[str, int]
@@ -81,20 +84,6 @@ class SFTTask:
         return loss, {"logps/token": (float(out.logps.detach().sum()), n)}
 
 
-@dataclass
-class PairScores:
-    """Per-pair log-probs (and token counts) of chosen and rejected under one model."""
-
-    chosen: torch.Tensor  # (N,)
-    rejected: torch.Tensor  # (N,)
-    chosen_tokens: torch.Tensor  # (N,)
-    rejected_tokens: torch.Tensor  # (N,)
-
-
-def split_scores(out: SequenceLogps, b: int) -> PairScores:
-    return PairScores(out.logps[:b], out.logps[b:], out.num_tokens[:b], out.num_tokens[b:])
-
-
 def reference_scores(
     batch: dict[str, torch.Tensor], reference: PairScores | None, ref_model: torch.nn.Module | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +93,7 @@ def reference_scores(
     device = batch["input_ids"].device
     if reference is not None:
         i = batch["index"].cpu()
-        return reference.chosen[i].to(device), reference.rejected[i].to(device)
+        return reference.chosen.logps[i].to(device), reference.rejected.logps[i].to(device)
     with torch.no_grad(), adapters_off(ref_model):  # a LoRA policy is its own reference
         out = batch_logps(ref_model, batch, 2 * b)
     return out.logps[:b], out.logps[b:]
@@ -131,8 +120,6 @@ class DPOTask:
         if not self.reference_free and reference is None and ref_model is None:
             raise ValueError("DPOTask needs reference scores or a reference model unless reference-free")
         self.reference, self.ref_model = reference, ref_model
-        # per pair (by index): policy log-probs and token counts from the last pass without gradient
-        self.scores: dict[int, tuple[float, float, int, int]] = {}
 
     def collate(self, examples: Sequence[TokenizedPair], indices: Sequence[int]) -> dict[str, torch.Tensor]:
         return collate_pairs(examples, indices, self.pad_id, self.packing)
@@ -144,10 +131,10 @@ class DPOTask:
         """A prompt's pairs: in one batch, the prompt and the replies they share are computed once."""
         return tuple(example.prompt_ids)
 
-    def scored(self, n: int) -> PairScores:
-        """Pairs 0..n-1 as scored by the last evaluation."""
-        c, r, nc, nr = zip(*(self.scores[i] for i in range(n)), strict=True)
-        return PairScores(torch.tensor(c), torch.tensor(r), torch.tensor(nc), torch.tensor(nr))
+    def state(self) -> dict[str, torch.Tensor]:
+        """The precomputed reference scores: saved with every checkpoint, so a resumed run scores
+        nothing again."""
+        return self.reference.state("reference") if self.reference is not None else {}
 
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         b = batch["index"].shape[0]
@@ -160,16 +147,16 @@ class DPOTask:
         return reference_scores(batch, self.reference, self.ref_model)
 
     def loss(self, model, batch, totals):
+        return self.evaluate(model, batch, totals)[:2]
+
+    def evaluate(self, model, batch, totals) -> tuple[torch.Tensor, Metrics, PairScores]:
+        """The loss and metrics of ``batch``, and the policy's scores of its pairs."""
         b = batch["index"].shape[0]
         out = batch_logps(model, batch, 2 * b)
-        s = split_scores(out, b)
-        x = LogPs(s.chosen, s.rejected, *self._reference(batch))  # summed over completion tokens
-        if not torch.is_grad_enabled():  # an evaluation: keep each pair's scores
-            for row in zip(batch["index"].tolist(), *(t.tolist() for t in vars(s).values()), strict=True):
-                self.scores[row[0]] = row[1:]
+        x = LogPs(out.logps[:b], out.logps[b:], *self._reference(batch))  # summed over completion tokens
         seen = x  # what the loss sees: per-token averages for ipo and simpo
         if self.spec.length_normalized:
-            nc, nr = s.chosen_tokens.clamp(min=1), s.rejected_tokens.clamp(min=1)
+            nc, nr = out.num_tokens[:b].clamp(min=1), out.num_tokens[b:].clamp(min=1)
             seen = LogPs(x.pc / nc, x.pr / nr, x.rc / nc, x.rr / nr)
         losses = self.spec.fn(seen, self.params)  # (B,)
         loss = (losses * batch["weight"]).sum() / totals["pairs"]
@@ -197,7 +184,7 @@ class DPOTask:
         if self.spec.metrics is not None:
             for name, v in self.spec.metrics(seen, self.params).items():
                 metrics[name] = (float(v.detach().sum()), n)
-        return loss, metrics
+        return loss, metrics, PairScores.of_batch(out, b)
 
 
 class KTOTask:
@@ -251,12 +238,16 @@ class KTOTask:
     def counts(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"examples": batch["index"].shape[0]}
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The precomputed reference scores (see :meth:`DPOTask.state`)."""
+        return self.reference.state("reference") if self.reference is not None else {}
+
     def _reference(self, rows: dict[str, torch.Tensor], index: torch.Tensor, kl: bool) -> torch.Tensor:
         """The reference's log-probs of the completions (or, with ``kl``, the KL completions) of a
         batch's ``rows``: precomputed (the rejected side holds the KL completions), or scored."""
         if self.reference is not None:
             scores = self.reference.rejected if kl else self.reference.chosen
-            return scores[index.cpu()].to(rows["input_ids"].device)
+            return scores.logps[index.cpu()].to(rows["input_ids"].device)
         with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
             return batch_logps(self.ref_model, rows, index.shape[0]).logps
 
@@ -285,67 +276,3 @@ class KTOTask:
             logit_count = float(ntok[mask].sum()) * self.vocab
             metrics[f"logits/{side}"] = (float(out.logits_sum[mask].sum()), logit_count)
         return loss, metrics
-
-
-SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
-
-
-@torch.no_grad()
-def score_pairs(
-    model: torch.nn.Module,
-    pairs: Sequence[TokenizedPair],
-    pad_id: int,
-    micro_batch_size: int = 8,
-    cache: dict[SequenceKey, tuple[float, int]] | None = None,
-    packing: bool = True,
-    precision: Precision | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> PairScores:
-    """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
-
-    Pairs are scored in the layout training gives them (with packing, one segment per pair), so at
-    step 1 the policy's log-probs equal these up to the packing of rows. Each sequence is kept once
-    under its tokens; with a ``cache`` shared between calls (for one model), a pair whose two
-    sequences were scored before is not scored again, e.g. across the recipes built from one dataset.
-    A prompt's pairs go into one micro-batch where they fit, so that its prompt and the replies its
-    pairs share are computed once.
-    ``precision`` is the policy's (its autocast): the reference must be scored as the policy computes.
-    ``progress(n)`` is told of each ``n`` pairs scored (those found in the cache first)."""
-    cache = {} if cache is None else cache
-    keys = [
-        [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
-        for side in ("chosen_ids", "rejected_ids")
-    ]
-    todo = [i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache]
-    rank = {prompt: r for r, prompt in enumerate(dict.fromkeys(tuple(pairs[i].prompt_ids) for i in todo))}
-    todo.sort(key=lambda i: rank[tuple(pairs[i].prompt_ids)])  # a prompt's pairs together: computed once
-    packing = packing and packing_problem(model.config) is None
-    if progress is not None and len(pairs) > len(todo):
-        progress(len(pairs) - len(todo))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    compute = (precision or precision_of(model, "auto")).context
-    for start in range(0, len(todo), micro_batch_size):
-        chunk = todo[start : start + micro_batch_size]
-        b = len(chunk)
-        batch = collate_pairs([pairs[i] for i in chunk], range(b), pad_id, packing)
-        with compute(device):
-            out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
-        logps, counts = out.logps.tolist(), out.num_tokens.tolist()
-        for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
-            cache.setdefault(keys[0][i], (logps[j], counts[j]))
-            cache.setdefault(keys[1][i], (logps[b + j], counts[b + j]))
-        if progress is not None:
-            progress(b)
-    model.train(was_training)
-    reshard(model)
-    (c_lp, c_n), (r_lp, r_n) = (
-        zip(*(cache[k] for k in side), strict=True) if pairs else ((), ()) for side in keys
-    )
-    return PairScores(
-        torch.tensor(c_lp, dtype=torch.float32),
-        torch.tensor(r_lp, dtype=torch.float32),
-        torch.tensor(c_n, dtype=torch.long),
-        torch.tensor(r_n, dtype=torch.long),
-    )
