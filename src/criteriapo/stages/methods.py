@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from criteriapo.config import Config, DPOConfig
 from criteriapo.criteria.pairs import RECIPES
-from criteriapo.data.tokenize import TokenizedUnpaired, assign_kl
+from criteriapo.data.tokenize import TokenizedPair, TokenizedUnpaired, assign_kl
 from criteriapo.errors import ConfigError
 from criteriapo.losses.dpo import LOSSES, loss_spec
 from criteriapo.stages.data import tokenize_options
@@ -28,17 +29,18 @@ class Method:
     after_sft: bool  # in the pipeline: from the SFT model; else one stage from the base model
     describe: Callable[[DPOConfig, str | None], str]  # the model card's method line
     refuse: Callable[[DPOConfig], str | None]  # a setting it cannot use, as a message, or None
+    # after tokenizing, the train and eval examples' finishing touch (KTO: their KL completions)
+    finish_examples: Callable[[list, list, DPOConfig], None] | None = None
+    # an example as the pair it is scored and cached as (KTO: its completion, then its KL completion)
+    pair_view: Callable[[Any], TokenizedPair] | None = None
 
     def prepare(self, train: list, evals: list, d: DPOConfig) -> None:
-        """After tokenizing: KTO gives each example its mismatched completion (fixed by the seed)."""
-        if self.data_kind == "unpaired":
-            opts = tokenize_options(d.data)
-            for i, examples in enumerate((train, evals)):
-                assign_kl(examples, d.train.seed + i, opts)
+        if self.finish_examples is not None:
+            self.finish_examples(train, evals, d)
 
     def as_pairs(self, examples: list) -> list:
-        """Scored and cached as pairs: KTO's as its completion, then its KL completion."""
-        return [e.as_pair() if isinstance(e, TokenizedUnpaired) else e for e in examples]
+        """The examples as the pairs they are scored and cached as."""
+        return examples if self.pair_view is None else [self.pair_view(e) for e in examples]
 
     def folder(self, recipe: str | None) -> str:
         return f"{self.name}-{recipe}" if recipe else self.name
@@ -71,6 +73,13 @@ def _describe_dpo(d: DPOConfig, recipe: str | None) -> str:
     return f"DPO (loss_type {d.loss_type}, beta {d.beta}" + (f", recipe {recipe})" if recipe else ")")
 
 
+def _assign_kl(train: list, evals: list, d: DPOConfig) -> None:
+    """Each example's mismatched completion, fixed by the seed."""
+    opts = tokenize_options(d.data)
+    for i, examples in enumerate((train, evals)):
+        assign_kl(examples, d.train.seed + i, opts)
+
+
 def _describe_kto(d: DPOConfig, recipe: str | None) -> str:
     weights = f"desirable_weight {d.desirable_weight}, undesirable_weight {d.undesirable_weight}"
     return f"KTO (beta {d.beta}, {weights})"
@@ -87,7 +96,17 @@ METHODS: dict[str, Method] = {
         lambda d, recipe: f"ORPO (beta {d.beta}, no reference)",
         _dpo_refuses,
     ),
-    "kto": Method("kto", "KTO", "unpaired", KTOTask, True, _describe_kto, _kto_refuses),
+    "kto": Method(
+        "kto",
+        "KTO",
+        "unpaired",
+        KTOTask,
+        True,
+        _describe_kto,
+        _kto_refuses,
+        _assign_kl,
+        TokenizedUnpaired.as_pair,
+    ),
 }
 
 
