@@ -191,3 +191,23 @@ def test_a_streamed_reply_can_be_stopped_from_another_thread(smollm2_tokenizer):
     rest = "".join(stream)
     stopped = stream.result()
     assert stopped.finish_reason == "interrupted" and (first + rest).strip() == stopped.text
+
+
+def test_requests_batched_together_each_get_the_reply_they_get_alone(smollm2_tokenizer):
+    """Settings per prompt, as a server batches separate requests: each row samples with its own
+    seed, temperature and limits and ends at its own stop strings, whatever shares its batch."""
+    tok = smollm2_tokenizer
+    model = zoo_model("llama", vocab_size=len(tok), initializer_range=0.5, init_std=0.5).eval()
+    asked = [
+        Sampling(max_new_tokens=5),
+        Sampling(max_new_tokens=9, temperature=1.0, seed=11),
+        Sampling(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=20, seed=3),
+    ]
+    together = generate_batch(model, tok, PROMPTS, asked)
+    alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(PROMPTS, asked, strict=True)]
+    assert together == alone
+    assert [r.tokens for r in together] == [5, 9, 7] and all(r.cut_off for r in together)
+    other_seed = generate_batch(
+        model, tok, PROMPTS[1:2], [Sampling(max_new_tokens=9, temperature=1.0, seed=12)]
+    )
+    assert other_seed[0].text != together[1].text

@@ -442,6 +442,45 @@ def _add_stage_commands(sub) -> None:
         s.set_defaults(func=func)
 
 
+def _add_serve_command(sub) -> None:
+    from criteriapo.serve.app import Limits
+
+    limits = Limits()
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (chat and text completions) on one model",
+        description="Serve MODEL over OpenAI's API: /v1/chat/completions (stream: true for server-sent "
+        "events), /v1/completions, /v1/models, /health. Concurrent requests are generated together.",
+    )
+    s.add_argument("model", help="model folder, .gguf file, embedded name (smollm2) or cached hub id")
+    s.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (default): this machine only")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("CRITERIAPO_API_KEY"),
+        help="clients must send Authorization: Bearer KEY (default: $CRITERIAPO_API_KEY; none)",
+    )
+    s.add_argument("--name", default=None, help="the model's id in the API (default: MODEL as given)")
+    s.add_argument("--max-batch", type=_positive_int, default=8, help="requests generated together")
+    s.add_argument("--max-queue", type=_positive_int, default=64, help="waiting requests before 429")
+    s.add_argument("--max-tokens", type=_positive_int, default=limits.max_tokens, help="per request")
+    s.add_argument("--max-prompt-tokens", type=_positive_int, default=limits.max_prompt_tokens)
+    s.add_argument("--max-body-bytes", type=_positive_int, default=limits.max_body_bytes)
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from criteriapo.serve.app import Limits
+    from criteriapo.serve.run import ServeOptions, serve
+
+    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens)
+    key = args.api_key or None  # an empty CRITERIAPO_API_KEY is no key
+    opts = ServeOptions(args.host, args.port, key, args.max_batch, args.max_queue, limits, args.name)
+    serve(args.model, opts, args.dtype, args.device)
+
+
 def _add_use_commands(sub) -> None:
     """eval, chat and generate: the models a run made, put to use."""
     ev = sub.add_parser("eval", help="preference accuracy and criteria pass rates of one or more models")
@@ -470,6 +509,8 @@ def _add_use_commands(sub) -> None:
     ch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ch.add_argument("--device", default="auto")
     ch.set_defaults(func=_chat)
+
+    _add_serve_command(sub)
 
     g = sub.add_parser("generate", help="answer one prompt with a chat model")
     g.add_argument("model", help="model folder, .gguf file, embedded name (smollm2) or cached hub id")

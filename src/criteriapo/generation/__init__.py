@@ -3,11 +3,21 @@
 the call's own and the tokenizer is never changed, so anything long-running can generate between
 its own work."""
 
-from criteriapo.generation.batch import Reply, chat_messages, eos_ids, generate, generate_batch, sample_batch
+from criteriapo.generation.batch import (
+    Prompt,
+    Reply,
+    chat_messages,
+    eos_ids,
+    generate,
+    generate_batch,
+    prompt_ids,
+    sample_batch,
+)
 from criteriapo.generation.options import Sampling
 from criteriapo.generation.stream import ReplyStream
 
 __all__ = [
+    "Prompt",
     "Reply",
     "ReplyStream",
     "Sampling",
@@ -15,5 +25,6 @@ __all__ = [
     "eos_ids",
     "generate",
     "generate_batch",
+    "prompt_ids",
     "sample_batch",
 ]

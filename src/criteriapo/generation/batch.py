@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from criteriapo.data.records import Message
 from criteriapo.generation.options import GREEDY, Sampling
 from criteriapo.generation.replies import ReplyText
-from criteriapo.generation.sampler import Sampler
+from criteriapo.generation.sampler import RowSampler, Sampler
 
 OnText = Callable[[int, str], None]  # (reply index, new text)
+Prompt = list[Message] | list[int]  # a conversation (rendered by the chat template), or token ids
 
 
 @dataclass(frozen=True)
 class Reply:
     text: str
     finish_reason: str = "stop"  # stop (end of turn or a stop string), length, interrupted
+    tokens: int = 0  # generated, the end of turn not counted
 
     @property
     def cut_off(self) -> bool:
@@ -41,69 +43,90 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 def generate_batch(
     model: Any,
     tokenizer: Any,
-    conversations: list[list[Message]],
-    sampling: Sampling = GREEDY,
+    prompts: Sequence[Prompt],
+    sampling: Sampling | Sequence[Sampling] = GREEDY,
     *,
     samples: int = 1,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
     on_text: OnText | None = None,
-    interrupt: threading.Event | None = None,
+    interrupt: threading.Event | Sequence[threading.Event] | None = None,
 ) -> list[Reply]:
-    """``samples`` replies per conversation (conversation-major: all of the first's, then the
-    second's, ...), generated in left-padded batches of about ``batch_size`` sequences as
-    ``sampling`` says; the same seed gives the same replies. Sampled draws come from
+    """``samples`` replies per prompt (prompt-major: all of the first's, then the second's, ...),
+    generated in left-padded batches of about ``batch_size`` sequences; the same seed gives the same
+    replies. A prompt is a conversation (rendered by the tokenizer's chat template) or token ids.
+
+    ``sampling``: one setting for all, whose sampled draws come from
     :class:`~criteriapo.generation.sampler.Sampler` with a generator of the batch's own (seeded
-    ``sampling.seed`` plus the batch's first conversation index), never the process's.
-    ``progress(n)`` is told of each ``n`` conversations answered; ``on_text(i, piece)`` of each
-    settled piece of reply ``i`` as it is generated; setting ``interrupt`` (from another thread)
-    ends every reply after the current token, as ``interrupted``.
+    ``sampling.seed`` plus the batch's first prompt index), never the process's; or one per prompt
+    (with one sample each), each row drawn with its own seed by
+    :class:`~criteriapo.generation.sampler.RowSampler` and ended at its own ``max_new_tokens`` and
+    stop strings, as a server batches separate requests.
+
+    ``progress(n)`` is told of each ``n`` prompts answered; ``on_text(i, piece)`` of each settled
+    piece of reply ``i`` as it is generated; setting ``interrupt`` (from another thread; one event
+    for all, or one per prompt) ends those replies after the current token, as ``interrupted``.
 
     With several samples, each prompt is computed once and its keys and values copied to its
     samples (:func:`_prefilled`) instead of computing the same prompt ``samples`` times."""
     import torch
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
+    per_row = not isinstance(sampling, Sampling)
+    if per_row and (samples != 1 or len(sampling) != len(prompts)):
+        raise ValueError("sampling per prompt takes one setting per prompt and one sample each")
     eos = eos_ids(model, tokenizer)
     per_batch = max(1, batch_size // samples)  # prompts per batch
     out: list[Reply] = []
-    for start in range(0, len(conversations), per_batch):
-        chunk = conversations[start : start + per_batch]
+    for start in range(0, len(prompts), per_batch):
+        chunk = prompts[start : start + per_batch]
+        rows = list(sampling[start : start + per_batch]) if per_row else [sampling] * (len(chunk) * samples)
         enc = _left_padded(tokenizer, chunk, model.device)
         settings: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if not sampling.greedy:
+        if per_row and not all(r.greedy for r in rows):
+            settings["logits_processor"] = LogitsProcessorList([RowSampler(rows, model.device)])
+        elif not per_row and not sampling.greedy:
             g = torch.Generator(model.device).manual_seed(sampling.seed + start)
             sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, g)
             settings["logits_processor"] = LogitsProcessorList([sampler])
         first = len(out)
-        watch = _Watch([ReplyText(tokenizer, eos, sampling.stop) for _ in range(len(chunk) * samples)])
+        watch = _Watch([ReplyText(tokenizer, eos, r.stop, r.max_new_tokens) for r in rows])
         watch.on_text = None if on_text is None else lambda i, piece, first=first: on_text(first + i, piece)
-        watch.interrupt = interrupt
+        watch.interrupts = _events(interrupt, start, len(watch.rows))
         with torch.inference_mode():
             inputs = _prefilled(model, enc, samples) if samples > 1 else dict(enc)
             model.generate(
                 **inputs,
-                max_new_tokens=sampling.max_new_tokens,
+                max_new_tokens=max(r.max_new_tokens for r in rows),
                 pad_token_id=tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([watch]),
                 **settings,
             )
-        out.extend(watch.finish(sampling.max_new_tokens))
+        out.extend(watch.finish())
         if progress is not None:
             progress(len(chunk))
-        if interrupt is not None and interrupt.is_set():
+        if isinstance(interrupt, threading.Event) and interrupt.is_set():
             break
     return out
 
 
+def _events(
+    interrupt: threading.Event | Sequence[threading.Event] | None, start: int, n: int
+) -> list[threading.Event | None]:
+    """Each row's interrupt: one event for all, or the rows' own (one per prompt, one sample each)."""
+    if interrupt is None or isinstance(interrupt, threading.Event):
+        return [interrupt] * n
+    return list(interrupt[start : start + n])
+
+
 class _Watch:
     """``generate``'s stopping criterion that follows every row's new token: each row's text grows
-    in its :class:`ReplyText`, which ends the row at the end of turn or a stop string."""
+    in its :class:`ReplyText`, which ends the row at the end of turn, a stop string or its limit."""
 
     def __init__(self, rows: list[ReplyText]):
         self.rows = rows
         self.on_text: OnText | None = None
-        self.interrupt: threading.Event | None = None
+        self.interrupts: list[threading.Event | None] = [None] * len(rows)
 
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
@@ -112,31 +135,40 @@ class _Watch:
             piece = row.add(token)
             if piece and self.on_text is not None:
                 self.on_text(i, piece)
-        stopped = self.interrupt is not None and self.interrupt.is_set()
-        done = [stopped or row.finish is not None for row in self.rows]
+        for row, event in zip(self.rows, self.interrupts, strict=True):
+            if event is not None and event.is_set() and row.finish is None:
+                row.end("interrupted")
+        done = [row.finish is not None for row in self.rows]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def finish(self, max_new_tokens: int) -> list[Reply]:
+    def finish(self) -> list[Reply]:
         replies = []
         for i, row in enumerate(self.rows):
-            if row.finish is None:
-                at_limit = len(row.ids) >= max_new_tokens
-                piece = row.end("length" if at_limit else "interrupted")
+            if row.finish is None:  # generate stopped before the row's own end: it was interrupted
+                piece = row.end("interrupted")
                 if piece and self.on_text is not None:
                     self.on_text(i, piece)
-            replies.append(Reply(row.text.strip(), row.finish))
+            replies.append(Reply(row.text.strip(), row.finish, len(row.ids)))
         return replies
 
 
-def _left_padded(tokenizer: Any, conversations: list[list[Message]], device: Any) -> dict:
-    """The conversations' prompts, rendered by the chat template and padded on the left (where
-    generation needs the padding), without touching the tokenizer's own padding side."""
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """A prompt's token ids: a conversation rendered by the chat template, ready for the reply."""
+    if prompt and isinstance(prompt[0], dict):
+        return list(
+            tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    return list(prompt)
+
+
+def _left_padded(tokenizer: Any, prompts: Sequence[Prompt], device: Any) -> dict:
+    """The prompts' ids padded on the left (where generation needs the padding), without touching the
+    tokenizer's own padding side."""
     import torch
 
-    rows = [
-        list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False))
-        for c in conversations
-    ]
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])

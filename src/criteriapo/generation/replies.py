@@ -10,12 +10,15 @@ FINISH_REASONS = ("stop", "length", "interrupted")  # end of turn or stop string
 
 
 class ReplyText:
-    """One reply's tokens, text and end. :meth:`add` takes the next token and returns the text that
-    may be shown now: text that a later token could still change (a character whose bytes are not
-    all there, the start of a stop string) is held back until it is settled."""
+    """One reply's tokens, text and end (at most ``limit`` tokens). :meth:`add` takes the next token
+    and returns the text that may be shown now: text that a later token could still change (a
+    character whose bytes are not all there, the start of a stop string) is held back until it is
+    settled."""
 
-    def __init__(self, tokenizer: Any, eos_ids: Iterable[int], stop: tuple[str, ...] = ()):
-        self.tok, self.eos, self.stop = tokenizer, set(eos_ids), stop
+    def __init__(
+        self, tokenizer: Any, eos_ids: Iterable[int], stop: tuple[str, ...] = (), limit: int | None = None
+    ):
+        self.tok, self.eos, self.stop, self.limit = tokenizer, set(eos_ids), stop, limit
         self.ids: list[int] = []
         self.text = ""  # the reply so far, up to (not including) a stop string
         self.shown = 0  # characters of ``text`` handed out
@@ -32,6 +35,9 @@ class ReplyText:
         ends = [i for s in self.stop if (i := self.text.find(s)) >= 0]
         if ends:
             self.text, self.finish = self.text[: min(ends)], "stop"
+            return self._rest()
+        if self.limit is not None and len(self.ids) >= self.limit:
+            self.finish = "length"
             return self._rest()
         return self._settled()
 

@@ -29,3 +29,29 @@ class Sampler:
         race = torch.empty_like(probs).exponential_(generator=self.generator)
         drawn = index.gather(-1, (probs / race).argmax(-1, keepdim=True))  # (B, 1)
         return torch.full_like(scores, float("-inf")).scatter_(-1, drawn, 0.0)
+
+
+class RowSampler:
+    """Each row's own sampling settings and random generator (seeded with its own seed), for a
+    batch whose replies were asked for separately: a row draws the same tokens whatever rows share
+    its batch (up to the numerics of the batch). A greedy row takes its most likely token."""
+
+    def __init__(self, settings: list[Any], device: Any):
+        import torch
+
+        self.settings = settings
+        self.generators = [
+            None if s.greedy else torch.Generator(device).manual_seed(s.seed) for s in settings
+        ]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        drawn = []
+        for row, s, g in zip(scores, self.settings, self.generators, strict=True):
+            if g is None:
+                drawn.append(row.argmax().view(1))
+            else:
+                drawn.append(Sampler(s.temperature, s.top_k, s.top_p, g)(None, row[None]).argmax(-1))
+        index = torch.cat(drawn).view(-1, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, index, 0.0)

@@ -1,0 +1,1 @@
+"""``criteriapo serve``: an OpenAI-compatible HTTP server on one model, requests batched together."""
