@@ -46,16 +46,20 @@ def test_data_check_reports_format_counts_lengths_and_problems(planted, smollm2_
     assert main(["data", "check", str(planted), "--max-length", "128"]) == 0
     out = capsys.readouterr().out
     assert "format: preference (conversational: 3, implicit prompt: 1)" in out
-    assert "rows: 6 read, 2 usable, 3 unreadable or invalid, 1 that cannot be tokenized" in out
+    assert "rows: 6 read, 3 usable, 3 unreadable or invalid, 0 that cannot be tokenized" in out
     assert "token lengths" in out and "longest sequence" in out
+    assert "rows whose prompt alone reaches max_length (prompt cut from the start" in out
+    assert "--long-prompts cut): 1" in out
     for expected in (
         f"{planted}, row 2, field 'rejected': identical to chosen",
         f"{planted}, row 3: not valid JSON",
         f"{planted}, row 4, field 'rejected[0].role': unknown role 'narrator'",
-        f"{planted}, row 6, field 'prompt': the prompt alone is",
     ):
         assert expected in out
-    assert "4 problem(s)" in out
+    assert "3 problem(s)" in out
+    assert main(["data", "check", str(planted), "--max-length", "128", "--long-prompts", "error"]) == 0
+    strict = capsys.readouterr().out
+    assert f"{planted}, row 6, field 'prompt': the prompt alone is" in strict and "4 problem(s)" in strict
 
 
 def test_data_check_with_no_usable_row_fails(tmp_path, capsys):

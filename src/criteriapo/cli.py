@@ -58,6 +58,7 @@ def _data_check(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         max_prompt_length=args.max_prompt_length,
         max_row_bytes=args.max_row_bytes,
+        long_prompts=args.long_prompts,
     )
     loaded = report.loaded
     styles = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.styles.items()))
@@ -81,9 +82,16 @@ def _data_check(args: argparse.Namespace) -> int:
         console.print(table)
         if args.max_length is not None:
             over = report.over_max_length
-            console.print(
-                f"rows longer than max_length {args.max_length} (their completions get cut): {over}"
-            )
+            console.print(f"rows longer than max_length {args.max_length} (cut to fit): {over}")
+            long = {"cut": report.prompts_cut, "drop": report.prompts_dropped}.get(args.long_prompts)
+            if long is not None:
+                done = "prompt cut from the start" if args.long_prompts == "cut" else "left out"
+                console.print(
+                    f"rows whose prompt alone reaches max_length ({done}, "
+                    f"--long-prompts {args.long_prompts}): {long}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
     problems = report.problems
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s):[/]")
@@ -388,6 +396,12 @@ def _add_data_commands(sub) -> None:
     c.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train)")
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--max-prompt-length", type=int, default=None)
+    c.add_argument(
+        "--long-prompts",
+        default="cut",
+        choices=["cut", "drop", "error"],
+        help="a prompt that alone reaches --max-length: cut, drop or error (as data.long_prompts)",
+    )
     c.add_argument(
         "--max-row-bytes",
         type=_positive_int,

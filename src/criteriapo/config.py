@@ -50,6 +50,10 @@ class DataConfig:
     # before it is parsed or tokenized (4 MiB: over a million tokens, far past any max_length); null: none
     max_row_bytes: int | None = 4 * 2**20
     truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    # a prompt that alone reaches max_length: cut (its start goes, by truncation_mode, leaving the
+    # completion its own length up to half of max_length; the row is kept and counted), drop (the
+    # row is left out, counted), or error (a bad row, as data.on_bad_row says)
+    long_prompts: Literal["cut", "drop", "error"] = "cut"
 
 
 @dataclass
@@ -251,7 +255,12 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
-def check_lengths(max_length: Any, max_prompt_length: Any, truncation_mode: Any) -> None:
+LONG_PROMPTS = ("cut", "drop", "error")
+
+
+def check_lengths(
+    max_length: Any, max_prompt_length: Any, truncation_mode: Any, long_prompts: Any = "cut"
+) -> None:
     """The length settings of tokenization (``data.max_length`` and the rest), as tokenization and
     the config read them."""
     for key, v in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
@@ -259,6 +268,8 @@ def check_lengths(max_length: Any, max_prompt_length: Any, truncation_mode: Any)
             raise ConfigError(f"{key} must be a positive integer or null, got {v!r}")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise ConfigError(f"truncation_mode must be keep_end or keep_start, got {truncation_mode!r}")
+    if long_prompts not in LONG_PROMPTS:
+        raise ConfigError(f"long_prompts must be one of {', '.join(LONG_PROMPTS)}, got {long_prompts!r}")
     if max_length and max_prompt_length and max_prompt_length >= max_length:
         raise ConfigError(
             f"max_prompt_length ({max_prompt_length}) must be below max_length "
@@ -268,7 +279,7 @@ def check_lengths(max_length: Any, max_prompt_length: Any, truncation_mode: Any)
 
 def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: TrainConfig) -> None:
     try:
-        check_lengths(data.max_length, data.max_prompt_length, data.truncation_mode)
+        check_lengths(data.max_length, data.max_prompt_length, data.truncation_mode, data.long_prompts)
     except ConfigError as e:
         raise ConfigError(f"{name}.data.{e}") from None
     _positive(f"{name}.optim.lr", optim.lr)

@@ -1,6 +1,7 @@
 """Hostile data, property-based: files mixing good rows with rows that are broken in every way we
 could think of (wrong types, missing fields, empty and huge strings, invalid UTF-8, chosen equal to
-rejected, wrong roles, nested junk, prompts longer than max_length). Whatever the mix, reading and
+rejected, wrong roles, nested junk, prompts longer than max_length under ``long_prompts: error``).
+Whatever the mix, reading and
 tokenizing with ``on_bad_row: skip`` raises nothing, reports every bad row (by row number) and keeps
 every good row; with ``error`` it raises one of our errors naming the rows."""
 
@@ -121,7 +122,7 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 
 def load_and_tokenize(path: Path, chat_tokenizer, policy: str, report: Path):
     data = load_data(path, kind="preference", on_bad_row=policy, report_path=report)
-    opts = TokenizeOptions(max_length=MAX_LENGTH)
+    opts = TokenizeOptions(max_length=MAX_LENGTH, long_prompts="error")  # a huge prompt is a bad row
     return tokenize_examples(data.examples, chat_tokenizer, opts, on_bad_row=policy, report_path=report)
 
 

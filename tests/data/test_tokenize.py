@@ -7,7 +7,7 @@ import pytest
 from criteriapo.data.records import PreferenceExample, RowProblem, RowRef, SFTExample
 from criteriapo.data.tokenize import IGNORE_INDEX, ChatTokenizer, TokenizeOptions, tokenize_examples
 from criteriapo.data.validation import BadRowsError
-from criteriapo.errors import ConfigError, TemplateError
+from criteriapo.errors import ConfigError, DataError, TemplateError
 
 REF = RowRef("mem", 1)
 U = {"role": "user", "content": "What is the capital of France?"}
@@ -41,11 +41,12 @@ def test_standard_pair_appends_eos_once(chat_tokenizer, smollm2_tokenizer):
     assert t.chosen_ids == smollm2_tokenizer(" 4", add_special_tokens=False).input_ids + [eos]
 
 
-def test_max_length_truncates_completions_and_keeps_prompt(chat_tokenizer):
-    full = chat_tokenizer.encode_pair(pair(), NONE)
-    n = len(full.prompt_ids) + 3
-    t = chat_tokenizer.encode_pair(pair(), TokenizeOptions(max_length=n))
-    assert t.prompt_ids == full.prompt_ids
+def test_a_long_completion_is_cut_and_the_prompt_kept(chat_tokenizer):
+    long = pair(chosen=[{"role": "assistant", "content": "owls " * 100}])
+    full = chat_tokenizer.encode_pair(long, NONE)
+    n = len(full.prompt_ids) + 3  # the prompt leaves some room: it is kept, the completions are cut
+    t = chat_tokenizer.encode_pair(long, TokenizeOptions(max_length=n))
+    assert t.prompt_ids == full.prompt_ids and t.prompt_cut == 0
     assert t.chosen_ids == full.chosen_ids[:3] and t.rejected_ids == full.rejected_ids[:3]
 
 
@@ -59,15 +60,37 @@ def test_prompt_truncation_modes(chat_tokenizer, mode):
     assert t.chosen_ids == full.chosen_ids
 
 
-def test_prompt_longer_than_max_length_is_a_bad_row(chat_tokenizer):
-    long = pair(prompt=[{"role": "user", "content": "word " * 200}])
-    with pytest.raises(RowProblem, match=r"the prompt alone is \d+ tokens, max_length is 64") as e:
-        chat_tokenizer.encode_pair(long, TokenizeOptions(max_length=64))
+LONG = pair(prompt=[{"role": "user", "content": "word " * 200}])
+
+
+def test_a_long_prompt_is_cut_from_the_start_to_leave_its_completion_room(chat_tokenizer, smollm2_tokenizer):
+    full = chat_tokenizer.encode_pair(LONG, NONE)
+    t = chat_tokenizer.encode_pair(LONG, TokenizeOptions(max_length=64))
+    room = max(len(full.chosen_ids), len(full.rejected_ids))
+    assert t.chosen_ids == full.chosen_ids and t.rejected_ids == full.rejected_ids  # whole
+    assert t.prompt_ids == full.prompt_ids[-(64 - room) :] and t.prompt_cut == len(full.prompt_ids) - (
+        64 - room
+    )
+    assert smollm2_tokenizer.decode(t.prompt_ids).endswith("<|im_start|>assistant\n")  # the end is kept
+    counts: dict[str, int] = {}
+    out = tokenize_examples([pair(), LONG], chat_tokenizer, TokenizeOptions(max_length=64), counts=counts)
+    assert len(out) == 2 and counts == {"prompt_cut": 1, "prompt_dropped": 0}
+
+
+def test_a_long_prompt_is_a_bad_row_or_left_out_when_asked(chat_tokenizer):
+    strict = TokenizeOptions(max_length=64, long_prompts="error")
+    with pytest.raises(RowProblem, match=r"the prompt alone is \d+ tokens, max_length is 64: no room") as e:
+        chat_tokenizer.encode_pair(LONG, strict)
     assert e.value.field == "prompt"
-    out = tokenize_examples([pair(), long], chat_tokenizer, TokenizeOptions(max_length=64), on_bad_row="skip")
-    assert len(out) == 1
-    with pytest.raises(BadRowsError, match=r"mem, row 1, field 'prompt': the prompt alone"):
-        tokenize_examples([pair(), long], chat_tokenizer, TokenizeOptions(max_length=64))
+    assert len(tokenize_examples([pair(), LONG], chat_tokenizer, strict, on_bad_row="skip")) == 1
+    with pytest.raises(BadRowsError, match=r"mem, row 1, field 'prompt': the prompt alone is \d+ tokens"):
+        tokenize_examples([pair(), LONG], chat_tokenizer, strict)
+    counts: dict[str, int] = {}
+    drop = TokenizeOptions(max_length=64, long_prompts="drop")
+    out = tokenize_examples([pair(), LONG], chat_tokenizer, drop, counts=counts)  # not a bad row
+    assert len(out) == 1 and counts == {"prompt_cut": 0, "prompt_dropped": 1}
+    with pytest.raises(DataError, match="every row's prompt is too long"):
+        tokenize_examples([LONG], chat_tokenizer, drop)
 
 
 def test_control_tokens_in_content_are_a_bad_row(chat_tokenizer):
@@ -94,10 +117,13 @@ def test_sft_text_trains_every_token_and_ends_with_eos(chat_tokenizer, smollm2_t
     assert t.labels == t.input_ids and t.input_ids[-1] == smollm2_tokenizer.eos_token_id
 
 
-def test_sft_prompt_filling_max_length_is_a_bad_row(chat_tokenizer):
+def test_sft_prompt_filling_max_length_is_cut_or_a_bad_row(chat_tokenizer):
     prompt_len = len(chat_tokenizer.prompt_ids([U]))
-    with pytest.raises(RowProblem, match="prompt alone"):
-        chat_tokenizer.encode_sft(SFTExample([U], [A], REF), TokenizeOptions(max_length=prompt_len))
+    cut = chat_tokenizer.encode_sft(SFTExample([U], [A], REF), TokenizeOptions(max_length=prompt_len))
+    assert cut.prompt_cut > 0 and len(cut.input_ids) == prompt_len and cut.num_loss_tokens > 0
+    with pytest.raises(RowProblem, match="no room for the completion"):
+        opts = TokenizeOptions(max_length=prompt_len, long_prompts="error")
+        chat_tokenizer.encode_sft(SFTExample([U], [A], REF), opts)
 
 
 def test_template_that_refuses_a_conversation_is_a_bad_row(smollm2_tokenizer):
@@ -143,6 +169,7 @@ def test_no_chat_template(smollm2_tokenizer):
         ({"max_length": 0}, "max_length must be a positive integer"),
         ({"max_length": 10, "max_prompt_length": 10}, "max_prompt_length (10) must be below max_length (10)"),
         ({"truncation_mode": "middle"}, "truncation_mode must be keep_end or keep_start"),
+        ({"long_prompts": "trim"}, "long_prompts must be one of cut, drop, error"),
     ],
 )
 def test_bad_options(kw, message):

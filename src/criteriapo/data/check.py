@@ -9,7 +9,7 @@ from statistics import mean
 from criteriapo.data.loading import LoadedData, read_data
 from criteriapo.data.readers import MAX_ROW_BYTES
 from criteriapo.data.records import BadRow, MultiCriteriaExample, PreferenceExample, RowProblem
-from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+from criteriapo.data.tokenize import ChatTokenizer, PromptTooLong, TokenizeOptions
 
 
 @dataclass
@@ -28,6 +28,8 @@ class CheckReport:
     loaded: LoadedData
     lengths: list[LengthStats] = field(default_factory=list)
     over_max_length: int = 0
+    prompts_cut: int = 0  # rows whose prompt is cut to leave its completion room (long_prompts: cut)
+    prompts_dropped: int = 0  # rows left out for it (long_prompts: drop)
     token_problems: list[BadRow] = field(default_factory=list)
     criteria: dict[str, int] = field(default_factory=dict)
 
@@ -45,6 +47,7 @@ def check_data(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     max_row_bytes: int | None = MAX_ROW_BYTES,
+    long_prompts: str = "cut",
 ) -> CheckReport:
     """Read every row (so every problem is listed, rows over ``max_row_bytes`` among them), then
     measure token lengths."""
@@ -60,15 +63,14 @@ def check_data(
         elif isinstance(ex, PreferenceExample) and ex.criterion:
             report.criteria[ex.criterion] = report.criteria.get(ex.criterion, 0) + 1
     if tokenizer is not None and loaded.kind != "multi_criteria":
-        _measure(report, tokenizer, max_length, max_prompt_length)
+        limits = TokenizeOptions(max_length, max_prompt_length, long_prompts=long_prompts)
+        _measure(report, tokenizer, limits)
     return report
 
 
-def _measure(
-    report: CheckReport, tok: ChatTokenizer, max_length: int | None, max_prompt_length: int | None
-) -> None:
+def _measure(report: CheckReport, tok: ChatTokenizer, limits: TokenizeOptions) -> None:
     untruncated = TokenizeOptions(max_length=None)
-    limits = TokenizeOptions(max_length=max_length, max_prompt_length=max_prompt_length)
+    max_length = limits.max_length
     cols: dict[str, list[int]] = {}
     for ex in report.loaded.examples:
         encode = tok.encode_pair if isinstance(ex, PreferenceExample) else tok.encode_sft
@@ -92,9 +94,13 @@ def _measure(
             cols.setdefault(k, []).append(v)
         if max_length is not None:
             try:
-                encode(ex, limits)  # a prompt that leaves no room for the completion is a problem
+                fitted = encode(ex, limits)  # under long_prompts: error, a long prompt is a problem
+            except PromptTooLong:
+                report.prompts_dropped += 1
+                continue
             except RowProblem as p:
                 report.token_problems.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
                 continue
             report.over_max_length += int(longest > max_length)
+            report.prompts_cut += int(fitted.prompt_cut > 0)
     report.lengths = [LengthStats(k, v) for k, v in cols.items()]

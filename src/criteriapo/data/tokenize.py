@@ -30,24 +30,34 @@ from criteriapo.data.records import (
     UnpairedExample,
 )
 from criteriapo.data.validation import apply_policy
-from criteriapo.errors import TemplateError
+from criteriapo.errors import DataError, TemplateError
 
 IGNORE_INDEX = -100
 log = logging.getLogger(__name__)
 TruncationMode = Literal["keep_end", "keep_start"]
+LongPrompts = Literal["cut", "drop", "error"]
 
 
 @dataclass(frozen=True)
 class TokenizeOptions:
     """``max_length`` bounds prompt + completion; ``max_prompt_length`` bounds the prompt, cut by
-    ``truncation_mode``: ``keep_end`` keeps its last tokens (the question), ``keep_start`` its first."""
+    ``truncation_mode``: ``keep_end`` keeps its last tokens (the question), ``keep_start`` its first.
+    A prompt that alone reaches ``max_length`` is too long: ``long_prompts`` cut (its start goes, by
+    ``truncation_mode``, to leave the completion its own length, up to half of ``max_length``), drop
+    (the row is left out) or error (a bad row). A completion longer than the room the prompt leaves
+    is cut at its end."""
 
     max_length: int | None = 1024
     max_prompt_length: int | None = None
     truncation_mode: TruncationMode = "keep_end"
+    long_prompts: LongPrompts = "cut"
 
     def __post_init__(self) -> None:
-        check_lengths(self.max_length, self.max_prompt_length, self.truncation_mode)
+        check_lengths(self.max_length, self.max_prompt_length, self.truncation_mode, self.long_prompts)
+
+
+class PromptTooLong(RowProblem):
+    """Under ``long_prompts: drop``: the row is left out and counted, not reported as a bad row."""
 
 
 @dataclass
@@ -58,6 +68,7 @@ class TokenizedPair:
     source: RowRef
     criterion: str | None = None
     weight: float = 1.0
+    prompt_cut: int = 0  # tokens cut from the prompt's start (or end) to fit max_length
 
 
 @dataclass
@@ -70,6 +81,7 @@ class TokenizedUnpaired:
     label: bool
     source: RowRef
     kl_ids: list[int] = dataclasses.field(default_factory=list)
+    prompt_cut: int = 0
 
     def as_pair(self) -> TokenizedPair:
         """The completion and the KL completion after one prompt: scored, collated and cached as a
@@ -82,6 +94,7 @@ class TokenizedSFT:
     input_ids: list[int]
     labels: list[int]
     source: RowRef
+    prompt_cut: int = 0
 
     @property
     def num_loss_tokens(self) -> int:
@@ -184,17 +197,18 @@ class ChatTokenizer:
         prompt_ids = self.prompt_ids(ex.prompt)
         chosen = self.completion_ids(ex.prompt, prompt_ids, ex.chosen, ex.source)
         rejected = self.completion_ids(ex.prompt, prompt_ids, ex.rejected, ex.source)
-        prompt_ids = _truncate_prompt(prompt_ids, opts)
-        room = _room(len(prompt_ids), opts)
-        return TokenizedPair(prompt_ids, chosen[:room], rejected[:room], ex.source, ex.criterion, ex.weight)
+        prompt_ids, room, cut = _fit(prompt_ids, max(len(chosen), len(rejected)), opts)
+        return TokenizedPair(
+            prompt_ids, chosen[:room], rejected[:room], ex.source, ex.criterion, ex.weight, cut
+        )
 
     def encode_unpaired(self, ex: UnpairedExample, opts: TokenizeOptions) -> TokenizedUnpaired:
         for name in ("prompt", "completion"):
             self._check_text(getattr(ex, name), name)
         prompt_ids = self.prompt_ids(ex.prompt)
         completion = self.completion_ids(ex.prompt, prompt_ids, ex.completion, ex.source)
-        prompt_ids = _truncate_prompt(prompt_ids, opts)
-        return TokenizedUnpaired(prompt_ids, completion[: _room(len(prompt_ids), opts)], ex.label, ex.source)
+        prompt_ids, room, cut = _fit(prompt_ids, len(completion), opts)
+        return TokenizedUnpaired(prompt_ids, completion[:room], ex.label, ex.source, prompt_cut=cut)
 
     def encode_sft(self, ex: SFTExample, opts: TokenizeOptions) -> TokenizedSFT:
         self._check_text(ex.prompt, "prompt")
@@ -207,8 +221,7 @@ class ChatTokenizer:
             mask = [True] * len(body)
         else:
             body, mask = self._assistant_turns(ex.prompt, prompt_ids, ex.completion, ex.source)
-        prompt_ids = _truncate_prompt(prompt_ids, opts)
-        room = _room(len(prompt_ids), opts)
+        prompt_ids, room, cut = _fit(prompt_ids, len(body), opts)
         body, mask = body[:room], mask[:room]
         if not any(mask):
             raise RowProblem(
@@ -219,7 +232,7 @@ class ChatTokenizer:
         labels = [IGNORE_INDEX] * len(prompt_ids) + [
             t if m else IGNORE_INDEX for t, m in zip(body, mask, strict=True)
         ]
-        return TokenizedSFT(prompt_ids + body, labels, ex.source)
+        return TokenizedSFT(prompt_ids + body, labels, ex.source, cut)
 
     def _assistant_turns(
         self, prompt: list[Message], prompt_ids: list[int], completion: list[Message], source: RowRef
@@ -253,16 +266,26 @@ def _truncate_prompt(prompt_ids: list[int], opts: TokenizeOptions) -> list[int]:
     return prompt_ids[-n:] if opts.truncation_mode == "keep_end" else prompt_ids[:n]
 
 
-def _room(prompt_len: int, opts: TokenizeOptions) -> int | None:
-    if opts.max_length is None:
-        return None
-    if prompt_len >= opts.max_length:
+def _fit(
+    prompt_ids: list[int], completion_len: int, opts: TokenizeOptions
+) -> tuple[list[int], int | None, int]:
+    """The prompt as kept, the room left for its completion (None: no limit), and how many prompt
+    tokens were cut to leave that room (see :class:`TokenizeOptions`)."""
+    prompt_ids = _truncate_prompt(prompt_ids, opts)
+    if opts.max_length is None or len(prompt_ids) < opts.max_length:
+        return prompt_ids, None if opts.max_length is None else opts.max_length - len(prompt_ids), 0
+    why = f"the prompt alone is {len(prompt_ids)} tokens, max_length is {opts.max_length}"
+    why += ": no room for the completion"
+    if opts.long_prompts == "drop":
+        raise PromptTooLong("prompt", why)
+    if opts.long_prompts == "error":
         raise RowProblem(
-            "prompt",
-            f"the prompt alone is {prompt_len} tokens, max_length is {opts.max_length}: "
-            "no room for the completion; raise max_length or set max_prompt_length",
+            "prompt", f"{why}; raise max_length, or set long_prompts: cut (keeps the prompt's end) or drop"
         )
-    return opts.max_length - prompt_len
+    room = max(1, min(completion_len, opts.max_length // 2))
+    over = len(prompt_ids) + room - opts.max_length
+    kept = prompt_ids[over:] if opts.truncation_mode == "keep_end" else prompt_ids[: len(prompt_ids) - over]
+    return kept, room, over
 
 
 def tokenize_examples(
@@ -272,9 +295,12 @@ def tokenize_examples(
     *,
     on_bad_row: str = "error",
     report_path: Any = None,
+    counts: dict[str, int] | None = None,
 ) -> list:
-    """Tokenize every example; rows that cannot be tokenized go through the bad-row policy."""
-    out, bad = [], []
+    """Tokenize every example; rows that cannot be tokenized go through the bad-row policy.
+    ``counts`` (when given) gets ``prompt_cut`` and ``prompt_dropped``: the rows whose prompt was cut
+    to fit max_length, and those left out for it (``long_prompts``)."""
+    out, bad, dropped = [], [], 0
     for ex in examples:
         try:
             if isinstance(ex, PreferenceExample):
@@ -283,8 +309,18 @@ def tokenize_examples(
                 out.append(tokenizer.encode_unpaired(ex, opts))
             else:
                 out.append(tokenizer.encode_sft(ex, opts))
+        except PromptTooLong:
+            dropped += 1
         except RowProblem as p:
             bad.append(BadRow(ex.source.file, ex.source.row, p.field, p.reason))
+    if counts is not None:
+        counts["prompt_cut"] = counts.get("prompt_cut", 0) + sum(1 for t in out if t.prompt_cut)
+        counts["prompt_dropped"] = counts.get("prompt_dropped", 0) + dropped
+    if not out and dropped:
+        raise DataError(
+            f"every row's prompt is too long for max_length {opts.max_length} (long_prompts: drop); "
+            "raise max_length, or set long_prompts: cut"
+        )
     policy = "error" if not out else on_bad_row  # skipping everything leaves nothing to train on
     apply_policy(bad, len(examples), policy, stage="tokenizing", report_path=report_path)
     return out
@@ -312,7 +348,7 @@ def assign_kl(examples: Sequence[TokenizedUnpaired], seed: int, opts: TokenizeOp
         if partner is None:  # every nearby prompt the same: the best there is, said once
             partner = order[(k - 1) % n]
             same += 1
-        room = _room(len(examples[i].prompt_ids), opts)
+        room = None if opts.max_length is None else max(1, opts.max_length - len(examples[i].prompt_ids))
         examples[i].kl_ids = examples[partner].completion_ids[:room]
     if same:
         log.warning(

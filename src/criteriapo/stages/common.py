@@ -66,6 +66,8 @@ class Prepared:
     evals: list
     precision: Precision
     packing: bool
+    # rows whose prompt was cut (or dropped) to fit max_length: {"train": {...}, "eval": {...}}
+    data_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def prepare(
@@ -100,8 +102,13 @@ def prepare(
     ropts = recipe_options(stage) if recipe else None
     report = run_dir if world.main else None  # one report, from rank 0
     made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
-    train = tokenized(stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made)
-    evals = tokenized(stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made)
+    counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
+    train = tokenized(
+        stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made, counts["train"]
+    )
+    evals = tokenized(
+        stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made, counts["eval"]
+    )
     if method is not None:
         method.prepare(train, evals, stage)
     seed_everything(stage.train.seed)
@@ -110,7 +117,7 @@ def prepare(
     packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
         model = shard(model, fsdp_dtype(precision))
-    return Prepared(source, tokenizer, model, train, evals, precision, packing)
+    return Prepared(source, tokenizer, model, train, evals, precision, packing, counts)
 
 
 def _load_for_training(
@@ -309,5 +316,6 @@ def train_and_export(
     )
     model_dir = finish(cfg, stage, trainer, run_dir, prep.tokenizer, card, prep.source)
     keep = stage.train.keep_final_checkpoint
-    record_finished(run_dir, s.checkpointer, {"metrics": metrics, **results}, keep, world)
+    done = {"metrics": metrics, "data": prep.data_counts, **results}
+    record_finished(run_dir, s.checkpointer, done, keep, world)
     return model_dir, metrics, results, {"train": t1 - t0, "export": time.perf_counter() - t1}

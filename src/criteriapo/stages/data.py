@@ -68,7 +68,7 @@ def builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
 
 
 def tokenize_options(data: DataConfig) -> TokenizeOptions:
-    return TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode)
+    return TokenizeOptions(data.max_length, data.max_prompt_length, data.truncation_mode, data.long_prompts)
 
 
 def tokenized(
@@ -81,9 +81,11 @@ def tokenized(
     recipe_opts: RecipeOptions | None = None,
     model: str | None = None,
     maker: CriteriaDataConfig | None = None,
+    counts: dict[str, int] | None = None,
 ) -> list:
     """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs.
-    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`)."""
+    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`). Rows whose
+    prompt was cut or dropped to fit max_length are counted in ``counts`` and said in a warning."""
     if not files:
         return []
     report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
@@ -101,4 +103,22 @@ def tokenized(
     if not examples:
         raise ConfigError(f"the {recipe} recipe built no pairs from {', '.join(files)}")
     opts = tokenize_options(data)
-    return tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report)
+    seen: dict[str, int] = {}
+    out = tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report, counts=seen)
+    if seen["prompt_cut"] or seen["prompt_dropped"]:
+        done = "cut from the start" if data.truncation_mode == "keep_end" else "cut at the end"
+        n = seen["prompt_cut"] or seen["prompt_dropped"]
+        log.warning(
+            "%s: %d of %d rows have a prompt that alone reaches max_length %s; %s "
+            "(data.long_prompts: %s; cut, drop or error)",
+            ", ".join(files),
+            n,
+            len(examples),
+            data.max_length,
+            f"their prompt was {done}" if seen["prompt_cut"] else "they were left out",
+            data.long_prompts,
+        )
+    if counts is not None:
+        for k, v in seen.items():
+            counts[k] = counts.get(k, 0) + v
+    return out
