@@ -63,7 +63,8 @@ def _data_check(args: argparse.Namespace) -> int:
     loaded = report.loaded
     styles = ", ".join(f"{k}: {v}" for k, v in sorted(loaded.styles.items()))
     console.print(f"[bold]{escape(str(args.file))}[/]")
-    console.print(f"format: {loaded.kind} ({styles})")
+    converted = f", converted from {loaded.layout} layout" if loaded.layout else ""
+    console.print(f"format: {loaded.kind} ({styles}){converted}", highlight=False, soft_wrap=True)
     unusable = len({(b.file, b.row) for b in report.token_problems})
     console.print(
         f"rows: {loaded.rows_read} read, {len(loaded.examples) - unusable} usable, "

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from criteriapo.data.formats import EXPECTED_FIELDS, KINDS, detect_kind, parse_row
+from criteriapo.data.layouts import Layout, detect_layout
 from criteriapo.data.readers import MAX_ROW_BYTES, RawRow, read_rows
 from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem, split_pair
 from criteriapo.data.validation import apply_policy, check_policy
@@ -25,6 +26,7 @@ class LoadedData:
     bad_rows: list[BadRow]
     rows_read: int
     styles: Counter[str] = field(default_factory=Counter)  # e.g. conversational, implicit prompt
+    layout: str | None = None  # another tool's layout the rows were converted from
 
 
 def detect_format(rows: Sequence[RawRow]) -> str:
@@ -56,6 +58,9 @@ def read_data(
     rows = [r for p in paths for r in read_rows(p, split, max_row_bytes)]
     if not rows:
         raise DataError(f"{', '.join(map(str, paths))}: no rows")
+    layout = detect_layout([r.value for r in rows[:DETECT_ROWS] if r.value is not None])
+    if layout is not None:
+        rows = [_converted(r, layout) for r in rows]
     found = detect_format(rows)
     if kind == "auto":
         kind = found
@@ -79,7 +84,18 @@ def read_data(
         else:
             examples.append(ex)
         styles.update(_styles(ex))
-    return LoadedData(kind, examples, bad, len(rows), styles)
+    return LoadedData(kind, examples, bad, len(rows), styles, layout.name if layout else None)
+
+
+def _converted(row: RawRow, layout: Layout) -> RawRow:
+    """A row of another tool's layout as our own; a row it cannot convert is a bad row."""
+    if row.value is None:
+        return row
+    try:
+        return RawRow(row.ref, layout.convert(row.value))
+    except RowProblem as p:
+        reason = f"{p.reason} (the file is in {layout.name} layout)"
+        return RawRow(row.ref, None, BadRow(row.ref.file, row.ref.row, p.field, reason))
 
 
 def load_data(
