@@ -19,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from criteriapo.config import DataConfig
+from criteriapo.data.hub import HubSpec, is_dataset_repo, parse_hub, read_hub, read_repo_folder
 from criteriapo.data.records import BadRow, RowRef
 from criteriapo.errors import DataError
 
-SUPPORTED = ".jsonl, .ndjson, .json, .parquet, .csv, or a folder written by datasets' save_to_disk"
+SUPPORTED = (
+    ".jsonl, .ndjson, .json, .parquet, .csv, a folder written by datasets' save_to_disk, a clone of a "
+    "dataset repository, or a Hub dataset in the local cache (hub:OWNER/NAME)"
+)
 MAX_ROW_BYTES = DataConfig.max_row_bytes  # the default of data.max_row_bytes
 _SKIP_CHUNK = 2**20
 
@@ -40,11 +44,12 @@ def read_rows(
     """Yield every row of ``path`` in file order; rows over ``max_row_bytes`` (None: no limit) as
     bad rows."""
     limit = max_row_bytes or None
+    spec = parse_hub(path) if isinstance(path, str) else None
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file():
+    if spec is None and path.suffix.lower() in (".jsonl", ".ndjson") and path.is_file():
         yield from _read_jsonl(path, limit)  # measured in bytes as each line is read
         return
-    for row in _read_any(path, split):
+    for row in _read_hub(spec, split) if spec is not None else _read_any(path, split):
         if limit is not None and row.value is not None and (size := _text_size(row.value)) > limit:
             yield RawRow(row.ref, None, _too_large(row.ref, f"{size:,} characters of text", limit))
         else:
@@ -74,6 +79,10 @@ def _text_size(value: Any) -> int:
 def _read_any(path: Path, split: str | None) -> Iterator[RawRow]:
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
+    if path.is_dir() and is_dataset_repo(path):  # a clone of a dataset repository
+        label, rows = read_repo_folder(path, split)
+        yield from (_object_row(RowRef(label, i), v) for i, v in enumerate(rows, start=1))
+        return
     if path.is_dir():
         yield from _read_saved_dataset(path, split)
         return
@@ -88,6 +97,12 @@ def _read_any(path: Path, split: str | None) -> Iterator[RawRow]:
     if suffix not in readers:
         raise DataError(f"{path}: unknown data file type '{suffix}'; use {SUPPORTED}")
     yield from readers[suffix](path)
+
+
+def _read_hub(spec: HubSpec, split: str | None) -> Iterator[RawRow]:
+    label, rows = read_hub(spec, split)
+    for i, value in enumerate(rows, start=1):
+        yield _object_row(RowRef(label, i), value)
 
 
 def _object_row(ref: RowRef, value: Any) -> RawRow:

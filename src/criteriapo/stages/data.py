@@ -9,6 +9,7 @@ from pathlib import Path
 from criteriapo.config import CriteriaDataConfig, DataConfig, to_dict
 from criteriapo.criteria.pairs import RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
+from criteriapo.data.hub import parse_hub
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
 from criteriapo.errors import ConfigError
@@ -22,7 +23,7 @@ CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
 
 def data_paths(
     entries: list[str], model: str | None = None, maker: CriteriaDataConfig | None = None
-) -> list[Path]:
+) -> list[Path | str]:
     """Paths as given; ``builtin:NAME`` names a dataset the project makes itself: ``sft``,
     ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout``: replies
     sampled from ``model`` (the model DPO starts from, so the data is on-policy) with the settings
@@ -31,7 +32,7 @@ def data_paths(
     for e in entries:
         name = e.removeprefix("builtin:")
         if name == e:
-            out.append(Path(e))
+            out.append(e if parse_hub(e) is not None else Path(e))  # a Hub dataset stays a name
         elif name in CRITERIA_BUILTINS:
             if model is None:
                 raise ConfigError(f"{e} is sampled from the model DPO starts from; name it in dpo.data only")
