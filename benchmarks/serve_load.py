@@ -1,31 +1,30 @@
 """Load on ``criteriapo serve``: N concurrent clients, each sending requests one after another to
 /v1/chat/completions on the embedded model, against the same server generating one request at a
-time (``--max-batch 1``) as the baseline. The two servers run in this process (uvicorn in a
-thread, the same loaded model), one after the other for each client count, the same requests.
-Prints requests/s, completion tokens/s, p50/p95 latency and errors, and the batched server's
-requests/s over the baseline's.
+time (``--max-batch 1``) as the baseline. Each server is the real command in its own process
+(``criteriapo serve MODEL --max-batch B``), started for each client count, the same requests;
+the clients are threads of this process. Prints requests/s, completion tokens/s, p50/p95
+latency and errors, and the batched server's requests/s over the baseline's.
 
-    .venv/bin/python benchmarks/serve_load.py --clients 1 4 8 --requests 4 --max-tokens 64
+    .venv/bin/python benchmarks/serve_load.py --clients 1 4 8 --requests 3 --max-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from criteriapo.criteria.maker import draw_prompts  # noqa: E402
-from criteriapo.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from criteriapo.serve.app import Limits, build_app  # noqa: E402
-from criteriapo.serve.engine import Engine  # noqa: E402
-from tests.serve.conftest import running  # noqa: E402
+from criteriapo.criteria.maker import draw_prompts
 
 
 def load(base: str, clients: int, per_client: int, prompts: list[str], max_tokens: int) -> dict:
@@ -70,6 +69,34 @@ def load(base: str, clients: int, per_client: int, prompts: list[str], max_token
     }
 
 
+@contextlib.contextmanager
+def serving(model: str, max_batch: int, max_tokens: int) -> Iterator[tuple[str, dict]]:
+    """``criteriapo serve`` in its own process; yields its URL and, at the end, its /health."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", model, "--port", str(port), "--name", "m", "--max-batch", str(max_batch)]
+    args += ["--max-tokens", str(max_tokens), "--max-queue", "256"]
+    env = {**os.environ, "CRITERIAPO_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "criteriapo", *args], stdout=subprocess.DEVNULL, env=env)
+    base, health = f"http://127.0.0.1:{port}", {}
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(f"{base}/health")
+                break
+            except httpx.ConnectError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start (exit status {proc.poll()})") from None
+                time.sleep(0.2)
+        yield base, health
+        health.update(httpx.get(f"{base}/health").json())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2")
@@ -78,24 +105,28 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
     args = p.parse_args()
-    source = resolve_model(args.model)
-    model, tok = load_model(source.path), load_tokenizer(source.path)
     prompts = [d.text for d in draw_prompts(64, 3, 0.2)]
     rows = []
     for clients in args.clients:
         for label, batch in (("one at a time", 1), (f"batched (up to {args.max_batch})", args.max_batch)):
-            engine = Engine(model, tok, max_batch=batch, max_queue=256)
-            with running(build_app(engine, "m", Limits(max_tokens=args.max_tokens))) as base:
+            with serving(args.model, batch, args.max_tokens) as (base, health):
                 load(base, 1, 1, prompts, 4)  # warm-up
                 r = load(base, clients, args.requests, prompts, args.max_tokens)
-            engine.close()
-            rows.append((clients, label, r, engine.counts.largest_batch))
+            rows.append((clients, label, r, health.get("largest_batch")))
             print(
-                f"{clients} clients, {label}: {r} (largest batch {engine.counts.largest_batch})", flush=True
+                f"{clients} clients, {label}: {r} (largest batch {health.get('largest_batch')})", flush=True
             )
-    print(
-        "\n| clients | server | requests/s | tokens/s | p50 latency s | p95 latency s | errors | largest batch |"
-    )
+    cols = [
+        "clients",
+        "server",
+        "requests/s",
+        "tokens/s",
+        "p50 latency s",
+        "p95 latency s",
+        "errors",
+        "largest batch",
+    ]
+    print("\n| " + " | ".join(cols) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for clients, label, r, largest in rows:
         print(

@@ -211,3 +211,44 @@ def test_requests_batched_together_each_get_the_reply_they_get_alone(smollm2_tok
         model, tok, PROMPTS[1:2], [Sampling(max_new_tokens=9, temperature=1.0, seed=12)]
     )
     assert other_seed[0].text != together[1].text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "phi3", "olmo2"])
+def test_replies_joining_and_leaving_a_running_batch_are_the_replies_made_alone(arch, smollm2_tokenizer):
+    """Continuous batching: prompts that join between steps (their caches left-padded and stacked
+    onto the batch's) and replies that leave at their own limits (the batch cut and its padding
+    trimmed) give each reply exactly what it gets generated alone."""
+    from criteriapo.generation import prompt_ids
+    from criteriapo.generation.continuous import Request, RunningBatch, supported
+
+    tok = smollm2_tokenizer
+    model = zoo_model(arch, vocab_size=len(tok), initializer_range=0.5, init_std=0.5).eval()
+    assert supported(model)
+    more = [*PROMPTS, [{"role": "user", "content": "Name a colour, any colour at all."}]]
+    asked = [
+        Sampling(max_new_tokens=5),
+        Sampling(max_new_tokens=9, temperature=1.0, seed=11),
+        Sampling(max_new_tokens=6, temperature=0.7, top_p=0.9, top_k=20, seed=3),
+        Sampling(max_new_tokens=8),
+    ]
+    requests = [
+        Request(prompt_ids(tok, p), s, key=i) for i, (p, s) in enumerate(zip(more, asked, strict=True))
+    ]
+    batch = RunningBatch(model, tok)
+    done = dict(batch.add(requests[:2]))
+    for _ in range(2):
+        done.update(batch.step())
+    done.update(batch.add(requests[2:]))  # join a batch two tokens in
+    sizes = []
+    while len(batch):
+        sizes.append(len(batch))
+        done.update(batch.step())
+    assert sizes[0] == 4 and sizes[-1] == 1  # all four ran together, and left one by one
+    alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(more, asked, strict=True)]
+    assert [done[i] for i in range(4)] == alone
+
+
+def test_a_sliding_window_model_is_not_batched_continuously(smollm2_tokenizer):
+    from criteriapo.generation.continuous import supported
+
+    assert not supported(zoo_model("mistral", vocab_size=len(smollm2_tokenizer)))

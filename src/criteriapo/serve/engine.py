@@ -1,7 +1,10 @@
-"""One model serving many requests: requests wait in a bounded queue; a worker thread takes every
-waiting request (up to ``max_batch``) and generates their replies together in one batch, each with
-its own sampling settings, stop strings and seed, streaming each reply's text as it is settled.
-A request whose client has gone is cancelled: its row stops at the next token."""
+"""One model serving many requests: requests wait in a bounded queue; a worker thread generates
+their replies together, each with its own sampling settings, stop strings and seed, streaming each
+reply's text as it settles. With a model whose cache allows it, the batch is continuous
+(:mod:`criteriapo.generation.continuous`): waiting requests join the running batch between tokens
+(up to ``max_batch`` replies at once) and finished replies leave it; otherwise the waiting requests
+are generated together as one batch, and the next ones wait for it to end. A request whose client
+has gone is cancelled: its reply stops at the next token."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from criteriapo.generation import Reply, Sampling, generate_batch
+from criteriapo.generation.continuous import Request, RunningBatch, supported
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class Engine:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self.counts = Counts()
         self.running = 0
+        self.continuous = supported(model)
         self._thread = threading.Thread(target=self._work, name="criteriapo-engine", daemon=True)
         self._thread.start()
 
@@ -72,19 +77,27 @@ class Engine:
         self._queue.put(None)
         self._thread.join(timeout=60)
 
-    def _take(self) -> list[Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        jobs = [first]
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(jobs) < self.max_batch:
+    def _take(self, most: int, wait: bool) -> list[Job] | None:
+        """Up to ``most`` waiting jobs not cancelled; with ``wait``, block for the first, then give
+        others ``batch_wait_s`` to arrive. None when the engine is closing."""
+        jobs: list[Job] = []
+        if wait:
+            first = self._queue.get()
+            if first is None:
+                return None
+            jobs.append(first)
+        deadline = time.monotonic() + (self.batch_wait_s if wait else 0.0)
+        while len(jobs) < most:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                job = (
+                    self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    if wait
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 break
             if job is None:
-                self._queue.put(None)  # stop after this batch
+                self._queue.put(None)  # stop once the running replies are done
                 break
             jobs.append(job)
         live = [j for j in jobs if not j.cancel.is_set()]
@@ -95,9 +108,45 @@ class Engine:
         return live
 
     def _work(self) -> None:
-        while (jobs := self._take()) is not None:
+        if self.continuous:
+            self._work_continuously()
+            return
+        while (jobs := self._take(self.max_batch, wait=True)) is not None:
             if jobs:
                 self._run(jobs)
+
+    def _work_continuously(self) -> None:
+        batch = RunningBatch(self.model, self.tokenizer)
+        while True:
+            room = self.max_batch - len(batch)
+            jobs = self._take(room, wait=not len(batch)) if room else []
+            if jobs is None:
+                return
+            try:
+                if jobs:
+                    self.counts.batches += 1
+                    self._finish(
+                        batch.add([Request(j.prompt_ids, j.sampling, j, j.on_text, j.cancel) for j in jobs])
+                    )
+                self.running = len(batch)
+                self.counts.largest_batch = max(self.counts.largest_batch, len(batch))
+                self._finish(batch.step())
+            except Exception as e:  # every running request is told; the worker goes on
+                log.exception("generation failed for a batch of %d", len(batch) + len(jobs))
+                failed = {id(j): j for j in jobs} | {id(r.request.key): r.request.key for r in batch.rows}
+                self.counts.failed += len(failed)
+                for j in failed.values():
+                    j.on_done(None, e)
+                batch = RunningBatch(self.model, self.tokenizer)
+            self.running = len(batch)
+
+    def _finish(self, done: list[tuple[Job, Reply]]) -> None:
+        for job, reply in done:
+            if reply.finish_reason == "interrupted":
+                self.counts.cancelled += 1
+            else:
+                self.counts.served += 1
+            job.on_done(reply, None)
 
     def _run(self, jobs: list[Job]) -> None:
         self.running = len(jobs)
