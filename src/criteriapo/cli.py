@@ -41,6 +41,19 @@ def _models_list(args: argparse.Namespace) -> None:
         console.print(f"  {m.name}  {m.hf_id}  {state}\n      {m.description}", highlight=False)
 
 
+def _say_long_rows(report, args: argparse.Namespace) -> None:
+    console.print(f"rows longer than max_length {args.max_length} (cut to fit): {report.over_max_length}")
+    long = {"cut": report.prompts_cut, "drop": report.prompts_dropped}.get(args.long_prompts)
+    if long is not None:
+        done = "prompt cut from the start" if args.long_prompts == "cut" else "left out"
+        how = f"{done}, --long-prompts {args.long_prompts}"
+        console.print(
+            f"rows whose prompt alone reaches max_length ({how}): {long}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def _data_check(args: argparse.Namespace) -> int:
     from criteriapo.data.check import check_data
     from criteriapo.data.tokenize import ChatTokenizer
@@ -82,17 +95,7 @@ def _data_check(args: argparse.Namespace) -> int:
             table.add_row(*s.row())
         console.print(table)
         if args.max_length is not None:
-            over = report.over_max_length
-            console.print(f"rows longer than max_length {args.max_length} (cut to fit): {over}")
-            long = {"cut": report.prompts_cut, "drop": report.prompts_dropped}.get(args.long_prompts)
-            if long is not None:
-                done = "prompt cut from the start" if args.long_prompts == "cut" else "left out"
-                console.print(
-                    f"rows whose prompt alone reaches max_length ({done}, "
-                    f"--long-prompts {args.long_prompts}): {long}",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+            _say_long_rows(report, args)
     problems = report.problems
     if problems:
         console.print(f"[bold red]{len(problems)} problem(s):[/]")

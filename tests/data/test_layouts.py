@@ -165,3 +165,41 @@ def test_rows_a_layout_cannot_convert_are_named_once_by_kind(tmp_path):
     assert "4 of 7 rows cannot be used" in message
     assert "4 rows (4, 5, 6, 7), field 'conversations[0].from': unknown speaker 'narrator'" in message
     assert message.count("unknown speaker") == 1
+
+
+@pytest.mark.parametrize("layout", ["sharegpt", "hh-rlhf"])
+def test_dpo_trains_on_another_tools_file_as_it_is(layout, tmp_path, tiny_llama_dir, capsys):
+    """The files as their tools write them, named in the config, no conversion step."""
+    from criteriapo.cli import main
+
+    if layout == "sharegpt":
+        rows = [
+            {
+                "conversations": [{"from": "human", "value": f"Tell me about owls, part {i}."}],
+                "system": "Be brief.",
+                "chosen": {"from": "gpt", "value": f"Owls hunt at night ({i})."},
+                "rejected": {"from": "gpt", "value": f"Owls are fish ({i})."},
+            }
+            for i in range(6)
+        ]
+    else:
+        rows = [
+            {
+                "chosen": f"\n\nHuman: Tell me about owls, part {i}.\n\nAssistant: Owls hunt at night.",
+                "rejected": f"\n\nHuman: Tell me about owls, part {i}.\n\nAssistant: Owls are fish.",
+            }
+            for i in range(6)
+        ]
+    out = tmp_path / "run"
+    args = [
+        "dpo",
+        f"model.name_or_path={tiny_llama_dir}",
+        f"dpo.data.train=[{write(tmp_path, rows)}]",
+        "dpo.data.eval=[]",
+        "dpo.train.batch_size=2",
+        "dpo.train.micro_batch_size=2",
+        "dpo.train.max_steps=2",
+        f"output_dir={out}",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (out / "dpo" / "model" / "model.safetensors").exists()

@@ -56,12 +56,10 @@ def generate_batch(
     generated in left-padded batches of about ``batch_size`` sequences; the same seed gives the same
     replies. A prompt is a conversation (rendered by the tokenizer's chat template) or token ids.
 
-    ``sampling``: one setting for all, whose sampled draws come from
-    :class:`~criteriapo.generation.sampler.Sampler` with a generator of the batch's own (seeded
-    ``sampling.seed`` plus the batch's first prompt index), never the process's; or one per prompt
-    (with one sample each), each row drawn with its own seed by
-    :class:`~criteriapo.generation.sampler.RowSampler` and ended at its own ``max_new_tokens`` and
-    stop strings, as a server batches separate requests.
+    ``sampling``: one setting for all, drawn by :class:`~.sampler.Sampler` with a generator of the
+    batch's own (seeded ``sampling.seed`` plus the batch's first prompt index), never the process's;
+    or one per prompt (one sample each), each drawn with its own seed (:class:`~.sampler.RowSampler`)
+    and ended at its own ``max_new_tokens`` and stop strings.
 
     ``progress(n)`` is told of each ``n`` prompts answered; ``on_text(i, piece)`` of each settled
     piece of reply ``i`` as it is generated; setting ``interrupt`` (from another thread; one event
@@ -70,7 +68,7 @@ def generate_batch(
     With several samples, each prompt is computed once and its keys and values copied to its
     samples (:func:`_prefilled`) instead of computing the same prompt ``samples`` times."""
     import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
 
     per_row = not isinstance(sampling, Sampling)
     if per_row and (samples != 1 or len(sampling) != len(prompts)):
@@ -82,13 +80,7 @@ def generate_batch(
         chunk = prompts[start : start + per_batch]
         rows = list(sampling[start : start + per_batch]) if per_row else [sampling] * (len(chunk) * samples)
         enc = _left_padded(tokenizer, chunk, model.device)
-        settings: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if per_row and not all(r.greedy for r in rows):
-            settings["logits_processor"] = LogitsProcessorList([RowSampler(rows, model.device)])
-        elif not per_row and not sampling.greedy:
-            g = torch.Generator(model.device).manual_seed(sampling.seed + start)
-            sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, g)
-            settings["logits_processor"] = LogitsProcessorList([sampler])
+        settings = _settings(sampling if not per_row else rows, start, model.device)
         first = len(out)
         watch = _Watch([ReplyText(tokenizer, eos, r.stop, r.max_new_tokens) for r in rows])
         watch.on_text = None if on_text is None else lambda i, piece, first=first: on_text(first + i, piece)
@@ -108,6 +100,22 @@ def generate_batch(
         if isinstance(interrupt, threading.Event) and interrupt.is_set():
             break
     return out
+
+
+def _settings(sampling: Sampling | list[Sampling], start: int, device: Any) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy, or our sampler for the whole batch (one setting,
+    its generator seeded with the seed plus ``start``) or for each row (its own setting and seed)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    settings: dict[str, Any] = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    if isinstance(sampling, list) and not all(r.greedy for r in sampling):
+        settings["logits_processor"] = LogitsProcessorList([RowSampler(sampling, device)])
+    elif isinstance(sampling, Sampling) and not sampling.greedy:
+        g = torch.Generator(device).manual_seed(sampling.seed + start)
+        sampler = Sampler(sampling.temperature, sampling.top_k, sampling.top_p, g)
+        settings["logits_processor"] = LogitsProcessorList([sampler])
+    return settings
 
 
 def _events(
