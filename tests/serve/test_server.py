@@ -241,3 +241,32 @@ def test_concurrent_requests_are_generated_together(url):
         t.join()
     assert all(r.status_code == 200 for r in replies)
     assert max(before, httpx.get(f"{url}/health").json()["largest_batch"]) >= 2
+
+
+def test_a_model_that_cannot_batch_continuously_is_served_in_whole_batches(smollm2_tokenizer):
+    """A sliding-window model: requests waiting together are generated as one batch."""
+    from tests.zoo import zoo_model
+
+    model = zoo_model(
+        "mistral", vocab_size=len(smollm2_tokenizer), initializer_range=0.5, init_std=0.5
+    ).eval()
+    engine = Engine(model, smollm2_tokenizer, max_batch=4)
+    assert not engine.continuous
+    with running(build_app(engine, NAME)) as base:
+        asked = {"model": NAME, "messages": HI, "max_tokens": 5, "temperature": 0.0}
+        replies: list = [None] * 3
+        threads = [
+            threading.Thread(
+                target=lambda i=i: replies.__setitem__(
+                    i, httpx.post(f"{base}/v1/chat/completions", json=asked)
+                )
+            )
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5 for r in replies)
+        assert len({r.json()["choices"][0]["message"]["content"] for r in replies}) == 1  # greedy, one prompt
+    engine.close()

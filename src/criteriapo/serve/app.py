@@ -133,7 +133,7 @@ def _routes(app: Any, server: _Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        ids, sampling = server.chat_prompt(body), server.sampling(body)
+        sampling, ids = server.sampling(body), server.chat_prompt(body)  # the model first: a 404 before all
         if body.stream:
             events = server.stream(ids, sampling, body, chat=True)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -141,7 +141,7 @@ def _routes(app: Any, server: _Server) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        ids, sampling = server.text_prompt(body), server.sampling(body)
+        sampling, ids = server.sampling(body), server.text_prompt(body)
         if body.stream:
             events = server.stream(ids, sampling, body, chat=False)
             return StreamingResponse(events, media_type="text/event-stream")
