@@ -38,3 +38,23 @@ def write_criteria_data(folder: Path, prompts: int = 12, held_out: float = 0.25)
     for split, rs in rows.items():
         write_jsonl(folder / f"{split}.jsonl", rs)
     return folder
+
+
+def train_dpo_briefly(model_dir: Path, entry: str, out: Path, *overrides: str) -> int:
+    """``criteriapo dpo`` for two steps of two pairs on the data ``entry`` names (no eval data);
+    returns the exit status. The model folder is ``out/dpo/model``."""
+    from criteriapo.cli import main
+
+    return main(
+        [
+            "dpo",
+            f"model.name_or_path={model_dir}",
+            f'dpo.data.train=["{entry}"]',
+            "dpo.data.eval=[]",
+            "dpo.train.batch_size=2",
+            "dpo.train.micro_batch_size=2",
+            "dpo.train.max_steps=2",
+            f"output_dir={out}",
+            *overrides,
+        ]
+    )

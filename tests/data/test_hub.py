@@ -9,6 +9,7 @@ import pytest
 from criteriapo.data.hub import parse_hub
 from criteriapo.data.loading import read_data
 from criteriapo.errors import DataError
+from tests.helpers import train_dpo_briefly
 
 README = """---
 configs:
@@ -110,20 +111,9 @@ def test_local_paths_stay_local(tmp_path):
 
 @pytest.mark.parametrize("by", ["cache", "folder"])
 def test_dpo_trains_on_a_dataset_named_as_on_the_hub(by, hub_cache, tmp_path, tiny_llama_dir, capsys):
-    from criteriapo.cli import main
-
     entry = "hub:owner/prefs?split=train_prefs" if by == "cache" else str(write_repo(tmp_path / "clone"))
     out = tmp_path / "run"
-    args = [
-        "dpo",
-        f"model.name_or_path={tiny_llama_dir}",
-        f'dpo.data.train=["{entry}"]',
-        "dpo.data.eval=[]",
-        "dpo.data.split=train_prefs",
-        "dpo.train.batch_size=2",
-        "dpo.train.micro_batch_size=2",
-        "dpo.train.max_steps=2",
-        f"output_dir={out}",
-    ]
-    assert main(args) == 0, capsys.readouterr().err
+    assert train_dpo_briefly(tiny_llama_dir, entry, out, "dpo.data.split=train_prefs") == 0, (
+        capsys.readouterr().err
+    )
     assert (out / "dpo" / "model" / "model.safetensors").exists()

@@ -13,6 +13,7 @@ from criteriapo.data.loading import load_data, read_data
 from criteriapo.data.records import PreferenceExample, SFTExample, UnpairedExample
 from criteriapo.data.tokenize import TokenizeOptions, tokenize_examples
 from criteriapo.data.validation import BadRowsError
+from tests.helpers import train_dpo_briefly
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 Q1 = {"role": "user", "content": "What is an owl?"}
@@ -170,8 +171,6 @@ def test_rows_a_layout_cannot_convert_are_named_once_by_kind(tmp_path):
 @pytest.mark.parametrize("layout", ["sharegpt", "hh-rlhf"])
 def test_dpo_trains_on_another_tools_file_as_it_is(layout, tmp_path, tiny_llama_dir, capsys):
     """The files as their tools write them, named in the config, no conversion step."""
-    from criteriapo.cli import main
-
     if layout == "sharegpt":
         rows = [
             {
@@ -191,15 +190,5 @@ def test_dpo_trains_on_another_tools_file_as_it_is(layout, tmp_path, tiny_llama_
             for i in range(6)
         ]
     out = tmp_path / "run"
-    args = [
-        "dpo",
-        f"model.name_or_path={tiny_llama_dir}",
-        f"dpo.data.train=[{write(tmp_path, rows)}]",
-        "dpo.data.eval=[]",
-        "dpo.train.batch_size=2",
-        "dpo.train.micro_batch_size=2",
-        "dpo.train.max_steps=2",
-        f"output_dir={out}",
-    ]
-    assert main(args) == 0, capsys.readouterr().err
+    assert train_dpo_briefly(tiny_llama_dir, str(write(tmp_path, rows)), out) == 0, capsys.readouterr().err
     assert (out / "dpo" / "model" / "model.safetensors").exists()

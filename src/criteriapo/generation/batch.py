@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from criteriapo.data.records import Message
 from criteriapo.generation.options import GREEDY, Sampling
-from criteriapo.generation.replies import ReplyText
+from criteriapo.generation.replies import Reply, ReplyText
 from criteriapo.generation.sampler import RowSampler, Sampler
 
 OnText = Callable[[int, str], None]  # (reply index, new text)
 Prompt = list[Message] | list[int]  # a conversation (rendered by the chat template), or token ids
-
-
-@dataclass(frozen=True)
-class Reply:
-    text: str
-    finish_reason: str = "stop"  # stop (end of turn or a stop string), length, interrupted
-    tokens: int = 0  # generated, the end of turn not counted
-
-    @property
-    def cut_off(self) -> bool:
-        """The token limit stopped it before the model ended its reply."""
-        return self.finish_reason == "length"
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[Message]:
@@ -79,7 +66,7 @@ def generate_batch(
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start : start + per_batch]
         rows = list(sampling[start : start + per_batch]) if per_row else [sampling] * (len(chunk) * samples)
-        enc = _left_padded(tokenizer, chunk, model.device)
+        enc = left_padded(tokenizer, chunk, model.device)
         settings = _settings(sampling if not per_row else rows, start, model.device)
         first = len(out)
         watch = _Watch([ReplyText(tokenizer, eos, r.stop, r.max_new_tokens) for r in rows])
@@ -156,7 +143,7 @@ class _Watch:
                 piece = row.end("interrupted")
                 if piece and self.on_text is not None:
                     self.on_text(i, piece)
-            replies.append(Reply(row.text.strip(), row.finish, len(row.ids)))
+            replies.append(row.reply())
         return replies
 
 
@@ -171,7 +158,7 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     return list(prompt)
 
 
-def _left_padded(tokenizer: Any, prompts: Sequence[Prompt], device: Any) -> dict:
+def left_padded(tokenizer: Any, prompts: Sequence[Prompt], device: Any) -> dict:
     """The prompts' ids padded on the left (where generation needs the padding), without touching the
     tokenizer's own padding side."""
     import torch

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from criteriapo.generation.batch import Reply, eos_ids
+from criteriapo.generation.batch import eos_ids, left_padded
 from criteriapo.generation.options import Sampling
-from criteriapo.generation.replies import ReplyText
-from criteriapo.generation.sampler import Sampler
+from criteriapo.generation.replies import Reply, ReplyText
+from criteriapo.generation.sampler import draw
 
 
 def supported(model: Any) -> bool:
@@ -75,14 +75,8 @@ class RunningBatch:
         from transformers import DynamicCache
 
         device = self.model.device
-        width = max(len(r.prompt_ids) for r in requests)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor(
-            [[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], device=device
-        )
-        mask = torch.tensor(
-            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], device=device
-        )
+        enc = left_padded(self.tokenizer, [r.prompt_ids for r in requests], device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
             out = self.model(
@@ -149,8 +143,7 @@ class RunningBatch:
                 row.request.on_text(piece)
             if row.text.finish is not None:
                 row.done = True
-                reply = Reply(row.text.text.strip(), row.text.finish, len(row.text.ids))
-                finished.append((row.request.key, reply))
+                finished.append((row.request.key, row.text.reply()))
         return finished
 
     def _draw(self, row: _Row, scores: Any) -> int:
@@ -160,11 +153,7 @@ class RunningBatch:
 
             seen = torch.tensor([row.ids], device=scores.device)
             scores = RepetitionPenaltyLogitsProcessor(self.penalty)(seen, scores[None])[0]
-        s = row.request.sampling
-        if row.generator is None:
-            return int(scores.argmax())
-        drawn = Sampler(s.temperature, s.top_k, s.top_p, row.generator)(None, scores[None])
-        return int(drawn.argmax())
+        return draw(scores, row.request.sampling, row.generator)
 
     def _join(self, cache: Any, mask: Any, rows: list[_Row]) -> None:
         """Stack the new rows' cache and mask onto the batch's, both left-padded to the longer."""

@@ -4,9 +4,20 @@ the end of turn or before a stop string."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-FINISH_REASONS = ("stop", "length", "interrupted")  # end of turn or stop string; the token limit; stopped
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str = "stop"  # stop (end of turn or a stop string), length, interrupted
+    tokens: int = 0  # generated, the end of turn not counted
+
+    @property
+    def cut_off(self) -> bool:
+        """The token limit stopped it before the model ended its reply."""
+        return self.finish_reason == "length"
 
 
 class ReplyText:
@@ -46,6 +57,10 @@ class ReplyText:
         if self.finish is None:
             self.finish = reason
         return self._rest()
+
+    def reply(self) -> Reply:
+        """The finished reply: its text (stripped), why it ended, and its token count."""
+        return Reply(self.text.strip(), self.finish, len(self.ids))
 
     def _settled(self) -> str:
         text = self.text.rstrip("\ufffd")  # a character split across tokens is not there yet

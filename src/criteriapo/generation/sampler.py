@@ -47,11 +47,15 @@ class RowSampler:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        drawn = []
-        for row, s, g in zip(scores, self.settings, self.generators, strict=True):
-            if g is None:
-                drawn.append(row.argmax().view(1))
-            else:
-                drawn.append(Sampler(s.temperature, s.top_k, s.top_p, g)(None, row[None]).argmax(-1))
-        index = torch.cat(drawn).view(-1, 1)
+        rows = zip(scores, self.settings, self.generators, strict=True)
+        index = torch.tensor([[draw(row, s, g)] for row, s, g in rows], device=scores.device)
         return torch.full_like(scores, float("-inf")).scatter_(-1, index, 0.0)
+
+
+def draw(scores: Any, sampling: Any, generator: Any) -> int:
+    """One row's next token from its logits ``scores`` (V,): the most likely when ``generator`` is
+    None (greedy), else drawn by :class:`Sampler` with ``sampling``'s settings."""
+    if generator is None:
+        return int(scores.argmax())
+    s = sampling
+    return int(Sampler(s.temperature, s.top_k, s.top_p, generator)(None, scores[None]).argmax())

@@ -16,7 +16,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from criteriapo.errors import ConfigError
@@ -157,17 +157,13 @@ class _Server:
         self.created = int(time.time())
 
     def health(self) -> dict[str, Any]:
-        c, e = self.engine.counts, self.engine
+        e = self.engine
         return {
             "status": "ok",
             "model": self.model_id,
             "queued": e.queued,
             "running": e.running,
-            "served": c.served,
-            "cancelled": c.cancelled,
-            "failed": c.failed,
-            "batches": c.batches,
-            "largest_batch": c.largest_batch,
+            **asdict(e.counts),
         }
 
     def model_card(self) -> dict[str, Any]:

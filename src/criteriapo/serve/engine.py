@@ -131,14 +131,17 @@ class Engine:
                 self.running = len(batch)
                 self.counts.largest_batch = max(self.counts.largest_batch, len(batch))
                 self._finish(batch.step())
-            except Exception as e:  # every running request is told; the worker goes on
-                log.exception("generation failed for a batch of %d", len(batch) + len(jobs))
-                failed = {id(j): j for j in jobs} | {id(r.request.key): r.request.key for r in batch.rows}
-                self.counts.failed += len(failed)
-                for j in failed.values():
-                    j.on_done(None, e)
+            except Exception as e:  # noqa: BLE001 - every running request is told; the worker goes on
+                running = {id(r.request.key): r.request.key for r in batch.rows}
+                self._fail(list(({id(j): j for j in jobs} | running).values()), e)
                 batch = RunningBatch(self.model, self.tokenizer)
             self.running = len(batch)
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        log.exception("generation failed for a batch of %d", len(jobs))
+        self.counts.failed += len(jobs)
+        for j in jobs:
+            j.on_done(None, error)
 
     def _finish(self, done: list[tuple[Job, Reply]]) -> None:
         for job, reply in done:
@@ -162,17 +165,9 @@ class Engine:
                 on_text=lambda i, piece: jobs[i].on_text(piece) if jobs[i].on_text else None,
                 interrupt=[j.cancel for j in jobs],
             )
-        except Exception as e:
-            log.exception("generation failed for a batch of %d", len(jobs))
-            self.counts.failed += len(jobs)
-            for j in jobs:
-                j.on_done(None, e)
+        except Exception as e:  # noqa: BLE001 - each waiting request is told; the worker goes on
+            self._fail(jobs, e)
         else:
-            for j, reply in zip(jobs, replies, strict=True):
-                if reply.finish_reason == "interrupted":
-                    self.counts.cancelled += 1
-                else:
-                    self.counts.served += 1
-                j.on_done(reply, None)
+            self._finish(list(zip(jobs, replies, strict=True)))
         finally:
             self.running = 0
