@@ -68,6 +68,17 @@ def test_data_check_with_no_usable_row_fails(tmp_path, capsys):
     assert "no usable rows" in capsys.readouterr().out
 
 
+def test_data_check_reads_pairs_as_unpaired_rows_when_asked(tmp_path, capsys):
+    rows = [
+        {"prompt": "Q?", "completion": "A.", "label": True},
+        {"prompt": "R?", "chosen": "a", "rejected": "b"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["data", "check", str(path), "--model", "none", "--kind", "unpaired"]) == 0
+    out = capsys.readouterr().out
+    assert "format: unpaired" in out and "2 read, 3 usable" in out  # the pair as KTO reads it: two rows
+
+
 def test_data_check_strict_fails_on_problems(planted, capsys):
     assert main(["data", "check", str(planted), "--model", "none"]) == 0
     assert main(["data", "check", str(planted), "--model", "none", "--strict"]) == 1

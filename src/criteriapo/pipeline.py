@@ -14,6 +14,7 @@ from pathlib import Path
 
 from criteriapo.config import Config
 from criteriapo.criteria.pairs import RECIPES
+from criteriapo.data.formats import DataKind
 from criteriapo.data.loading import load_data
 from criteriapo.distributed import barrier, init_world
 from criteriapo.generation import Sampling, chat_messages, generate_batch
@@ -62,7 +63,7 @@ def _compare(cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str
     from criteriapo.eval.criteria import compare
 
     files = data_paths(cfg.dpo.data.eval, str(start), cfg.dpo.criteria_data)
-    held = load_data(files, kind="multi_criteria", on_bad_row="skip").examples
+    held = load_data(files, kind=DataKind.MULTI_CRITERIA, on_bad_row="skip").examples
     base = [("base", cfg.model.name_or_path)] if cfg.eval.compare_base and start_name != "base" else []
     models = [*base, (start_name, str(start)), *((name, str(stage.model_dir)) for name, stage in dpo.items())]
     compare(

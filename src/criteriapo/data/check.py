@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 
+from criteriapo.data.formats import DataKind
 from criteriapo.data.loading import LoadedData, read_data
 from criteriapo.data.readers import MAX_ROW_BYTES
 from criteriapo.data.records import BadRow, MultiCriteriaExample, PreferenceExample, RowProblem
@@ -41,7 +42,7 @@ class CheckReport:
 def check_data(
     path: str | Path,
     *,
-    kind: str = "auto",
+    kind: DataKind | str = "auto",
     split: str | None = None,
     tokenizer=None,
     max_length: int | None = None,
@@ -62,7 +63,7 @@ def check_data(
                 report.criteria[name] = report.criteria.get(name, 0) + 1
         elif isinstance(ex, PreferenceExample) and ex.criterion:
             report.criteria[ex.criterion] = report.criteria.get(ex.criterion, 0) + 1
-    if tokenizer is not None and loaded.kind != "multi_criteria":
+    if tokenizer is not None and loaded.kind != DataKind.MULTI_CRITERIA:
         limits = TokenizeOptions(max_length, max_prompt_length, long_prompts=long_prompts)
         _measure(report, tokenizer, limits)
     return report

@@ -7,12 +7,14 @@ Formats (TRL's vocabulary):
 - sft: ``messages``, ``prompt``/``completion``, or ``text``.
 - multi_criteria: UltraFeedback-style ``instruction`` (or ``prompt``) with ``completions``, each a
   ``response`` rated per aspect under ``ratings`` or ``annotations``.
+- unpaired: ``prompt``/``completion``/``label`` (KTO's); a preference pair is read as two such rows.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from enum import StrEnum
 from typing import Any
 
 from criteriapo.data.records import (
@@ -27,27 +29,37 @@ from criteriapo.data.records import (
     UnpairedExample,
 )
 
-KINDS = ("preference", "sft", "multi_criteria", "unpaired")
+
+class DataKind(StrEnum):
+    """What a dataset's rows hold. A member is its name as a string (``DataKind.SFT == "sft"``), so
+    configs, command-line arguments and JSON keep the plain names."""
+
+    PREFERENCE = "preference"
+    SFT = "sft"
+    MULTI_CRITERIA = "multi_criteria"
+    UNPAIRED = "unpaired"
+
+
 ROLES = ("system", "user", "assistant", "tool")
 PROMPT_END_ROLES = ("user", "tool")
 EXPECTED_FIELDS = {
-    "preference": "prompt (optional), chosen, rejected",
-    "sft": "messages, or prompt and completion, or text",
-    "multi_criteria": "instruction (or prompt) and completions",
-    "unpaired": "prompt, completion and label (true or false), or a preference pair",
+    DataKind.PREFERENCE: "prompt (optional), chosen, rejected",
+    DataKind.SFT: "messages, or prompt and completion, or text",
+    DataKind.MULTI_CRITERIA: "instruction (or prompt) and completions",
+    DataKind.UNPAIRED: "prompt, completion and label (true or false), or a preference pair",
 }
 
 
-def detect_kind(row: dict[str, Any]) -> str | None:
+def detect_kind(row: dict[str, Any]) -> DataKind | None:
     """The format a row looks like, from its field names alone."""
     if "completions" in row and ("instruction" in row or "prompt" in row):
-        return "multi_criteria"
+        return DataKind.MULTI_CRITERIA
     if "chosen" in row or "rejected" in row:
-        return "preference"
+        return DataKind.PREFERENCE
     if "label" in row and "completion" in row:
-        return "unpaired"
+        return DataKind.UNPAIRED
     if "messages" in row or "completion" in row or "text" in row:
-        return "sft"
+        return DataKind.SFT
     return None
 
 
@@ -393,14 +405,14 @@ def _kind_of(value: Any) -> str:
 
 
 PARSERS = {
-    "preference": (parse_preference, PreferenceExample),
-    "sft": (parse_sft, SFTExample),
-    "multi_criteria": (parse_multi_criteria, MultiCriteriaExample),
-    "unpaired": (parse_unpaired, UnpairedExample),
+    DataKind.PREFERENCE: (parse_preference, PreferenceExample),
+    DataKind.SFT: (parse_sft, SFTExample),
+    DataKind.MULTI_CRITERIA: (parse_multi_criteria, MultiCriteriaExample),
+    DataKind.UNPAIRED: (parse_unpaired, UnpairedExample),
 }
 
 
-def parse_row(kind: str, row: dict[str, Any], ref: RowRef):
+def parse_row(kind: DataKind, row: dict[str, Any], ref: RowRef):
     """Parse ``row`` as ``kind``; raises :class:`RowProblem` naming the field at fault."""
     found = detect_kind(row)
     if found is None:
@@ -409,7 +421,7 @@ def parse_row(kind: str, row: dict[str, Any], ref: RowRef):
             f"no recognised fields (found {', '.join(map(str, row)) or 'none'}); "
             f"expected {EXPECTED_FIELDS[kind]}",
         )
-    if kind == "unpaired" and found == "preference":  # KTO reads a pair as two labelled completions
+    if kind == DataKind.UNPAIRED and found == DataKind.PREFERENCE:  # KTO: a pair is two completions
         kind = found
     elif found != kind:
         raise RowProblem(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from criteriapo.data.formats import EXPECTED_FIELDS, KINDS, detect_kind, parse_row
+from criteriapo.data.formats import EXPECTED_FIELDS, DataKind, detect_kind, parse_row
 from criteriapo.data.layouts import Layout, detect_layout
 from criteriapo.data.readers import MAX_ROW_BYTES, RawRow, read_rows
 from criteriapo.data.records import BadRow, Example, PreferenceExample, RowProblem, split_pair
@@ -21,7 +21,7 @@ DETECT_ROWS = 1000  # rows looked at to decide the format of a file
 class LoadedData:
     """What a load produced: the good examples, the bad rows, and how many rows were read."""
 
-    kind: str
+    kind: DataKind
     examples: list[Example]
     bad_rows: list[BadRow]
     rows_read: int
@@ -29,7 +29,7 @@ class LoadedData:
     layout: str | None = None  # another tool's layout the rows were converted from
 
 
-def detect_format(rows: Sequence[RawRow]) -> str:
+def detect_format(rows: Sequence[RawRow]) -> DataKind:
     """The most common format among the readable rows."""
     votes = Counter(k for r in rows[:DETECT_ROWS] if r.value is not None and (k := detect_kind(r.value)))
     if not votes:
@@ -45,14 +45,15 @@ def detect_format(rows: Sequence[RawRow]) -> str:
 def read_data(
     paths: str | Path | Sequence[str | Path],
     *,
-    kind: str = "auto",
+    kind: DataKind | str = "auto",
     split: str | None = None,
     max_row_bytes: int | None = MAX_ROW_BYTES,
 ) -> LoadedData:
     """Read, detect and validate every row; bad rows are collected, no policy applied. A row over
-    ``max_row_bytes`` is a bad row, refused before it is parsed."""
-    if kind != "auto" and kind not in KINDS:
-        raise DataError(f"unknown data kind {kind!r}; expected auto or one of {', '.join(KINDS)}")
+    ``max_row_bytes`` is a bad row, refused before it is parsed. ``kind``: auto (the most common
+    format among the rows), or a :class:`DataKind` (or its name)."""
+    if kind != "auto" and kind not in tuple(DataKind):
+        raise DataError(f"unknown data kind {kind!r}; expected auto or one of {', '.join(DataKind)}")
     if isinstance(paths, str | Path):
         paths = [paths]
     rows = [r for p in paths for r in read_rows(p, split, max_row_bytes)]
@@ -62,9 +63,8 @@ def read_data(
     if layout is not None:
         rows = [_converted(r, layout) for r in rows]
     found = detect_format(rows)
-    if kind == "auto":
-        kind = found
-    elif kind == "preference" and found == "multi_criteria":
+    kind = found if kind == "auto" else DataKind(kind)
+    if kind == DataKind.PREFERENCE and found == DataKind.MULTI_CRITERIA:
         raise DataError(
             f"{', '.join(map(str, paths))} holds multi-criteria ratings (UltraFeedback-style), "
             "not preference pairs; build pairs from it with a recipe (vanilla, mini or finegrained)"
@@ -79,7 +79,7 @@ def read_data(
         except RowProblem as p:
             bad.append(BadRow(r.ref.file, r.ref.row, p.field, p.reason))
             continue
-        if kind == "unpaired" and isinstance(ex, PreferenceExample):
+        if kind == DataKind.UNPAIRED and isinstance(ex, PreferenceExample):
             examples.extend(split_pair(ex))
         else:
             examples.append(ex)
@@ -101,13 +101,13 @@ def _converted(row: RawRow, layout: Layout) -> RawRow:
 def load_data(
     paths: str | Path | Sequence[str | Path],
     *,
-    kind: str = "auto",
+    kind: DataKind | str = "auto",
     split: str | None = None,
     on_bad_row: str = "error",
     report_path: str | Path | None = None,
     max_row_bytes: int | None = MAX_ROW_BYTES,
 ) -> LoadedData:
-    """:func:`read_data`, then the bad-row policy. ``kind``: auto, preference, sft or multi_criteria."""
+    """:func:`read_data`, then the bad-row policy. ``kind``: auto or a :class:`DataKind`."""
     check_policy(on_bad_row)
     data = read_data(paths, kind=kind, split=split, max_row_bytes=max_row_bytes)
     policy = "error" if not data.examples else on_bad_row  # skipping everything leaves nothing to train on

@@ -1,5 +1,6 @@
 """The training stages, each from a model folder to a model folder: SFT (:mod:`.sft`), and DPO, ORPO
-and KTO (:mod:`.preference`), around the common sequence of :mod:`.common`.
+and KTO (:mod:`.preference`), each an entry of :data:`.methods.METHODS` run through the one sequence
+of :mod:`.common` (:func:`.common.run_stage`), which reads the entry.
 
 Each stage checks everything (config, model folder, data) before any long work, trains with the
 one loop, and ends in a run folder holding ``metrics.jsonl``, plots, ``bad_rows.jsonl`` when rows

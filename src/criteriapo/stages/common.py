@@ -1,5 +1,7 @@
-"""What every stage does around its training: check everything that can fail fast and load the
-model (:func:`prepare`), loggers and progress, and the end (plots, export with a model card)."""
+"""What every stage does around its training, whatever its method (read from its entry in
+:data:`criteriapo.stages.methods.METHODS`): check everything that can fail fast and load the model
+(:func:`prepare`), loggers and progress, and the end (plots, export with a model card); the sequence
+of them all is :func:`run_stage`."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from criteriapo.models.lora import apply_lora, for_export, trainable_parameters
 from criteriapo.models.training import disable_dropout, enable_activation_checkpointing
 from criteriapo.resume import FINISHED, guard_unfinished, record_finished, stage_checkpointer
 from criteriapo.stages.data import tokenized
-from criteriapo.stages.methods import method_of
+from criteriapo.stages.methods import Method
 from criteriapo.tracking.loggers import Loggers, build_loggers
 from criteriapo.tracking.plots import plot_run
 from criteriapo.tracking.progress import ProgressBar
@@ -73,8 +75,7 @@ class Prepared:
 def prepare(
     cfg: Config,
     model_spec: str,
-    stage: SFTConfig | DPOConfig,
-    kind: str,
+    method: Method,
     run_dir: Path,
     recipe: str | None = None,
     resume: bool = False,
@@ -82,12 +83,12 @@ def prepare(
 ) -> Prepared:
     """Every check that can fail fast, in order: checkpoints, model folder, data, then the weights,
     then the guard (our log-probs and packing against the model's own forward)."""
-    world = world or init_world()
-    check_batch(world, stage.train.batch_size, stage.train.micro_batch_size, kind)
+    world, stage, section = world or init_world(), method.config(cfg), method.section
+    check_batch(world, stage.train.batch_size, stage.train.micro_batch_size, section)
     guard_unfinished(run_dir / "checkpoints", resume, world)
     source, tokenizer, chat = chat_tokenizer(cfg, model_spec)
     if not stage.data.train:
-        raise ConfigError(f"{kind}.data.train is empty: name at least one data file (or builtin:NAME)")
+        raise ConfigError(f"{section}.data.train is empty: name at least one data file (or builtin:NAME)")
     run_dir.mkdir(parents=True, exist_ok=True)
     # a rerun into the same folder starts clean; a resumed one keeps its metrics (trimmed later)
     for stale in (
@@ -97,34 +98,27 @@ def prepare(
     ):
         (run_dir / stale).unlink(missing_ok=True)
     barrier(world)
-    method = method_of(stage) if kind == "dpo" else None
-    data_kind = method.data_kind if method else "sft"
+    kind = method.data_kind
     ropts = recipe_options(stage) if recipe else None
     report = run_dir if world.main else None  # one report, from rank 0
-    made = (model_spec, stage.criteria_data) if kind == "dpo" else (None, None)
+    made = (model_spec, stage.criteria_data) if method.criteria else (None, None)
     counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
-    train = tokenized(
-        stage.data, stage.data.train, data_kind, chat, report, recipe, ropts, *made, counts["train"]
-    )
-    evals = tokenized(
-        stage.data, stage.data.eval, data_kind, chat, report, recipe, ropts, *made, counts["eval"]
-    )
-    if method is not None:
-        method.prepare(train, evals, stage)
+    train = tokenized(stage.data, stage.data.train, kind, chat, report, recipe, ropts, *made, counts["train"])
+    evals = tokenized(stage.data, stage.data.eval, kind, chat, report, recipe, ropts, *made, counts["eval"])
+    method.prepare(train, evals, stage)
     seed_everything(stage.train.seed)
-    model, precision = _load_for_training(cfg, source, stage, kind, world)
-    probe = method.as_pairs(train[:8]) if method else train
-    packing = guard_model(model, probe, kind, tokenizer.pad_token_id, stage.train.packing)
+    model, precision = _load_for_training(cfg, source, method, world)
+    probe = method.as_pairs(train[:8])
+    packing = guard_model(model, probe, section, tokenizer.pad_token_id, stage.train.packing)
     if world.distributed:
         model = shard(model, fsdp_dtype(precision))
     return Prepared(source, tokenizer, model, train, evals, precision, packing, counts)
 
 
-def _load_for_training(
-    cfg: Config, source: ModelSource, stage: SFTConfig | DPOConfig, kind: str, world: World
-):
+def _load_for_training(cfg: Config, source: ModelSource, method: Method, world: World):
     """The weights in the stage's precision on its device, with activation checkpointing, LoRA and
     dropout as configured; bf16-true checked to keep the learning rate's updates."""
+    stage = method.config(cfg)
     device = device_for(world, cfg.model.device)
     precision = resolve_precision(
         stage.train.precision, pick_dtype(cfg.model.dtype, pick_device(device)), stage.lora.enabled
@@ -138,10 +132,10 @@ def _load_for_training(
         model = apply_lora(model, stage.lora)
         trainable, total = trainable_parameters(model)
         log.info("LoRA: %d of %d parameters train (%.2f%%)", trainable, total, 100 * trainable / total)
-    if kind == "dpo" and stage.disable_dropout:  # after LoRA: its adapters have dropout of their own
+    if method.dropout_off(stage):  # after LoRA: its adapters have dropout of their own
         disable_dropout(model)
     if precision.name == "bf16-true":
-        check_updates_survive(model, stage.optim, kind)
+        check_updates_survive(model, stage.optim, method.section)
     return model, precision
 
 
@@ -243,8 +237,7 @@ class Started:
 def begin(
     cfg: Config,
     model_spec: str,
-    stage: SFTConfig | DPOConfig,
-    kind: str,
+    method: Method,
     run_dir: Path,
     recipe: str | None = None,
     resume: bool = False,
@@ -252,10 +245,11 @@ def begin(
     """Every stage's start: :func:`prepare`, then its checkpointer, and on resume what it finds."""
     t0 = time.perf_counter()
     world = init_world()
-    prep = prepare(cfg, model_spec, stage, kind, run_dir, recipe, resume, world)
-    run = {"recipe": recipe} if kind == "dpo" else {}
+    prep = prepare(cfg, model_spec, method, run_dir, recipe, resume, world)
+    run = {"recipe": recipe} if method.criteria else {}
+    stage = method.config(cfg)
     ck, latest, done = stage_checkpointer(
-        cfg, kind, stage, model_spec, run_dir, prep.train, world, resume, **run
+        cfg, method.section, stage, model_spec, run_dir, prep.train, world, resume, **run
     )
     return Started(prep, world, ck, latest, done, t0)
 
@@ -275,6 +269,8 @@ class Plan:
     # after training, the stage's own results (kept in finished.json) from the metrics (it may add
     # to them) and the final evaluation's scores of the eval examples (the trainer's eval_scores)
     results: Callable[[dict[str, float], Any], dict[str, Any]] | None = None
+    # the seconds before training, from the stage's start: prepare (and the preference stages' reference)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def train_and_export(
@@ -319,3 +315,31 @@ def train_and_export(
     done = {"metrics": metrics, "data": prep.data_counts, **results}
     record_finished(run_dir, s.checkpointer, done, keep, world)
     return model_dir, metrics, results, {"train": t1 - t0, "export": time.perf_counter() - t1}
+
+
+def run_stage(
+    cfg: Config,
+    method: Method,
+    model_spec: str,
+    run_dir: Path,
+    plan: Callable[[Started], Plan],
+    recipe: str | None = None,
+    resume: bool = False,
+) -> StageResult:
+    """The sequence of every stage, SFT and the preference methods alike: :func:`begin` (checks, data,
+    model, checkpointer); unless the same run finished before, ``plan`` (the method's task, after the
+    work it needs first: the preference stages score their reference), then :func:`train_and_export`."""
+    s = begin(cfg, model_spec, method, run_dir, recipe, resume)
+    if s.done is not None:
+        seconds = {"prepare": time.perf_counter() - s.t0}
+        return StageResult(run_dir, run_dir / "model", s.done["metrics"], seconds, *_evaluations(s.done))
+    p = plan(s)
+    stage = method.config(cfg)
+    model_dir, metrics, results, seconds = train_and_export(cfg, stage, method.name, run_dir, s, p)
+    return StageResult(run_dir, model_dir, metrics, {**p.seconds, **seconds}, *_evaluations(results))
+
+
+def _evaluations(results: dict[str, Any]) -> tuple[PreferenceEval | None, PreferenceEval | None]:
+    """The held-out preference before and after training, where the stage's results have them."""
+    before, after = (PreferenceEval(**results[k]) if results.get(k) else None for k in ("before", "after"))
+    return before, after

@@ -9,6 +9,7 @@ from pathlib import Path
 from criteriapo.config import CriteriaDataConfig, DataConfig, to_dict
 from criteriapo.criteria.pairs import RecipeOptions, build_pairs
 from criteriapo.data.builtin import builtin_path
+from criteriapo.data.formats import DataKind
 from criteriapo.data.hub import parse_hub
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
@@ -75,7 +76,7 @@ def tokenize_options(data: DataConfig) -> TokenizeOptions:
 def tokenized(
     data: DataConfig,
     files: list[str],
-    kind: str,
+    kind: DataKind,
     tok: ChatTokenizer,
     run_dir: Path | None,
     recipe: str | None = None,
@@ -92,7 +93,7 @@ def tokenized(
     report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
     loaded = load_data(
         data_paths(files, model, maker),
-        kind="multi_criteria" if recipe else kind,
+        kind=DataKind.MULTI_CRITERIA if recipe else kind,
         split=data.split,
         on_bad_row=data.on_bad_row,
         report_path=report,

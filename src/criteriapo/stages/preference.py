@@ -8,6 +8,7 @@ import logging
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from criteriapo.config import Config, DPOConfig
 from criteriapo.criteria.pairs import RECIPES
+from criteriapo.data.formats import DataKind
 from criteriapo.distributed import (
     World,
     barrier,
@@ -22,8 +24,7 @@ from criteriapo.distributed import (
     shard,
 )
 from criteriapo.errors import ConfigError
-from criteriapo.eval.preference import PreferenceEval, preference_eval
-from criteriapo.losses.dpo import loss_spec
+from criteriapo.eval.preference import preference_eval
 from criteriapo.models import load_model, load_tokenizer
 from criteriapo.models.loading import ModelSource
 from criteriapo.models.lora import adapters_off, is_lora
@@ -33,20 +34,18 @@ from criteriapo.stages.common import (
     Plan,
     StageResult,
     Started,
-    begin,
     chat_tokenizer,
     fsdp_dtype,
     recipe_options,
-    train_and_export,
+    run_stage,
 )
 from criteriapo.stages.data import CRITERIA_BUILTINS, tokenized
-from criteriapo.stages.methods import check_method, method_of
+from criteriapo.stages.methods import Reference, check_method, method_of
 from criteriapo.tracking.progress import work_progress
 from criteriapo.train.checkpoint import Checkpoint
 from criteriapo.train.guard import guard_model
 from criteriapo.train.precision import Precision
 from criteriapo.train.scores import PairScores, score_pairs
-from criteriapo.train.tasks import DPOTask
 
 log = logging.getLogger(__name__)
 
@@ -86,33 +85,19 @@ def references(
     precision: Precision,
     packing: bool,
 ):
-    """Reference scores of the train and eval pairs, or a frozen reference model (sharded like the
-    policy under FSDP2), or neither. Scored under the policy's precision, so that a reference equal
-    to the starting weights gives log-ratios of exactly zero at step 1."""
+    """The reference the method's entry names (:class:`Reference`): scores of the train and eval
+    pairs, or a model scoring each batch (the policy with its adapters off, or a frozen one sharded
+    like the policy under FSDP2), or neither. Scored under the policy's precision, so that a reference
+    equal to the starting weights gives log-ratios of exactly zero at step 1."""
     d, mbs = cfg.dpo, cfg.dpo.train.micro_batch_size
-    if d.reference_free or (d.loss_type != "kto" and loss_spec(d.loss_type).reference_free):
+    reference = method_of(d).reference(d)
+    if reference is Reference.NONE:
         return None, None, None
-    if not d.precompute_ref_log_probs and is_lora(model) and not d.ref_model:
+    if reference is Reference.ADAPTERS_OFF:
+        assert is_lora(model), "dpo.lora.enabled, yet the policy has no adapters"
         return None, None, model  # the policy with its adapters off scores each batch: no copy
-    if not d.precompute_ref_log_probs or d.ref_model:  # a frozen copy, or another model
-        ref = load_model(
-            d.ref_model or source,
-            dtype=precision.weights,
-            device=device_for(world, cfg.model.device),
-            trust_remote_code=cfg.model.trust_remote_code,
-        )
-        ref.requires_grad_(False)
-        if d.disable_dropout:
-            disable_dropout(ref)
-        ref_packing = guard_model(ref, train, "dpo", pad, packing)
-        if packing and not ref_packing and not d.precompute_ref_log_probs:
-            raise ConfigError(
-                f"dpo.ref_model {d.ref_model} cannot take the packed rows the policy's batches use: set "
-                "dpo.train.packing: false, or dpo.precompute_ref_log_probs: true (it is then scored padded)"
-            )
-        if packing and not ref_packing:
-            log.warning("dpo.ref_model: scored with one padded row per sequence")
-        ref = shard(ref, fsdp_dtype(precision)) if world.distributed else ref
+    if reference is Reference.FROZEN_MODEL:  # a frozen copy, or another model
+        ref, ref_packing = _frozen_reference(cfg, source, train, pad, world, precision, packing)
         if not d.precompute_ref_log_probs:
             return None, None, ref
         return (
@@ -129,6 +114,38 @@ def references(
         ) as advance,
     ):
         return score_pairs(model, train, pad, mbs, cache, packing, precision, advance), start_eval, None
+
+
+def _frozen_reference(
+    cfg: Config,
+    source: ModelSource,
+    train: list,
+    pad: int,
+    world: World,
+    precision: Precision,
+    packing: bool,
+):
+    """dpo.ref_model, or a copy of the starting weights, loaded frozen in the policy's precision
+    (sharded like it under FSDP2), and whether it takes packed rows."""
+    d = cfg.dpo
+    ref = load_model(
+        d.ref_model or source,
+        dtype=precision.weights,
+        device=device_for(world, cfg.model.device),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    ref.requires_grad_(False)
+    if d.disable_dropout:
+        disable_dropout(ref)
+    ref_packing = guard_model(ref, train, "dpo", pad, packing)
+    if packing and not ref_packing and not d.precompute_ref_log_probs:
+        raise ConfigError(
+            f"dpo.ref_model {d.ref_model} cannot take the packed rows the policy's batches use: set "
+            "dpo.train.packing: false, or dpo.precompute_ref_log_probs: true (it is then scored padded)"
+        )
+    if packing and not ref_packing:
+        log.warning("dpo.ref_model: scored with one padded row per sequence")
+    return (shard(ref, fsdp_dtype(precision)) if world.distributed else ref), ref_packing
 
 
 @dataclass
@@ -203,7 +220,21 @@ def _check_ref_vocabulary(cfg: Config, model_spec: str, tokenizer) -> None:
         )
 
 
-def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan:
+def _reference_and_plan(
+    cfg: Config, model_spec: str, recipe: str | None, ref_cache: dict | None, s: Started
+) -> Plan:
+    """After :func:`begin`: a reference model's vocabulary checked, the reference scored, the plan."""
+    _check_ref_vocabulary(cfg, model_spec, s.prep.tokenizer)
+    t1 = time.perf_counter()
+    method = method_of(cfg.dpo)
+    # scored and cached as pairs; KTO's as its completions, then its KL completions
+    train, evals = method.as_pairs(s.prep.train), method.as_pairs(s.prep.evals)
+    refs = _score_references(cfg, s, train, evals, ref_cache)
+    seconds = {"prepare": t1 - s.t0, "reference": time.perf_counter() - t1}
+    return _plan(cfg, s, refs, recipe, seconds)
+
+
+def _plan(cfg: Config, s: Started, refs: References, recipe: str | None, seconds: dict[str, float]) -> Plan:
     """The task (DPOTask, or KTOTask for unpaired rows) with its reference, and the before / after
     evaluation on held-out pairs: the starting model is its own reference (reward accuracy 0); after,
     the trainer's final evaluation scored every held-out pair with the trained weights."""
@@ -216,11 +247,12 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
     eval_task = (
         cls(d, pad, vocab, reference=refs.eval, ref_model=refs.model, packing=prep.packing) if evals else None
     )
+    ref_kind = method.reference(d)
     reference = refs.eval if refs.eval is not None else (None if d.ref_model else refs.start_eval)
-    reference = None if task.reference_free else reference
+    reference = None if ref_kind is Reference.NONE else reference
 
     def results(metrics: dict[str, float], scores: PairScores | None) -> dict[str, Any]:
-        if not evals or method.data_kind != "preference":  # KTO's: its loss and metrics (eval/...)
+        if not evals or method.data_kind != DataKind.PREFERENCE:  # KTO's: its loss and metrics (eval/...)
             return {}
         before = preference_eval(refs.start_eval, evals, reference, d.beta)
         after = preference_eval(scores, evals, reference, d.beta)
@@ -234,9 +266,10 @@ def _plan(cfg: Config, s: Started, refs: References, recipe: str | None) -> Plan
         label=f"{method.name} ({d.loss_type})",
         method=method.describe(d, recipe),
         eval_task=eval_task,
-        notes=[f"Reference model: {reference_note(d, task)}"],
+        notes=[f"Reference model: {reference_note(d, ref_kind)}"],
         extra_state=refs.state(),
         results=results,
+        seconds=seconds,
     )
 
 
@@ -260,22 +293,8 @@ def run_dpo(
         )
     method = method_of(d)
     run_dir = Path(run_dir or Path(cfg.output_dir) / method.folder(recipe))
-    s = begin(cfg, model_spec, d, "dpo", run_dir, recipe, resume)
-    if s.done is not None:
-        before, after = (PreferenceEval(**s.done[k]) if s.done.get(k) else None for k in ("before", "after"))
-        seconds = {"prepare": time.perf_counter() - s.t0}
-        return StageResult(run_dir, run_dir / "model", s.done["metrics"], seconds, before, after)
-    _check_ref_vocabulary(cfg, model_spec, s.prep.tokenizer)
-    t1 = time.perf_counter()
-    # scored and cached as pairs; KTO's as its completions, then its KL completions
-    train, evals = method.as_pairs(s.prep.train), method.as_pairs(s.prep.evals)
-    refs = _score_references(cfg, s, train, evals, ref_cache)
-    t2 = time.perf_counter()
-    plan = _plan(cfg, s, refs, recipe)
-    model_dir, metrics, results, seconds = train_and_export(cfg, d, method.name, run_dir, s, plan)
-    before, after = (PreferenceEval(**results[k]) if k in results else None for k in ("before", "after"))
-    times = {"prepare": t1 - s.t0, "reference": t2 - t1, **seconds}
-    return StageResult(run_dir, model_dir, metrics, times, before, after)
+    plan = partial(_reference_and_plan, cfg, model_spec, recipe, ref_cache)
+    return run_stage(cfg, method, model_spec, run_dir, plan, recipe, resume)
 
 
 def saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
@@ -292,8 +311,9 @@ def saved_scores(ckpt: Checkpoint | None) -> dict[str, PairScores]:
     return {k: sc for k, name in names.items() if (sc := PairScores.from_state(tensors, name)) is not None}
 
 
-def reference_note(d: DPOConfig, task: DPOTask) -> str:
-    if task.reference_free:
+def reference_note(d: DPOConfig, reference: Reference) -> str:
+    """The model card's line on the reference (``reference``: the method's, from ``d``)."""
+    if reference is Reference.NONE:
         return "none (reference-free)"
     where = d.ref_model or "the starting weights" + (" (LoRA adapters off)" if d.lora.enabled else "")
     return f"{where}, log-probs precomputed" if d.precompute_ref_log_probs else f"{where}, kept frozen"
