@@ -4,10 +4,15 @@ keep coming (continuous batching). Each reply keeps its own sampling settings, s
 strings; its text streams as it settles (:class:`~criteriapo.generation.replies.ReplyText`).
 
 The batch's keys and values are one cache, left-padded to its longest row; a joining prompt is
-computed alone (its prefill), then padded and stacked onto the batch; a leaving row is cut out, and
-padding no row needs any more is trimmed. Models whose cache is not a plain per-layer key/value
-cache (sliding windows, state-space layers) cannot join this way: :func:`supported` says so, and
-:func:`~criteriapo.generation.batch.generate_batch` serves them instead."""
+computed apart from the batch (its prefill), then padded and stacked onto the batch; a leaving row
+is cut out, and padding no row needs any more is trimmed. Keys and values depend only on the tokens
+before them, so a prompt that starts with the batch's shared prefix (the tokens a chat template
+renders before any user text, checked token by token) is computed from the prefix's cached keys
+and values on: only its own tokens are new. Its padding then sits between the prefix and the rest,
+where the mask hides it and positions (cumsum(mask) - 1) skip it. Models whose cache is not a plain
+per-layer key/value cache (sliding windows, state-space layers) cannot join this way:
+:func:`supported` says so, and :func:`~criteriapo.generation.batch.generate_batch` serves them
+instead."""
 
 from __future__ import annotations
 
@@ -16,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from criteriapo.generation.batch import eos_ids, left_padded
+from criteriapo.generation.batch import eos_ids, left_padded, prompt_ids
 from criteriapo.generation.options import Sampling
 from criteriapo.generation.replies import Reply, ReplyText
-from criteriapo.generation.sampler import draw
+from criteriapo.generation.sampler import draw_rows
 
 
 def supported(model: Any) -> bool:
@@ -29,6 +34,21 @@ def supported(model: Any) -> bool:
 
     layers = DynamicCache(config=model.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def template_prefix(tokenizer: Any) -> list[int]:
+    """The token ids the tokenizer's chat template renders before a user's text in a conversation
+    that opens with it (SmolLM2's: its default system prompt and the user's header): the common
+    start of two rendered one-message conversations. Empty without a chat template or where the
+    template refuses a lone user message."""
+    if not getattr(tokenizer, "chat_template", None):
+        return []
+    try:
+        a, b = (prompt_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("A", "Z"))
+    except Exception:  # noqa: BLE001 - the template's own errors (jinja's): no prefix to share
+        return []
+    same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    return a[:same]
 
 
 @dataclass
@@ -54,13 +74,19 @@ class _Row:
 
 
 class RunningBatch:
-    def __init__(self, model: Any, tokenizer: Any):
+    """The running replies of a model whose cache is :func:`supported`. ``prefix``: the token ids
+    whose keys and values joining prompts that start with them share (computed once, on first use);
+    by default the chat template's (:func:`template_prefix`), ``()`` for none."""
+
+    def __init__(self, model: Any, tokenizer: Any, prefix: Sequence[int] | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.eos = eos_ids(model, tokenizer)
         penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
         self.penalty = (
             penalty if penalty not in (None, 1.0) else None
         )  # the model's own, as generate applies it
+        self.prefix = list(template_prefix(tokenizer) if prefix is None else prefix)
+        self._prefix_kv: list[tuple[Any, Any]] | None = None  # per layer: keys, values (1, H, P, D)
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: Any = None  # (B, T): which cached positions are real tokens
@@ -69,29 +95,30 @@ class RunningBatch:
         return len(self.rows)
 
     def add(self, requests: Sequence[Request]) -> list[tuple[Any, Reply]]:
-        """Compute the requests' prompts and draw each one's first token; those not finished by it join
-        the batch. Returns the replies that ended at once."""
-        import torch
-        from transformers import DynamicCache
+        """Compute the requests' prompts together and draw each one's first token; those not finished
+        by it join the batch. Returns the replies that ended at once.
 
-        device = self.model.device
-        enc = left_padded(self.tokenizer, [r.prompt_ids for r in requests], device)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        A prompt that starts with the shared prefix is computed from the prefix's keys and values
+        on; the others are computed whole, in the same forward pass, the prefix's columns masked out
+        for them (one pass over the weights for all joining prompts)."""
+        import torch
+
         rows = [self._row(r) for r in requests]
-        finished = self._advance(rows, out.logits[:, -1])
+        shared = [self._starts_with_prefix(r.prompt_ids) for r in requests]
+        skip = len(self.prefix) if any(shared) else 0
+        rests = [r.prompt_ids[skip:] if s else r.prompt_ids for r, s in zip(requests, shared, strict=True)]
+        enc = left_padded(self.tokenizer, rests, self.model.device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if skip:  # (n, P + T): the prefix (masked where a prompt lacks it), the padding, the rest
+            cache = self._prefix_cache(len(rows))
+            past = torch.tensor(shared, dtype=mask.dtype, device=mask.device)[:, None].expand(-1, skip)
+            mask = torch.cat([past, mask], dim=1)
+        else:
+            cache = self._new_cache()
+        finished = self._advance(rows, self._forward(ids, mask, cache))
         keep = [i for i, row in enumerate(rows) if not row.done]
         if keep:
-            index = torch.tensor(keep, device=device)
+            index = torch.tensor(keep, device=mask.device)
             cache.batch_select_indices(index)
             self._join(cache, mask[index], [rows[i] for i in keep])
         return finished
@@ -106,16 +133,10 @@ class RunningBatch:
         mask = torch.cat(
             [self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=device)], dim=1
         )
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([[row.last] for row in self.rows], device=device),
-                attention_mask=mask,
-                position_ids=(mask.sum(-1, keepdim=True) - 1),
-                cache=self.cache,
-                use_cache=True,
-            )
+        ids = torch.tensor([[row.last] for row in self.rows], device=device)
+        logits = self._forward(ids, mask, self.cache)
         self.mask = mask
-        finished = self._advance(self.rows, out.logits[:, -1])
+        finished = self._advance(self.rows, logits)
         if finished:
             self._leave()
         return finished
@@ -128,11 +149,57 @@ class RunningBatch:
         text = ReplyText(self.tokenizer, self.eos, r.sampling.stop, r.sampling.max_new_tokens)
         return _Row(r, text, list(r.prompt_ids), g)
 
+    def _starts_with_prefix(self, ids: list[int]) -> bool:
+        """Whether the prompt is the prefix and more (the last prompt token gives the first logits)."""
+        n = len(self.prefix)
+        return 0 < n < len(ids) and ids[:n] == self.prefix
+
+    def _forward(self, ids: Any, mask: Any, cache: Any) -> Any:
+        """The next-token logits (B, V) after ``ids`` (B, T), whose keys and values join ``cache``;
+        ``mask`` (B, past + T) marks the real tokens of both, and positions count only those."""
+        import torch
+
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[1] - ids.shape[1] :]
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1]
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _prefix_cache(self, n: int) -> Any:
+        """A cache holding the prefix's keys and values ``n`` times (computed on the first call)."""
+        import torch
+
+        if self._prefix_kv is None:
+            ids = torch.tensor([self.prefix], device=self.model.device)
+            cache = self._new_cache()
+            self._forward(ids, torch.ones_like(ids), cache)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        cache = self._new_cache()
+        with torch.inference_mode():
+            for i, (keys, values) in enumerate(self._prefix_kv):  # update copies: the prefix stays
+                cache.update(keys.expand(n, -1, -1, -1), values.expand(n, -1, -1, -1), i)
+        return cache
+
     def _advance(self, rows: list[_Row], logits: Any) -> list[tuple[Any, Reply]]:
-        """Each row's next token from its logits: fed to its text, which may end it."""
+        """Each row's next token from its logits (all rows' drawn at once): fed to its text, which
+        may end it."""
+        scores = logits.float()
+        if self.penalty is not None:
+            scores = self._penalized(rows, scores)
+        tokens = draw_rows(scores, [row.request.sampling for row in rows], [row.generator for row in rows])
         finished = []
-        for row, scores in zip(rows, logits.float(), strict=True):
-            token = self._draw(row, scores)
+        for row, token in zip(rows, tokens.tolist(), strict=True):
             row.ids.append(token)
             row.last = token
             piece = row.text.add(token)
@@ -146,14 +213,17 @@ class RunningBatch:
                 finished.append((row.request.key, row.text.reply()))
         return finished
 
-    def _draw(self, row: _Row, scores: Any) -> int:
-        if self.penalty is not None:
-            import torch
-            from transformers import RepetitionPenaltyLogitsProcessor
+    def _penalized(self, rows: list[_Row], scores: Any) -> Any:
+        """The model's repetition penalty on each row's tokens so far, as ``generate`` applies it;
+        rows padded with their own first token, which repeats a token already counted."""
+        import torch
+        from transformers import RepetitionPenaltyLogitsProcessor
 
-            seen = torch.tensor([row.ids], device=scores.device)
-            scores = RepetitionPenaltyLogitsProcessor(self.penalty)(seen, scores[None])[0]
-        return draw(scores, row.request.sampling, row.generator)
+        width = max(len(row.ids) for row in rows)
+        seen = torch.tensor(
+            [row.ids + row.ids[:1] * (width - len(row.ids)) for row in rows], device=scores.device
+        )
+        return RepetitionPenaltyLogitsProcessor(self.penalty)(seen, scores)
 
     def _join(self, cache: Any, mask: Any, rows: list[_Row]) -> None:
         """Stack the new rows' cache and mask onto the batch's, both left-padded to the longer."""

@@ -1,0 +1,114 @@
+"""Continuous batching on a shared prefix: prompts that start with the chat template's fixed tokens
+are computed from the prefix's cached keys and values on, and get the replies computed whole."""
+
+from __future__ import annotations
+
+import pytest
+
+from criteriapo.generation import Sampling, generate_batch, prompt_ids
+from criteriapo.generation.continuous import Request, RunningBatch, supported, template_prefix
+from tests.zoo import ZOO, zoo_model
+
+CONTINUOUS = sorted(a for a in ZOO if a not in {"mistral", "gemma2", "gemma3", "gemma3_text", "falcon_h1"})
+CHATS = [  # of different lengths, so the padding sits between the prefix and the rest
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Tell me three things about owls, and keep it short, please."}],
+    [{"role": "user", "content": "Why?"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],  # no prefix
+    [{"role": "user", "content": "Name a colour, any colour at all."}],
+]
+ASKED = [
+    Sampling(max_new_tokens=5),
+    Sampling(max_new_tokens=9, temperature=1.0, seed=11),
+    Sampling(max_new_tokens=6, temperature=1.0, seed=12),  # drawn together with the one above
+    Sampling(max_new_tokens=7, temperature=0.7, top_p=0.9, top_k=20, seed=3),
+    Sampling(max_new_tokens=8),
+]
+
+
+def _model(arch: str, tok):
+    # weights larger than usual, so that a random model's replies depend on its prompt
+    return zoo_model(arch, vocab_size=len(tok), initializer_range=0.5, init_std=0.5).eval()
+
+
+def _run(batch: RunningBatch, requests: list[Request]) -> dict:
+    """Two requests, two steps, then the rest joining the running batch, until all have ended."""
+    done = dict(batch.add(requests[:2]))
+    for _ in range(2):
+        done.update(batch.step())
+    done.update(batch.add(requests[2:]))
+    while len(batch):
+        done.update(batch.step())
+    return done
+
+
+def test_the_template_prefix_is_what_every_conversation_opening_with_a_user_renders_first(
+    smollm2_tokenizer,
+):
+    tok = smollm2_tokenizer
+    prefix = template_prefix(tok)
+    text = tok.decode(prefix)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>user\n")
+    starts = [prompt_ids(tok, c)[: len(prefix)] == prefix for c in CHATS]
+    assert starts == [True, True, True, False, True]
+
+
+@pytest.mark.parametrize("arch", CONTINUOUS)
+def test_prompts_joining_on_the_shared_prefix_get_the_replies_computed_whole(arch, smollm2_tokenizer):
+    """Greedy and seeded replies are exactly those computed whole (no prefix) and those generated
+    alone: the prefix's copied keys and values, the padding after them, and the positions are right.
+    A prompt without the prefix (a system message of its own, a plain text) joins whole."""
+    tok = smollm2_tokenizer
+    model = _model(arch, tok)
+    assert supported(model)
+    prompts = [prompt_ids(tok, c) for c in CHATS]
+    prompts[2] = tok("Once upon a time, an owl")["input_ids"]  # a text prompt: no template at all
+    requests = [Request(p, s, key=i) for i, (p, s) in enumerate(zip(prompts, ASKED, strict=True))]
+    shared = RunningBatch(model, tok)
+    assert len(shared.prefix) > 10
+    assert sum(p[: len(shared.prefix)] == shared.prefix for p in prompts) == 3
+    on_prefix = _run(shared, requests)
+    whole = _run(RunningBatch(model, tok, prefix=()), requests)
+    alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(prompts, ASKED, strict=True)]
+    assert [on_prefix[i] for i in range(5)] == [whole[i] for i in range(5)] == alone
+    assert len({r.text for r in alone}) > 1, "the prompts gave one reply: the test could not fail"
+
+
+@pytest.mark.parametrize("arch", CONTINUOUS)
+def test_keys_and_values_computed_on_the_prefix_are_those_of_the_whole_prompt(arch, smollm2_tokenizer):
+    """Every layer's cached keys and values of every real prompt token, computed on the prefix's,
+    are those of the prompt computed whole, to float rounding (the replies' equality above is not
+    luck of the argmax); only where the padding sits differs."""
+    import torch
+
+    tok = smollm2_tokenizer
+    model = _model(arch, tok)
+    requests = [Request(prompt_ids(tok, c), Sampling(max_new_tokens=2)) for c in CHATS[:3]]
+    shared, whole = RunningBatch(model, tok), RunningBatch(model, tok, prefix=())
+    for batch in (shared, whole):
+        batch.add(requests)
+        assert len(batch) == 3
+    assert not torch.equal(shared.mask, whole.mask)  # the padding sits after the prefix
+    for i in range(3):
+        mine, theirs = shared.mask[i].bool(), whole.mask[i].bool()
+        for a, b in zip(shared.cache.layers, whole.cache.layers, strict=True):
+            torch.testing.assert_close(a.keys[i][:, mine], b.keys[i][:, theirs], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.values[i][:, mine], b.values[i][:, theirs], rtol=1e-4, atol=1e-5)
+
+
+def test_a_repetition_penalty_is_applied_as_generate_applies_it(smollm2_tokenizer):
+    """The model's own penalty, on each row's prompt and reply so far (rows of different lengths
+    penalized together). Below 1 it favours seen tokens: a random model's replies, which repeat
+    nothing by themselves, change with it."""
+    tok = smollm2_tokenizer
+    model = _model("llama", tok)
+    prompts = [prompt_ids(tok, c) for c in CHATS]
+    asked = [Sampling(max_new_tokens=12), *ASKED[1:]]
+    requests = [Request(p, s, key=i) for i, (p, s) in enumerate(zip(prompts, asked, strict=True))]
+    plain = _run(RunningBatch(model, tok), requests)
+    model.generation_config.repetition_penalty = 0.3
+    penalized = _run(RunningBatch(model, tok), requests)
+    alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(prompts, asked, strict=True)]
+    assert [penalized[i] for i in range(5)] == alone
+    assert any(penalized[i] != plain[i] for i in range(5)), "the penalty changed nothing: cannot fail"
