@@ -126,12 +126,14 @@ def _make_criteria(args: argparse.Namespace) -> None:
     counts = make_criteria_dataset(Path(args.out), args.model, opts)
     console.print(
         f"{counts['train']} train and {counts['heldout']} held-out prompts, {counts['completions']} "
-        f"scored replies ({counts['edited']} edited) in {time.perf_counter() - t0:.0f} s -> "
+        f"scored replies ({counts['edited']} edited; {counts['left_out']} prompts left out, with fewer "
+        f"than two replies to compare) in {time.perf_counter() - t0:.0f} s -> "
         f"{args.out}/train.jsonl, heldout.jsonl"
     )
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from criteriapo.data.formats import DataKind
     from criteriapo.data.loading import load_data
     from criteriapo.eval.criteria import compare
 
@@ -142,7 +144,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     # builtin:criteria-heldout is sampled from the model DPO started from: --reference, else the first
     start = args.reference or args.models[0].split("=", 1)[-1]
-    data = load_data(data_paths([args.data], start), kind="multi_criteria").examples
+    data = load_data(data_paths([args.data], start), kind=DataKind.MULTI_CRITERIA).examples
     models = [
         tuple(m.split("=", 1))
         if "=" in m
@@ -388,6 +390,7 @@ def _add_model_commands(sub) -> None:
 
 def _add_data_commands(sub) -> None:
     from criteriapo.config import DataConfig  # light: no torch
+    from criteriapo.data.formats import DataKind
 
     data = sub.add_parser("data", help="inspect datasets")
     dsub = data.add_subparsers(dest="data_command", required=True)
@@ -396,7 +399,7 @@ def _add_data_commands(sub) -> None:
     c.add_argument(
         "--model", default="smollm2", help="tokenizer for token lengths (default: smollm2; 'none' to skip)"
     )
-    c.add_argument("--kind", default="auto", choices=["auto", "preference", "sft", "multi_criteria"])
+    c.add_argument("--kind", default="auto", choices=["auto", *(k.value for k in DataKind)])
     c.add_argument("--split", default=None, help="split of a saved DatasetDict (default: train)")
     c.add_argument("--max-length", type=int, default=None)
     c.add_argument("--max-prompt-length", type=int, default=None)

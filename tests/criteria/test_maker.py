@@ -177,6 +177,22 @@ def test_dataset_splits_by_prompt_and_loads(tmp_path, tiny_llama_dir, monkeypatc
     assert cache.stat().st_mtime_ns == stamp and (tmp_path / "out" / "train.jsonl").read_text() == first
 
 
+def test_a_prompt_left_with_one_reply_is_left_out_and_counted(tmp_path, tiny_llama_dir, monkeypatch):
+    from criteriapo.criteria.maker import _samples_key, draw_prompts
+
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    opts = MakerOptions(prompts=4, samples=2, held_out=0.25, max_new_tokens=8, decoys=0.0)
+    texts = [d.text for d in draw_prompts(opts.prompts, opts.seed, opts.held_out)]
+    replies = [[_sample(""), _sample("")]] + [[_sample("Rain falls."), _sample("Rain is wet.")]] * 3
+    cached = tmp_path / "cache" / "samples" / f"{_samples_key(tiny_llama_dir, texts, opts)}.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps(replies))
+    counts = make_criteria_dataset(tmp_path / "out", str(tiny_llama_dir), opts)
+    assert counts["left_out"] == 1 and counts["train"] + counts["heldout"] == 3
+    rows = load_data([tmp_path / "out" / "train.jsonl", tmp_path / "out" / "heldout.jsonl"])
+    assert not rows.bad_rows and texts[0] not in [e.prompt[0]["content"] for e in rows.examples]
+
+
 def test_decoys_go_to_the_share_of_prompts_asked_for():
     assert not any(decoy_prompts(200, 0, 0.0)) and all(decoy_prompts(200, 0, 1.0))
     assert 60 < sum(decoy_prompts(200, 0, 0.5)) < 140

@@ -322,13 +322,18 @@ def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOpti
     texts = [d.text for d in drawn]
     sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
     decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
-    rows = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
+    made = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
+    # a prompt whose replies were all empty but one (and that no edit or decoy could add to) has
+    # nothing to compare: it is left out, and counted
+    kept = [(d, r) for d, r in zip(drawn, made, strict=True) if len(r["completions"]) >= 2]
     with atomic_dir(out_dir) as tmp:
         for split in ("heldout", "train"):
-            lines = [json.dumps(r) + "\n" for d, r in zip(drawn, rows, strict=True) if d.split == split]
+            lines = [json.dumps(r) + "\n" for d, r in kept if d.split == split]
             (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
-    counts = {split: sum(d.split == split for d in drawn) for split in ("train", "heldout")}
+    counts = {split: sum(d.split == split for d, _ in kept) for split in ("train", "heldout")}
+    rows = [r for _, r in kept]
     return counts | {
         "completions": sum(len(r["completions"]) for r in rows),
         "edited": sum(c["model"].startswith("edit:") for r in rows for c in r["completions"]),
+        "left_out": len(made) - len(kept),
     }
