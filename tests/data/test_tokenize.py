@@ -175,3 +175,15 @@ def test_no_chat_template(smollm2_tokenizer):
 def test_bad_options(kw, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TokenizeOptions(**kw)
+
+
+def test_each_kind_is_tokenized_by_its_encoder_and_a_stray_kind_is_refused(chat_tokenizer):
+    from criteriapo.data.formats import DataKind
+    from criteriapo.data.tokenize import TokenizedPair
+    from criteriapo.errors import DataError
+
+    opts = TokenizeOptions(max_length=64)
+    (out,) = tokenize_examples([pair()], chat_tokenizer, opts, kind=DataKind.PREFERENCE)
+    assert isinstance(out, TokenizedPair) and out == chat_tokenizer.encode_pair(pair(), opts)
+    with pytest.raises(DataError, match="a preference row where sft rows were expected"):
+        tokenize_examples([pair()], chat_tokenizer, opts, kind=DataKind.SFT)

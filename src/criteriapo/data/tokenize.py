@@ -19,6 +19,7 @@ from typing import Any, Literal
 import jinja2
 
 from criteriapo.config import check_lengths
+from criteriapo.data.formats import DataKind
 from criteriapo.data.records import (
     BadRow,
     Message,
@@ -288,27 +289,42 @@ def _fit(
     return kept, room, over
 
 
+# each data kind's examples (one record type) and how they are tokenized
+KIND_OF = {
+    PreferenceExample: DataKind.PREFERENCE,
+    UnpairedExample: DataKind.UNPAIRED,
+    SFTExample: DataKind.SFT,
+}
+ENCODERS = {
+    DataKind.PREFERENCE: ChatTokenizer.encode_pair,
+    DataKind.UNPAIRED: ChatTokenizer.encode_unpaired,
+    DataKind.SFT: ChatTokenizer.encode_sft,
+}
+
+
 def tokenize_examples(
     examples: Sequence[PreferenceExample | SFTExample | UnpairedExample],
     tokenizer: ChatTokenizer,
     opts: TokenizeOptions,
     *,
+    kind: DataKind | None = None,
     on_bad_row: str = "error",
     report_path: Any = None,
     counts: dict[str, int] | None = None,
 ) -> list:
-    """Tokenize every example; rows that cannot be tokenized go through the bad-row policy.
+    """Tokenize every example with its data kind's encoder (:data:`ENCODERS`); with ``kind``, every
+    example must be of that kind. Rows that cannot be tokenized go through the bad-row policy.
     ``counts`` (when given) gets ``prompt_cut`` and ``prompt_dropped``: the rows whose prompt was cut
     to fit max_length, and those left out for it (``long_prompts``)."""
     out, bad, dropped = [], [], 0
     for ex in examples:
+        found = KIND_OF[type(ex)]
+        if kind is not None and found != kind:
+            raise DataError(
+                f"{ex.source.file}, row {ex.source.row}: a {found} row where {kind} rows were expected"
+            )
         try:
-            if isinstance(ex, PreferenceExample):
-                out.append(tokenizer.encode_pair(ex, opts))
-            elif isinstance(ex, UnpairedExample):
-                out.append(tokenizer.encode_unpaired(ex, opts))
-            else:
-                out.append(tokenizer.encode_sft(ex, opts))
+            out.append(ENCODERS[found](tokenizer, ex, opts))
         except PromptTooLong:
             dropped += 1
         except RowProblem as p:

@@ -106,7 +106,9 @@ def tokenized(
         raise ConfigError(f"the {recipe} recipe built no pairs from {', '.join(files)}")
     opts = tokenize_options(data)
     seen: dict[str, int] = {}
-    out = tokenize_examples(examples, tok, opts, on_bad_row=data.on_bad_row, report_path=report, counts=seen)
+    out = tokenize_examples(
+        examples, tok, opts, kind=kind, on_bad_row=data.on_bad_row, report_path=report, counts=seen
+    )
     if seen["prompt_cut"] or seen["prompt_dropped"]:
         done = "cut from the start" if data.truncation_mode == "keep_end" else "cut at the end"
         n = seen["prompt_cut"] or seen["prompt_dropped"]
