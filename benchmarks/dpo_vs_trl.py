@@ -1,16 +1,20 @@
 """Our DPO against TRL's DPOTrainer on the same model, data, batch, length, steps and dtype.
 
-Each contender runs in its own process (so peak memory is its own), in alternating rounds: ours as
-it runs by default, ours set for least memory (gradient checkpointing, each weight stepped inside
-backward, so no clipping by the global norm), TRL as a user gets it by default, TRL in its fastest
-setting for the hardware (no gradient checkpointing; Liger kernels where installed and on GPU), then
-again; ``trl-precomputed`` (not run by default) is that fastest setting with TRL's reference scored once
-beforehand (``precompute_ref_log_probs``), as ours does. Reported per contender:
-tokens/s (non-padding chosen + rejected tokens, after one warm-up step), peak memory (RSS on CPU, max
-allocated on GPU), the step-1 loss (parity), and utilisation: (6N, + 2N when the reference runs in
-the loop) x tokens / time, over the GPU's peak bf16 rate or, on CPU, the fp32 matrix-multiply rate
-measured in this run. Results go to benchmarks/results/dpo_vs_trl-<model>.{json,md} with the
-machine described.
+Each contender runs in its own process (so peak memory is its own), in alternating rounds: ours as it
+runs by default, ours set for least memory (gradient checkpointing, each weight stepped inside
+backward, so no clipping by the global norm), TRL as a user gets it by default, and TRL in its fastest
+setting for the hardware (``trl-precomputed``: no gradient checkpointing, Liger kernels where
+installed and on a GPU, the reference scored once beforehand with ``precompute_ref_log_probs`` as ours
+is), then again; ``trl-fast`` (not run by default) is that setting with the reference in the loop.
+Each contender's steps are timed after one warm-up step, with the device synchronised around each.
+Reported per contender: positions/s (each position of a pair computed once: the prompt once) and
+sequence tokens/s (both sequences, the prompt twice, as "tokens/s" often counts), peak memory (RSS on
+CPU, max allocated on GPU), the step-1 loss (parity), Liger's state (on, or why off), and two rates
+over the device's peak: utilisation, the useful FLOPs (:func:`useful_flops`: the non-embedding weights
+at every position, the output layer at completion positions, attention over the pairs causal attention
+allows) per second, and MFU, the 6N(non-embedding) x positions/s shorthand. The peak is the
+datasheet's dense bf16 figure for the GPUs of :data:`PEAK_BF16`, otherwise a matmul rate measured in
+this run. Results go to benchmarks/results/dpo_vs_trl-<model>.{json,md} with the machine described.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py --model smollm2 --pairs 4 --length 200 --steps 2
     .venv/bin/python benchmarks/dpo_vs_trl.py --model tiny --steps 2 --rounds 1    # a smoke run
@@ -35,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-fast")  # run by default
-ALL_CONTENDERS = (*CONTENDERS, "trl-precomputed")
+CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-precomputed")  # run by default
+ALL_CONTENDERS = (*CONTENDERS, "trl-fast")
 # ours as it runs by default, and set for least memory: gradient checkpointing, each weight stepped in
 # backward (no gradient kept; that needs clipping by the global norm off)
 OURS = {
@@ -46,7 +50,20 @@ OURS = {
         "optim": {"max_grad_norm": None},
     },
 }
-H100_BF16_DENSE = 989e12  # FLOP/s, the H100 SXM datasheet figure without sparsity
+# dense bf16 FLOP/s without sparsity, from the datasheets, by a name the device's name contains
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12}
+
+
+def peak_flops(device: str) -> tuple[float, str]:
+    """The rate utilisation is measured against, and what it is: on a GPU of :data:`PEAK_BF16`
+    its datasheet figure; on another device the fp32 (CPU) or bf16 (GPU) matmul rate measured now."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key in sorted(PEAK_BF16, key=len, reverse=True):
+            if key in name:
+                return PEAK_BF16[key], f"{key} bf16 dense datasheet figure"
+        return matmul_rate(device, torch.bfloat16), f"bf16 matmul measured now ({name}: no datasheet figure)"
+    return matmul_rate(device, torch.float32), "fp32 matmul measured in this run"
 
 
 WORDS = (
@@ -127,9 +144,37 @@ def rows(n: int, length: int) -> list[dict]:
 
 
 def pair_tokens(prompt: int, chosen: int, rejected: int) -> dict[str, int]:
-    """``tokens``: the two sequences' tokens (the prompt twice); ``positions``: each position of the
-    pair once (the prompt once), the work a method must do at least."""
-    return {"tokens": 2 * prompt + chosen + rejected, "positions": prompt + chosen + rejected}
+    """What one pair asks of a method, each counted once:
+
+    - ``tokens``: the two sequences' tokens, the prompt twice (what "tokens/s" usually counts);
+    - ``positions``: each position of the pair once (the prompt once), the least a method computes;
+    - ``labelled``: the completion positions, the only ones whose output layer the loss needs;
+    - ``attended``: the (query, key) pairs causal attention allows, per layer and head: the prompt
+      with itself, each completion with the prompt and with itself."""
+    causal = lambda n: n * (n + 1) // 2  # noqa: E731
+    return {
+        "tokens": 2 * prompt + chosen + rejected,
+        "positions": prompt + chosen + rejected,
+        "labelled": chosen + rejected,
+        "attended": causal(prompt) + sum(c * prompt + causal(c) for c in (chosen, rejected)),
+    }
+
+
+COUNTS = ("tokens", "positions", "labelled", "attended")
+COLUMNS = (
+    "contender",
+    "positions/s",
+    "sequence tokens/s",
+    "peak GiB",
+    "step-1 loss",
+    "utilisation",
+    "MFU",
+    "Liger",
+)
+
+
+def step_counts(counts: list[dict[str, int]]) -> dict[str, int]:
+    return {k: sum(c[k] for c in counts) for k in COUNTS}
 
 
 def peak_memory_gib(device: str) -> float:
@@ -167,7 +212,7 @@ def run_ours(args, model, tok, data) -> dict:
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
     trainer = Trainer(model, task, pairs, optim, train, Loggers([]))
     model.train()
-    times, tokens, positions, first = [], [], [], None
+    times, steps, first = [], [], None
     for _step in range(args.steps + 1):
         indices = trainer.order.next_batch(args.pairs)
         sync(args.device)
@@ -179,13 +224,11 @@ def run_ours(args, model, tok, data) -> dict:
             pair_tokens(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
             for i in indices
         ]
-        tokens.append(sum(c["tokens"] for c in counts))
-        positions.append(sum(c["positions"] for c in counts))
+        steps.append(step_counts(counts))
         first = m["loss"] if first is None else first
     return {
         "times": times,
-        "tokens": tokens,
-        "positions": positions,
+        **{k: [c[k] for c in steps] for k in COUNTS},
         "step1_loss": first,
         "ref_in_loop": False,
         "ref_seconds": ref_seconds,
@@ -224,6 +267,17 @@ def run_trl(args, model, tok, data, contender: str) -> dict:
             times.append(time.perf_counter() - self.t)
 
     liger = fast and on_gpu and _has("liger_kernel") and not args.no_liger
+    liger_status = (
+        "on"
+        if liger
+        else "off: TRL's default"
+        if not fast
+        else "off: CPU"
+        if not on_gpu
+        else "off: --no-liger"
+        if args.no_liger
+        else "off: not installed"
+    )
     config = trl.DPOConfig(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
@@ -254,16 +308,15 @@ def run_trl(args, model, tok, data, contender: str) -> dict:
         for r in trainer.train_dataset
     ]
 
-    def per_step(key: str) -> float:  # TRL shuffles: the mean pair, times pairs per step
-        return sum(c[key] for c in counts) / len(counts) * args.pairs
+    mean = {k: v / len(counts) * args.pairs for k, v in step_counts(counts).items()}  # TRL shuffles
 
     return {
         "times": times,
-        "tokens": [per_step("tokens")] * len(times),
-        "positions": [per_step("positions")] * len(times),
+        **{k: [mean[k]] * len(times) for k in COUNTS},
         "step1_loss": losses[0] if losses else None,
         "ref_in_loop": not precompute,
         "liger": liger,
+        "liger_status": liger_status,
         **({"ref_seconds": init_seconds} if precompute else {}),
     }
 
@@ -297,6 +350,11 @@ def child(args) -> None:
             id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
         }.values()
     )
+    out["params_head"] = model.get_output_embeddings().weight.numel()
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    out["attention_width"] = config.num_attention_heads * head_dim  # query heads x head size
+    out["layers"] = config.num_hidden_layers
     out["peak_gib"] = peak_memory_gib(args.device)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -336,16 +394,38 @@ def run_contender(argv: list[str], contender: str, timeout: float | None = None)
     return json.loads(line.removeprefix("RESULT "))
 
 
+def useful_flops(run: dict, step: int) -> float:
+    """The FLOPs a step's pairs need, forward and backward (3x forward), recomputation not counted:
+    2 x N(non-embedding) per position; the output layer (2 x its weights) at labelled positions only;
+    attention 4 x width per allowed (query, key) pair per layer (scores and values). The reference's
+    forward, where it runs in the loop, adds a third."""
+    forward = (
+        2 * run["params_nonembed"] * run["positions"][step]
+        + 2 * run["params_head"] * run["labelled"][step]
+        + 4 * run["attention_width"] * run["layers"] * run["attended"][step]
+    )
+    return forward * (3 + (1 if run["ref_in_loop"] else 0))
+
+
 def summarize(runs: list[dict], peak: float) -> dict:
-    """A contender's rounds: tokens/s after each warm-up step, peak memory, step-1 loss, utilisation."""
-    timed = [(t, n) for r in runs for t, n in zip(r["times"][1:], r["tokens"][1:], strict=True)]
-    secs, toks = sum(t for t, _ in timed), sum(n for _, n in timed)
-    flops = (6 + (2 if runs[0]["ref_in_loop"] else 0)) * runs[0]["params"] * toks
+    """A contender's rounds after each warm-up step: positions/s (each position of a pair once, the
+    prompt once), sequence tokens/s (both sequences, the prompt twice), peak memory, step-1 loss;
+    utilisation = useful FLOPs (:func:`useful_flops`) / time / peak; MFU = 6 x N(non-embedding) x
+    positions/s / peak, the common shorthand that leaves out attention and the output layer."""
+    timed = [(r, i) for r in runs for i in range(1, len(r["times"]))]
+    secs = sum(r["times"][i] for r, i in timed)
+    total = {k: sum(r[k][i] for r, i in timed) for k in COUNTS}
+    first = runs[0]
     return {
-        "tokens_per_second": toks / secs,
+        "positions_per_second": total["positions"] / secs,
+        "tokens_per_second": total["tokens"] / secs,
         "peak_gib": max(r["peak_gib"] for r in runs),
-        "step1_loss": runs[0]["step1_loss"],
-        "utilisation": flops / secs / peak,
+        "step1_loss": first["step1_loss"],
+        "utilisation": sum(useful_flops(r, i) for r, i in timed) / secs / peak,
+        "mfu": 6 * first["params_nonembed"] * total["positions"] / secs / peak,
+        "liger": first.get("liger", False),
+        "liger_status": first.get("liger_status", "-"),
+        "ref_in_loop": first["ref_in_loop"],
         "runs": runs,
     }
 
@@ -375,27 +455,41 @@ def main() -> None:
     if args.contender:
         return child(args)
     on_gpu = args.device.startswith("cuda")
-    peak = H100_BF16_DENSE if on_gpu else matmul_rate(args.device, torch.float32)
+    peak, peak_is = peak_flops(args.device)
     results: dict[str, list[dict]] = {c: [] for c in args.contenders.split(",")}
+    failed: dict[str, str] = {}  # a contender that fails (out of memory, say) is reported, not fatal
     for _ in range(args.rounds):
         for c, runs in results.items():
+            if c in failed:
+                continue
             try:
                 runs.append(run_contender(sys.argv[1:], c))
             except ContenderFailed as e:
-                raise SystemExit(str(e)) from None
+                head, _, tail = str(e).partition("\n")  # "<contender> failed (exit N):", then stderr's end
+                failed[c] = head + ("\n" + tail[-1500:] if tail else "")
+                print(f"{c}: FAILED\n{failed[c]}", file=sys.stderr)
     rows_md = []
-    summary = {}
+    summary: dict[str, dict] = {c: {"error": e} for c, e in failed.items()}
     for c, runs in results.items():
+        if c in failed:
+            rows_md.append(f"| {c} | {failed[c].splitlines()[0][:200]} |")
+            continue
         summary[c] = summarize(runs, peak)
-        cells = [c, f"{summary[c]['tokens_per_second']:.1f}", f"{summary[c]['peak_gib']:.2f}"]
-        cells += [f"{runs[0]['step1_loss']:.6f}", f"{summary[c]['utilisation']:.1%}"]
+        r = summary[c]
+        cells = [
+            c,
+            f"{r['positions_per_second']:.1f}",
+            f"{r['tokens_per_second']:.1f}",
+            f"{r['peak_gib']:.2f}",
+        ]
+        cells += [f"{r['step1_loss']:.6f}", f"{r['utilisation']:.1%}", f"{r['mfu']:.1%}", r["liger_status"]]
         rows_md.append("| " + " | ".join(cells) + " |")
     machine = {
         "device": torch.cuda.get_device_name()
         if on_gpu
         else f"{platform.processor() or 'cpu'}, {os.cpu_count()} cores",
         "peak_flops": peak,
-        "peak_is": "H100 bf16 datasheet" if on_gpu else "fp32 matmul measured in this run",
+        "peak_is": peak_is,
         "torch": torch.__version__,
     }
     lines = [
@@ -404,13 +498,16 @@ def main() -> None:
             f"{args.steps} timed steps x {args.rounds} round(s), on {machine['device']}"
         ),
         "",
-        "| contender | tokens/s | peak GiB | step-1 loss | utilisation |",
-        "|---|---|---|---|---|",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|---|---|---|---|---|",
         *rows_md,
         "",
         (
-            f"utilisation = (6N, +2N with the reference in the loop) x tokens/s over {machine['peak_is']} "
-            f"({peak / 1e9:.0f} GFLOP/s)"
+            "positions/s: each position of a pair once (the prompt once); sequence tokens/s: both sequences "
+            "(the prompt twice). utilisation: useful FLOPs (2N(non-embedding) per position, the output layer "
+            "at completion positions, 4 x width per allowed attention pair per layer; x3 for backward, +1 "
+            "forward with the reference in the loop) per second; MFU: 6N(non-embedding) x positions/s; "
+            f"both over the {machine['peak_is']} ({peak / 1e9:.0f} GFLOP/s)"
         ),
     ]
     print("\n".join(lines))

@@ -113,26 +113,41 @@ def attention_ops(prof) -> dict:
 
 
 # -- 2. which SDPA backend --------------------------------------------------------------------------
-def _sdpa_calls(model, batch, n: int) -> list[dict]:
-    """SDPA's arguments in one forward of ``model`` through our scoring path (first layer's call)."""
+def _mask_text(mask) -> object:
+    if mask is None:
+        return None
+    variant = getattr(mask, "variant", None)  # a CausalBias (our pieces' lower-right causal mask)
+    if variant is not None:
+        return f"CausalBias {variant.name} ({mask.seq_len_q} x {mask.seq_len_kv})"
+    return [list(mask.shape), str(mask.dtype)]
+
+
+def _sdpa_calls(model, batch, n: int, keep: int = 4) -> list[dict]:
+    """SDPA's arguments in one forward of ``model`` through our scoring path (the first ``keep``
+    calls: with attention by pieces, the first layer's pieces)."""
     from criteriapo.losses.logprobs import batch_logps
 
     calls = []
     original = F.scaled_dot_product_attention
 
     def spy(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
-        if not calls:
+        if len(calls) < keep:
             calls.append(
                 {
                     "query": list(q.shape),
                     "key": list(k.shape),
-                    "mask": None if attn_mask is None else [list(attn_mask.shape), str(attn_mask.dtype)],
+                    "mask": _mask_text(attn_mask),
                     "is_causal": bool(is_causal),
                     "enable_gqa": bool(kw.get("enable_gqa", False)),
                     "dtype": str(q.dtype),
                 }
             )
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+        # a CausalBias dispatches only when SDPA is torch's own function: put it back for this call
+        F.scaled_dot_product_attention = original
+        try:
+            return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+        finally:
+            F.scaled_dot_product_attention = spy
 
     F.scaled_dot_product_attention = spy
     try:
@@ -181,7 +196,7 @@ def _profile_model(ctx: Context, hq: int, hk: int, d: int, length: int) -> dict:
         with profile(activities=activities) as prof:
             batch_logps(model, batch, 4).logps.sum().backward()
             ctx.sync()
-        out[name] = {"sdpa_call": calls[0] if calls else None, **attention_ops(prof)}
+        out[name] = {"sdpa_calls": calls, **attention_ops(prof)}
     return out
 
 
@@ -238,7 +253,7 @@ def sdpa_backends(ctx: Context) -> dict:
         summary += [
             "",
             (
-                f"Model ({model['model']}), {name}: first SDPA call {m['sdpa_call']}; aten ops "
+                f"Model ({model['model']}), {name}: first SDPA calls {m['sdpa_calls']}; aten ops "
                 f"{m['aten_ops']}; kernels {list(m['kernels'])[:6]}"
             ),
         ]

@@ -123,9 +123,8 @@ def _dpo_variant(ctx: Context, v: dict, arch: str, length: int, batch: int, step
         out["max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    setup = memory_3b.Setup(v["name"], "dpo", 1, False, batch, length, True, v["precision"])
-    predicted = memory_3b.gib(config, setup)
-    out["predicted_gib"] = predicted["total"] - (predicted["grads"] if v["in_backward"] else 0)
+    setup = memory_3b.Setup(v["name"], "dpo", 1, False, batch, length, True, v["precision"], v["in_backward"])
+    out["predicted_gib"] = memory_3b.gib(config, setup)["total"]
     if isinstance(trainer.optimizer, BackwardAdamW):
         trainer.optimizer.close()
     del trainer, model, ref
@@ -246,28 +245,21 @@ def ours_vs_trl(ctx: Context) -> dict:
                     continue
                 break
             s = summarize([run], ctx.peak_flops)
-            timed = sum(run["times"][1:])
-            positions = sum(run["positions"][1:])
-            s |= {
-                "positions_per_s": positions / timed,
-                "mfu": 6 * run["params_nonembed"] * positions / timed / ctx.peak_flops,
-                "liger": run.get("liger", False),
-                "ref_in_loop": run["ref_in_loop"],
-                "ref_s": run.get("ref_seconds"),
-                "argv": extra,
-            }
+            s |= {"ref_s": run.get("ref_seconds"), "argv": extra}
             results[contender] = s
             break
     head = ["contender", "positions/s", "sequence tokens/s", "peak GiB", "step-1 loss", "MFU", "utilisation"]
-    head += ["Liger", "ref in loop"]
+    head += ["Liger", "ref in loop"]  # the figures are dpo_vs_trl.summarize's
     summary = [
         (
             f"`dpo_vs_trl.py {' '.join(argv)}` per contender, each in its own process (ours: reference "
             "precomputed; trl-precomputed: precompute_ref_log_probs, no gradient checkpointing, Liger "
             "where importable; ours-lean: checkpointing + optimizer in backward; trl-default: TRL's "
             "defaults, reference in the loop). positions/s counts each position of a pair once (the prompt "
-            "once), for both; MFU = 6 x N(non-embedding) x positions/s / peak; utilisation is "
-            "dpo_vs_trl.py's (6N, +2N with the reference in the loop, x sequence tokens)."
+            "once), for both; MFU = 6 x N(non-embedding) x positions/s / peak; utilisation = useful FLOPs "
+            "(the non-embedding weights per position, the output layer at completion positions, attention "
+            "over the pairs causal attention allows; x3 for backward, +1 forward with the reference in the "
+            "loop) per second / peak."
         ),
         "",
         (
@@ -279,11 +271,11 @@ def ours_vs_trl(ctx: Context) -> dict:
         "|---" * len(head) + "|",
     ]
     for c, r in results.items():
-        if "positions_per_s" not in r:
+        if "positions_per_second" not in r:
             summary.append(row([c, str(r.get("error") or r.get("status"))[-300:].replace("\n", " ")]))
             continue
-        cells = [c + (" " + " ".join(r["argv"]) if r["argv"] else ""), f"{r['positions_per_s']:.0f}"]
+        cells = [c + (" " + " ".join(r["argv"]) if r["argv"] else ""), f"{r['positions_per_second']:.0f}"]
         cells += [f"{r['tokens_per_second']:.0f}", f"{r['peak_gib']:.2f}", f"{r['step1_loss']:.6f}"]
-        cells += [f"{r['mfu']:.1%}", f"{r['utilisation']:.1%}", str(r["liger"]), str(r["ref_in_loop"])]
+        cells += [f"{r['mfu']:.1%}", f"{r['utilisation']:.1%}", r["liger_status"], str(r["ref_in_loop"])]
         summary.append(row(cells))
     return {"argv": argv, "contenders": results, "summary": summary}

@@ -7,7 +7,8 @@ arithmetic, stated here so it can be checked:
   trained weights are fp32 master weights, 4 bytes per parameter, and autocast keeps a bf16 copy of
   each while a step runs (2 more); a frozen LoRA base stays bf16 (2) and its adapters are fp32. With
   ``bf16-true`` (and ``optim.name: adamw_sr``) weights are bf16, 2 bytes;
-- gradients: one per trainable parameter, in the trained weights' dtype;
+- gradients: one per trainable parameter, in the trained weights' dtype (none held when each weight
+  is stepped in backward: each is freed as soon as it is applied);
 - AdamW: two states per trainable parameter, in the trained weights' dtype;
 - FSDP2 over G GPUs: weights, gradients and optimizer states divided by G; one decoder block is
   gathered whole at a time (counted once);
@@ -66,6 +67,7 @@ class Setup:
     max_length: int
     checkpointing: bool
     precision: str = "bf16-mixed"  # or bf16-true
+    in_backward: bool = False  # each weight stepped when its gradient is done: no gradients held
 
 
 SETUPS = [
@@ -73,6 +75,13 @@ SETUPS = [
     Setup("DPO full, 1 GPU", "dpo", 1, False, 2, 2048, True),
     Setup("DPO full, 1 GPU, no checkpointing", "dpo", 1, False, 2, 2048, False),
     Setup("DPO full, 1 GPU, bf16-true + adamw_sr", "dpo", 1, False, 2, 2048, True, "bf16-true"),
+    # configs/llama3.2-3b-24gb.yaml
+    Setup(
+        "SFT full, 1 GPU, bf16-true + adamw_sr in backward", "sft", 1, False, 4, 2048, True, "bf16-true", True
+    ),
+    Setup(
+        "DPO full, 1 GPU, bf16-true + adamw_sr in backward", "dpo", 1, False, 2, 2048, True, "bf16-true", True
+    ),
     Setup("SFT LoRA r16, 1 GPU", "sft", 1, True, 4, 2048, True),
     Setup("DPO LoRA r16, 1 GPU", "dpo", 1, True, 2, 2048, True),
     Setup("SFT full, 8 GPUs (FSDP2)", "sft", 8, False, 8, 2048, True),
@@ -104,7 +113,7 @@ def gib(config, s: Setup) -> dict[str, float]:
     else:
         copies = 2 * n / shard if master == 4 else 0  # autocast's bf16 copy of each weight
         weights = master * n / shard + copies + (2 * n_block if shard > 1 else 0)
-        grads, adam = master * n / shard, 2 * master * n / shard
+        grads, adam = (0 if s.in_backward else master * n / shard), 2 * master * n / shard
     tokens = s.micro_batch * (2 if s.stage == "dpo" else 1) * s.max_length
     per_token_block = (2 if s.checkpointing else 34) * h
     acts = tokens * layers * per_token_block + (34 * h * tokens if s.checkpointing else 0)

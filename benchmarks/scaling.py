@@ -1,8 +1,11 @@
-"""Tokens/s and peak memory against sequence length, ours and TRL, as a figure.
+"""Speed, utilisation and peak memory against sequence length, ours and TRL, as a figure.
 
 For each length, ``dpo_vs_trl.py`` runs every contender in its own process on pairs of about that
 many tokens per sequence (prompt about half), with about ``--budget`` chosen + rejected tokens per
-step (at least one pair). Writes benchmarks/results/scaling-<model>-<cpu|gpu>.{png,md,json}.
+step (at least one pair); its counting is used as is: positions/s (each position of a pair once),
+utilisation of the device's peak (useful FLOPs, attention included). A contender that fails at a
+length (out of memory, say) is shown as failed there. Writes
+benchmarks/results/scaling-<model>-<cpu|gpu>.{png,md,json}.
 
     .venv/bin/python benchmarks/scaling.py                              # CPU: the embedded model
     .venv/bin/python benchmarks/scaling.py --model llama3.2-1b --budget 16384   # on a GPU
@@ -32,7 +35,7 @@ def main() -> None:
     p.add_argument("--lengths", default="256,512,1024,2048,4096")
     p.add_argument("--budget", type=int, default=4096, help="chosen + rejected tokens per step")
     p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up step")
-    p.add_argument("--contenders", default="ours,ours-lean,trl-default")
+    p.add_argument("--contenders", default="ours,ours-lean,trl-default,trl-precomputed")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     where = "gpu" if torch.cuda.is_available() else "cpu"
@@ -52,7 +55,7 @@ def main() -> None:
         for r in table[length].values():
             if isinstance(r, dict):
                 r.pop("runs", None)
-        print(length, {c: round(r["tokens_per_second"], 1) for c, r in result["results"].items()}, flush=True)
+        print(length, {c: round(r.get("positions_per_second", 0), 1) for c, r in result["results"].items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"scaling-{args.model}-{where}"
@@ -63,9 +66,10 @@ def main() -> None:
     lengths = sorted(table)
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for c in contenders:
-        speed.plot(lengths, [table[n][c]["tokens_per_second"] for n in lengths], marker="o", label=c)
-        memory.plot(lengths, [table[n][c]["peak_gib"] for n in lengths], marker="o", label=c)
-    for ax, what in ((speed, "tokens / s"), (memory, "peak memory, GiB")):
+        ok = [n for n in lengths if "error" not in table[n][c]]
+        speed.plot(ok, [table[n][c]["positions_per_second"] for n in ok], marker="o", label=c)
+        memory.plot(ok, [table[n][c]["peak_gib"] for n in ok], marker="o", label=c)
+    for ax, what in ((speed, "positions / s"), (memory, "peak memory, GiB")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.set_xlabel("tokens per sequence")
@@ -76,14 +80,26 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
     head = "| tokens per sequence | pairs per step | " + " | ".join(
-        f"{c} tok/s | {c} GiB" for c in contenders
+        f"{c} positions/s | {c} util. | {c} GiB" for c in contenders
     )
-    lines = [head + " |", "|" + "---|" * (2 + 2 * len(contenders))]
+    lines = [head + " |", "|" + "---|" * (2 + 3 * len(contenders))]
     for n in lengths:
         cells = [str(n), str(table[n]["pairs"])]
         for c in contenders:
-            cells += [f"{table[n][c]['tokens_per_second']:.1f}", f"{table[n][c]['peak_gib']:.2f}"]
+            r = table[n][c]
+            if "error" in r:
+                cells += ["failed", "-", "-"]
+                continue
+            cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    machine = result["machine"]
+    lines += [
+        "",
+        (
+            f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
+            f"({machine['peak_flops'] / 1e9:.0f} GFLOP/s at the last length); counting: dpo_vs_trl.py"
+        ),
+    ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -48,8 +49,27 @@ def init_world() -> World:
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=collective_timeout())
     return World(dist.get_rank(), dist.get_world_size(), local)
+
+
+TIMEOUT_ENV = "CRITERIAPO_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 3600
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective waits for the other processes before the run stops with an error:
+    ``CRITERIAPO_COLLECTIVE_TIMEOUT`` seconds, one hour by default. NCCL's own default (10 minutes)
+    is shorter than some waits a run has by design: processes wait while rank 0 writes a model
+    folder or makes the criteria data with the model."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r}: give the timeout of collectives in seconds, above 0")
+    return timedelta(seconds=seconds)
 
 
 def device_for(world: World, device: str) -> str:
@@ -121,6 +141,17 @@ def all_sum(values: list[float], world: World) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_objects(obj, world: World) -> list:
+    """Every process's ``obj`` (picklable, made by this program), in rank order."""
+    if not world.distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(world: World) -> None:

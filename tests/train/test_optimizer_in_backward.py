@@ -105,7 +105,10 @@ def test_refused_under_several_processes():
 
 def test_a_second_optimizer_on_the_same_model_and_closing():
     t = trainer(True)
-    again = BackwardAdamW([{"params": list(t.model.parameters()), "weight_decay": 0.0}], lr=1e-3)
+    again = BackwardAdamW(
+        [{"params": list(t.model.parameters()), "weight_decay": 0.0}],
+        lambda params, weight_decay: torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay),
+    )
     t.train_step(t.order.next_batch(8))  # both hooks fire; the second finds the gradient gone
     assert all(p.grad is None for p in t.model.parameters())
     t.optimizer.close()

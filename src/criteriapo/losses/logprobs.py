@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from criteriapo.rows.packing import attention_mask
+from criteriapo.models.attention import use_pieces
+from criteriapo.rows.packing import attention_mask, attention_pieces
 
 CHUNK_TOKENS = 256  # a (256, 128k) chunk of float32 logits is 128 MiB
 
@@ -137,9 +138,9 @@ class LogpsModule(torch.nn.Module):
         self.lm = lm
 
     def forward(
-        self, input_ids, attention_mask, position_ids, src, target, seq, n: int
+        self, input_ids, attention_mask, position_ids, src, target, seq, n: int, pieces=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = _logps(self.lm, input_ids, attention_mask, position_ids, src, target, seq, n)
+        out = _logps(self.lm, input_ids, attention_mask, position_ids, src, target, seq, n, pieces)
         return out.logps, out.num_tokens, out.logits_sum
 
     def get_decoder(self) -> torch.nn.Module:
@@ -156,8 +157,15 @@ class LogpsModule(torch.nn.Module):
 def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) -> SequenceLogps:
     """Log-probs of the ``n`` output sequences of a batch from :mod:`criteriapo.rows.packing`,
     padded (``attention_mask``) or packed (``segment``, ``branch``, ``position_ids``); with
-    ``canon`` (n,), output sequence k is the computed sequence ``canon[k]``."""
+    ``canon`` (n,), output sequence k is the computed sequence ``canon[k]``.
+
+    A packed batch on an SDPA model is computed by piece (:mod:`criteriapo.models.attention`; the
+    model is set to it on the first such batch): only the blocks its mask allows. The mask goes with
+    the pieces all the same, so a forward that does not pass the pieces on is still exact."""
+    extra = {}
     if "segment" in batch:
+        if use_pieces(model):
+            extra["pieces"] = attention_pieces(batch["segment"], batch["branch"])
         implementation = getattr(model.config, "_attn_implementation", None) or "eager"
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         mask = attention_mask(batch["segment"], batch["branch"], implementation, dtype)
@@ -165,7 +173,10 @@ def batch_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], n: int) 
     else:
         mask, position_ids = batch["attention_mask"], None
     args = (batch["input_ids"], mask, position_ids, batch["src"], batch["target"], batch["seq"], n)
-    out = SequenceLogps(*model(*args)) if isinstance(model, LogpsModule) else _logps(model, *args)
+    if isinstance(model, LogpsModule):
+        out = SequenceLogps(*model(*args, **extra))
+    else:
+        out = _logps(model, *args, **extra)
     if "canon" in batch:  # sequences computed once for several outputs (see collate_pairs)
         canon = batch["canon"]
         out = SequenceLogps(out.logps[canon], out.num_tokens[canon], out.logits_sum[canon])
@@ -190,11 +201,14 @@ def sequence_logps(
     return batch_logps(model, batch, input_ids.shape[0])
 
 
-def _logps(model, input_ids, attention_mask, position_ids, src, target, seq, n: int) -> SequenceLogps:
+def _logps(
+    model, input_ids, attention_mask, position_ids, src, target, seq, n: int, pieces=None
+) -> SequenceLogps:
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
+    extra = {} if pieces is None else {"pieces": pieces}
     hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
     ).last_hidden_state  # (R, L, H)
     h = hidden.flatten(0, 1)[src]  # (n_labels, H): the states that predict the labels
     transform = _transform_of(model, head)

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 # branch of a token within its segment: the prompt, then completions 1, 2... (chosen, rejected)
 SHARED, CHOSEN, REJECTED = 0, 1, 2
-MASK_IMPLEMENTATIONS = ("sdpa", "eager")  # attention that takes a custom (R, 1, L, L) mask
+# attention that takes a custom (R, 1, L, L) mask; criteriapo_pieces (models.attention.PIECES) is SDPA
+# that computes only the mask's allowed blocks when given the row's pieces (see :func:`pieces`)
+MASK_IMPLEMENTATIONS = ("sdpa", "eager", "criteriapo_pieces")
 
 
 @dataclass
@@ -193,8 +195,44 @@ def attention_mask(segment: torch.Tensor, branch: torch.Tensor, implementation: 
     causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
     crossed = (branch[:, None, :] != SHARED) & (branch[:, :, None] != branch[:, None, :])
     allowed = (same & causal & ~crossed)[:, None]  # (R, 1, L, L)
-    if implementation == "sdpa":
+    if implementation != "eager":
         return allowed
     return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+def attention_pieces(segment: torch.Tensor, branch: torch.Tensor) -> list[list[tuple[int, int, int, int]]]:
+    """(R, L) segment ids and branches -> each row's pieces for :mod:`criteriapo.models.attention`:
+    ``(q0, q1, p0, p1)``, queries [q0, q1) attending keys [p0, p1) and then themselves causally.
+    A segment gives its prompt with its first completion (no prefix: plain causal), then each
+    further completion with the prompt as prefix. Padding (segment -1) is in no piece."""
+    seg, br = segment.cpu(), branch.cpu()
+    change = torch.ones_like(seg, dtype=torch.bool)
+    change[:, 1:] = (seg[:, 1:] != seg[:, :-1]) | (br[:, 1:] != br[:, :-1])
+    out = []
+    for r in range(seg.shape[0]):
+        starts = torch.nonzero(change[r]).flatten().tolist()
+        ends = [*starts[1:], seg.shape[1]]
+        runs = [(s, e, int(seg[r, s]), int(br[r, s])) for s, e in zip(starts, ends, strict=True)]
+        out.append(_row_pieces([run for run in runs if run[2] >= 0]))
+    return out
+
+
+def _row_pieces(runs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """Runs (start, end, segment, branch) of one row, in order -> its pieces."""
+    row: list[tuple[int, int, int, int]] = []
+    prompt = (0, 0, -1)  # the current segment's prompt run: start, end, segment
+    for start, end, seg, b in runs:
+        if b == SHARED:
+            prompt = (start, end, seg)
+            row.append((start, end, start, start))
+        elif (
+            prompt[2] == seg and prompt[1] == start
+        ):  # the first completion follows its prompt: one causal block
+            row[-1] = (prompt[0], end, prompt[0], prompt[0])
+        elif prompt[2] == seg:
+            row.append((start, end, prompt[0], prompt[1]))
+        else:  # a segment with an empty prompt: each completion alone
+            row.append((start, end, start, start))
+    return row

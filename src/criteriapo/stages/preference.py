@@ -101,8 +101,10 @@ def references(
         if not d.precompute_ref_log_probs:
             return None, None, ref
         return (
-            score_pairs(ref, train, pad, mbs, packing=ref_packing, precision=precision),
-            score_pairs(ref, evals, pad, mbs, packing=ref_packing, precision=precision) if evals else None,
+            score_pairs(ref, train, pad, mbs, packing=ref_packing, precision=precision, world=world),
+            score_pairs(ref, evals, pad, mbs, packing=ref_packing, precision=precision, world=world)
+            if evals
+            else None,
             None,
         )
     # the starting weights are the reference: score them now, so no copy is ever held
@@ -113,7 +115,8 @@ def references(
             work_progress("reference: scoring the training pairs", len(train)) if shown else nullcontext()
         ) as advance,
     ):
-        return score_pairs(model, train, pad, mbs, cache, packing, precision, advance), start_eval, None
+        scores = score_pairs(model, train, pad, mbs, cache, packing, precision, advance, world)
+        return scores, start_eval, None
 
 
 def _frozen_reference(
@@ -180,7 +183,9 @@ def _score_references(
     mbs, pack = d.train.micro_batch_size, prep.packing
     with adapters_off(model):
         start_eval = saved.get("start_eval") or (
-            score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision) if evals else None
+            score_pairs(model, evals, pad, mbs, ref_cache, pack, prep.precision, world=world)
+            if evals
+            else None
         )
     if "train" in saved:
         refs = References(start_eval, saved["train"], saved.get("eval", start_eval))

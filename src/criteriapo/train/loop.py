@@ -30,6 +30,7 @@ from criteriapo.config import OptimConfig, TrainConfig
 from criteriapo.distributed import SINGLE, World, all_sum, reshard
 from criteriapo.errors import ConfigError, CriteriaPOError, Interrupted
 from criteriapo.tracking.loggers import Loggers
+from criteriapo.train.allocator import keep_freed_memory
 from criteriapo.train.batching import DataOrder
 from criteriapo.train.checkpoint import Checkpointer
 from criteriapo.train.optim import BackwardAdamW, build_optimizer, lr_at
@@ -95,6 +96,8 @@ class Trainer:
         self.eval_task = eval_task or task
         self.optim_cfg, self.cfg, self.loggers, self.progress = optim, train, loggers, progress
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.world = world
         # resolved by the caller from train.precision and model.dtype; else from the loaded weights
         self.precision = precision or precision_of(model, train.precision)

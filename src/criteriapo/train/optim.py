@@ -8,6 +8,7 @@ a normal step holds until ``optimizer.step()`` is never held.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,20 +35,28 @@ def _fused(params: list[torch.Tensor]) -> bool | None:
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, in_backward: bool = False):
     groups = _groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    if cfg.name == "adamw_sr":
-        # torchao's AdamW: bf16 weights and states, each update rounded stochastically so that steps
-        # far below bf16's spacing still move the weights on average (its step is torch.compile'd)
-        from torchao.optim import _AdamW
+    fused = _fused(params)
 
-        return _AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, bf16_stochastic_round=True)
-    kwargs = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "fused": _fused(params)}
+    def adamw(group_params: list, weight_decay: float | None = None) -> torch.optim.Optimizer:
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps}
+        if weight_decay is not None:
+            kwargs["weight_decay"] = weight_decay
+        if cfg.name == "adamw_sr":
+            # torchao's AdamW: bf16 weights and states, each update rounded stochastically so that steps
+            # far below bf16's spacing still move the weights on average (its step is torch.compile'd)
+            from torchao.optim import _AdamW
+
+            return _AdamW(group_params, **kwargs, bf16_stochastic_round=True)
+        return torch.optim.AdamW(group_params, **kwargs, fused=fused)
+
     if in_backward:
-        return BackwardAdamW(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+        return BackwardAdamW(groups, adamw)
+    return adamw(groups)
 
 
 class BackwardAdamW:
-    """AdamW stepped per parameter from a hook that runs when the parameter's gradient is complete.
+    """AdamW stepped per parameter from a hook that runs when the parameter's gradient is complete
+    (torch's, or torchao's with stochastic rounding for bf16 weights: ``make`` builds one per weight).
 
     A step is then one micro-batch, and the gradient is not clipped by the global norm, which is not
     known until every gradient is done (the config refuses both). The squared norm is summed as the
@@ -55,21 +64,25 @@ class BackwardAdamW:
     one AdamW over the same groups, so checkpoints are written and read as for the normal optimizer.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], **kwargs: Any):
-        self.param_groups = [{**g, "lr": kwargs["lr"]} for g in groups]
-        self._one: dict[torch.Tensor, tuple[torch.optim.AdamW, dict[str, Any]]] = {}
+    def __init__(self, groups: list[dict[str, Any]], make: Callable[..., torch.optim.Optimizer]):
+        self._one: dict[torch.Tensor, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
         self._handles = []
-        for g in self.param_groups:
+        self.param_groups = []
+        for g in groups:
+            group = dict(g)
             for p in g["params"]:
-                self._one[p] = (torch.optim.AdamW([p], **{**kwargs, "weight_decay": g["weight_decay"]}), g)
+                opt = make([p], g["weight_decay"])
+                group["lr"] = opt.param_groups[0]["lr"]
+                self._one[p] = (opt, group)
                 self._handles.append(p.register_post_accumulate_grad_hook(self._step_one))
+            self.param_groups.append(group)
         self._squares: torch.Tensor | None = None
 
     def _step_one(self, p: torch.Tensor) -> None:
         if p.grad is None:  # already stepped by another hook on the same weight
             return
         opt, group = self._one[p]
-        sq = p.grad.detach().float().pow(2).sum()
+        sq = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).square()  # no float copy
         self._squares = sq if self._squares is None else self._squares + sq
         opt.param_groups[0]["lr"] = group["lr"]
         opt.step()

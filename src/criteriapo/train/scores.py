@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from criteriapo.data.tokenize import TokenizedPair
-from criteriapo.distributed import reshard
+from criteriapo.distributed import SINGLE, World, all_gather_objects, reshard
 from criteriapo.losses.logprobs import SequenceLogps, batch_logps
 from criteriapo.rows.packing import packing_problem
 from criteriapo.rows.pairs import collate_pairs
+from criteriapo.train.allocator import keep_freed_memory
 from criteriapo.train.precision import Precision, precision_of
 
 
@@ -95,6 +96,30 @@ class PairScores:
 SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion ids)
 
 
+def _scored(chunks: list, score: Callable, world: World, progress: Callable[[int], None] | None):
+    """``(j, score(chunks[j]))`` for every chunk, in order. With several processes, process r scores
+    chunks r, r + N, ...; one that runs out scores its first chunk again (a sharded model's forward
+    is a collective: every process must make as many) and drops the result; then the results are
+    gathered, so each process gets all of them."""
+    if not world.distributed:
+        for j, chunk in enumerate(chunks):
+            yield j, score(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return
+    mine: dict[int, tuple] = {}
+    for start in range(0, len(chunks), world.size):
+        j = start + world.rank
+        result = score(chunks[j] if j < len(chunks) else chunks[world.rank % len(chunks)])
+        if j < len(chunks):
+            mine[j] = result
+        if progress is not None:
+            progress(sum(len(c) for c in chunks[start : start + world.size]))
+    merged = {j: r for part in all_gather_objects(mine, world) for j, r in part.items()}
+    assert sorted(merged) == list(range(len(chunks))), "a micro-batch's scores went missing"
+    yield from sorted(merged.items())
+
+
 @torch.no_grad()
 def score_pairs(
     model: torch.nn.Module,
@@ -105,6 +130,7 @@ def score_pairs(
     packing: bool = True,
     precision: Precision | None = None,
     progress: Callable[[int], None] | None = None,
+    world: World = SINGLE,
 ) -> PairScores:
     """Log-probs of every pair's chosen and rejected completion under ``model`` (no gradient).
 
@@ -115,7 +141,10 @@ def score_pairs(
     A prompt's pairs go into one micro-batch where they fit, so that its prompt and the replies its
     pairs share are computed once.
     ``precision`` is the policy's (its autocast): the reference must be scored as the policy computes.
-    ``progress(n)`` is told of each ``n`` pairs scored (those found in the cache first)."""
+    ``progress(n)`` is told of each ``n`` pairs scored (those found in the cache first).
+    With several processes (``world``: every one of them calls this with the same pairs and cache),
+    each scores every N-th micro-batch and all receive all the scores, as one process would make
+    them."""
     cache = {} if cache is None else cache
     keys = [
         [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
@@ -130,19 +159,22 @@ def score_pairs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
     compute = (precision or precision_of(model, "auto")).context
-    for start in range(0, len(todo), micro_batch_size):
-        chunk = todo[start : start + micro_batch_size]
-        b = len(chunk)
-        batch = collate_pairs([pairs[i] for i in chunk], range(b), pad_id, packing)
+    chunks = [todo[start : start + micro_batch_size] for start in range(0, len(todo), micro_batch_size)]
+
+    def score(chunk: list[int]) -> tuple[list[float], list[int]]:
+        batch = collate_pairs([pairs[i] for i in chunk], range(len(chunk)), pad_id, packing)
         with compute(device):
-            out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * b)
-        logps, counts = out.logps.tolist(), out.num_tokens.tolist()
-        for j, i in enumerate(chunk):  # a sequence shared by several pairs keeps its first score
-            cache.setdefault(keys[0][i], (logps[j], counts[j]))
-            cache.setdefault(keys[1][i], (logps[b + j], counts[b + j]))
-        if progress is not None:
-            progress(b)
+            out = batch_logps(model, {k: v.to(device) for k, v in batch.items()}, 2 * len(chunk))
+        return out.logps.tolist(), out.num_tokens.tolist()
+
+    for j, (logps, counts) in _scored(chunks, score, world, progress):  # in chunk order
+        b = len(chunks[j])
+        for k, i in enumerate(chunks[j]):  # a sequence shared by several pairs keeps its first score
+            cache.setdefault(keys[0][i], (logps[k], counts[k]))
+            cache.setdefault(keys[1][i], (logps[b + k], counts[b + k]))
     model.train(was_training)
     reshard(model)
     (c_lp, c_n), (r_lp, r_n) = (

@@ -15,6 +15,7 @@ import torch
 
 from criteriapo.config import DPOConfig
 from criteriapo.data.tokenize import TokenizedPair, TokenizedSFT, TokenizedUnpaired
+from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
 from criteriapo.losses.kto import KTOParams, kto_losses
 from criteriapo.losses.logprobs import batch_logps
@@ -96,6 +97,7 @@ def reference_scores(
         return reference.chosen.logps[i].to(device), reference.rejected.logps[i].to(device)
     with torch.no_grad(), adapters_off(ref_model):  # a LoRA policy is its own reference
         out = batch_logps(ref_model, batch, 2 * b)
+    reshard(ref_model)  # under FSDP2 a forward without backward leaves the root's weights gathered
     return out.logps[:b], out.logps[b:]
 
 

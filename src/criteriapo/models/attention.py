@@ -1,0 +1,139 @@
+"""Attention for packed rows that computes only what their mask allows.
+
+A packed row holds segments ``prompt | completion 1 | completion 2 | ...`` (see
+:mod:`criteriapo.rows.packing`). With a custom (L, L) mask, SDPA computes the whole square and then
+masks most of it: other segments, completion 2's view of completion 1, everything above the
+diagonal. Here each row is cut into *pieces*, each a run of queries that attends a key prefix (the
+prompt its completion follows, possibly empty) and then itself causally:
+
+- a segment's prompt with its first completion: one causal block (``is_causal``);
+- each further completion: the prompt's keys, then its own causally (a lower-right causal mask
+  over ``prompt + completion`` keys);
+- padding: zeros (no label reads it, no other token attends it).
+
+So the chosen x rejected block, the blocks between segments and the upper triangles are never
+computed, and grouped-query models keep their K/V heads unrepeated (``enable_gqa``). The values are
+those of SDPA with the full mask, up to the order of float sums.
+
+On a GPU no piece gives SDPA an explicit mask: causal pieces run the flash kernel (``is_causal``,
+K/V heads unrepeated), and a lower-right piece goes to the flash or memory-efficient kernel through
+``causal_lower_right``, which takes it only with as many K/V heads as query heads, so a
+grouped-query model's K/V are repeated for that piece alone. cuDNN's attention backward with an
+explicit mask (reported NaN at lengths 64 mod 128) is therefore never reached through pieces, and a
+masked call without pieces runs without cuDNN when gradients are wanted (:func:`avoid_cudnn`).
+
+The implementation is registered with transformers as :data:`PIECES`: a model set to it computes
+plain SDPA for every call that brings no pieces (generation, unpacked batches), and for a packed
+batch that brings them through the forward's keyword arguments. A model whose forward does not pass
+them on gets the full mask instead, which is exact too.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+PIECES = "criteriapo_pieces"
+# (query start, query end, prefix start, prefix end) within a row: queries [q0, q1) attend keys
+# [p0, p1) (all of them) and then [q0, q1) causally; p0 == p1 is no prefix
+Piece = tuple[int, int, int, int]
+# what SDPA-based attention can be asked to do that pieces do not
+_UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "position_bias")
+
+
+def piece_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    pieces: list[list[Piece]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: query (R, Hq, L, D), key/value (R, Hkv, L, D) ->
+    (R, L, Hq, D). Without ``pieces``, exactly transformers' SDPA attention."""
+    if pieces is None:
+        masked = avoid_cudnn(query.device.type, attention_mask is not None)
+        options = {"dropout": dropout, "scaling": scaling, "is_causal": is_causal, **kwargs}
+        with _without_cudnn() if masked else nullcontext():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **options)
+    asked = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+    assert not asked, f"piece attention was given {asked}; packing_problem should have refused this model"
+    assert len(pieces) == query.shape[0], (len(pieces), query.shape)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as autocast casts SDPA's inputs (a CausalBias mask bypasses it)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": query.shape[1] != key.shape[1]}
+    rows = [
+        _row(query[r : r + 1], key[r : r + 1], value[r : r + 1], row, options) for r, row in enumerate(pieces)
+    ]
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
+    """One row (1, H, L, D): its pieces in order, zeros where no piece is (padding)."""
+    length = query.shape[2]
+    parts, at = [], 0
+    for q0, q1, p0, p1 in row:
+        if q0 > at:
+            parts.append(value.new_zeros(1, query.shape[1], q0 - at, value.shape[-1]))
+        q, k, v = query[:, :, q0:q1], key[:, :, q0:q1], value[:, :, q0:q1]
+        if p1 > p0:  # (q, prefix + q) keys: all of the prefix, then causal, aligned at the bottom right
+            k = torch.cat([key[:, :, p0:p1], k], dim=2)
+            v = torch.cat([value[:, :, p0:p1], v], dim=2)
+            mask, piece = causal_lower_right(q1 - q0, k.shape[2]), options
+            if options["enable_gqa"] and q.is_cuda:
+                # on a GPU a lower-right mask runs the flash or efficient kernel only with as many K/V
+                # heads as query heads (else SDPA gets it as an explicit mask); this piece's are repeated
+                repeat = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+                piece = {**options, "enable_gqa": False}
+            parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **piece))
+        else:
+            parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, **options))
+        at = q1
+    if at < length:
+        parts.append(value.new_zeros(1, query.shape[1], length - at, value.shape[-1]))
+    return torch.cat(parts, dim=2)
+
+
+def avoid_cudnn(device_type: str, masked: bool) -> bool:
+    """Whether SDPA must not pick cuDNN: on a GPU, with an explicit mask, when gradients are wanted
+    (cuDNN's attention backward has given NaN with an explicit mask at lengths 64 mod 128; pieces
+    never pass one, this is for a forward that does not pass them on)."""
+    return device_type == "cuda" and masked and torch.is_grad_enabled()
+
+
+def _without_cudnn():
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+AttentionInterface.register(PIECES, piece_attention)
+AttentionMaskInterface.register(PIECES, sdpa_mask)
+
+
+def use_pieces(model: torch.nn.Module) -> bool:
+    """Set ``model`` (or the transformers model inside a wrapper) from SDPA to :data:`PIECES`, which
+    is SDPA for every call without pieces; True when it uses pieces (set now or before). Any other
+    attention is left as it is."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation == PIECES:
+        return True
+    if implementation != "sdpa":
+        return False
+    inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None:
+        return False
+    inner.set_attn_implementation(PIECES)
+    return getattr(model.config, "_attn_implementation", None) == PIECES
