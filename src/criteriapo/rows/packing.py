@@ -33,7 +33,7 @@ IGNORE_INDEX = -100
 # branch of a token within its segment: the prompt, then completions 1, 2... (chosen, rejected)
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 # attention that takes a custom (R, 1, L, L) mask; criteriapo_pieces (models.attention.PIECES) is SDPA
-# that computes only the mask's allowed blocks when given the row's pieces (see :func:`pieces`)
+# that computes only the mask's allowed blocks when given the row's pieces (:func:`attention_pieces`)
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "criteriapo_pieces")
 
 
@@ -227,10 +227,8 @@ def _row_pieces(runs: list[tuple[int, int, int, int]]) -> list[tuple[int, int, i
         if b == SHARED:
             prompt = (start, end, seg)
             row.append((start, end, start, start))
-        elif (
-            prompt[2] == seg and prompt[1] == start
-        ):  # the first completion follows its prompt: one causal block
-            row[-1] = (prompt[0], end, prompt[0], prompt[0])
+        elif prompt[2] == seg and prompt[1] == start:
+            row[-1] = (prompt[0], end, prompt[0], prompt[0])  # the first completion: one causal block
         elif prompt[2] == seg:
             row.append((start, end, prompt[0], prompt[1]))
         else:  # a segment with an empty prompt: each completion alone

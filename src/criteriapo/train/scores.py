@@ -98,7 +98,7 @@ SequenceKey = tuple[int, tuple[int, ...]]  # (prompt length, prompt + completion
 
 def _scored(chunks: list, score: Callable, world: World, progress: Callable[[int], None] | None):
     """``(j, score(chunks[j]))`` for every chunk, in order. With several processes, process r scores
-    chunks r, r + N, ...; one that runs out scores its first chunk again (a sharded model's forward
+    chunks r, r + N, ...; one that runs out scores a chunk again (a sharded model's forward
     is a collective: every process must make as many) and drops the result; then the results are
     gathered, so each process gets all of them."""
     if not world.distributed:
@@ -118,6 +118,14 @@ def _scored(chunks: list, score: Callable, world: World, progress: Callable[[int
     merged = {j: r for part in all_gather_objects(mine, world) for j, r in part.items()}
     assert sorted(merged) == list(range(len(chunks))), "a micro-batch's scores went missing"
     yield from sorted(merged.items())
+
+
+def _todo(pairs: Sequence[TokenizedPair], keys: list[list], cache: dict) -> list[int]:
+    """The pairs with a sequence not in ``cache``, a prompt's pairs together (computed once)."""
+    todo = [i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache]
+    rank = {prompt: r for r, prompt in enumerate(dict.fromkeys(tuple(pairs[i].prompt_ids) for i in todo))}
+    todo.sort(key=lambda i: rank[tuple(pairs[i].prompt_ids)])
+    return todo
 
 
 @torch.no_grad()
@@ -150,9 +158,7 @@ def score_pairs(
         [(len(p.prompt_ids), tuple(p.prompt_ids + getattr(p, side))) for p in pairs]
         for side in ("chosen_ids", "rejected_ids")
     ]
-    todo = [i for i in range(len(pairs)) if keys[0][i] not in cache or keys[1][i] not in cache]
-    rank = {prompt: r for r, prompt in enumerate(dict.fromkeys(tuple(pairs[i].prompt_ids) for i in todo))}
-    todo.sort(key=lambda i: rank[tuple(pairs[i].prompt_ids)])  # a prompt's pairs together: computed once
+    todo = _todo(pairs, keys, cache)
     packing = packing and packing_problem(model.config) is None
     if progress is not None and len(pairs) > len(todo):
         progress(len(pairs) - len(todo))
@@ -177,8 +183,13 @@ def score_pairs(
             cache.setdefault(keys[1][i], (logps[b + k], counts[b + k]))
     model.train(was_training)
     reshard(model)
+    return _from_cache(keys, cache)
+
+
+def _from_cache(keys: list[list], cache: dict) -> PairScores:
+    """The scores of the pairs whose chosen and rejected sequences are ``keys[0]`` and ``keys[1]``."""
     (c_lp, c_n), (r_lp, r_n) = (
-        zip(*(cache[k] for k in side), strict=True) if pairs else ((), ()) for side in keys
+        zip(*(cache[k] for k in side), strict=True) if side else ((), ()) for side in keys
     )
     return PairScores(
         SequenceScores(torch.tensor(c_lp, dtype=torch.float32), torch.tensor(c_n, dtype=torch.long)),
