@@ -151,7 +151,10 @@ def pair_tokens(prompt: int, chosen: int, rejected: int) -> dict[str, int]:
     - ``labelled``: the completion positions, the only ones whose output layer the loss needs;
     - ``attended``: the (query, key) pairs causal attention allows, per layer and head: the prompt
       with itself, each completion with the prompt and with itself."""
-    causal = lambda n: n * (n + 1) // 2  # noqa: E731
+
+    def causal(n: int) -> int:
+        return n * (n + 1) // 2
+
     return {
         "tokens": 2 * prompt + chosen + rejected,
         "positions": prompt + chosen + rejected,
@@ -267,17 +270,7 @@ def run_trl(args, model, tok, data, contender: str) -> dict:
             times.append(time.perf_counter() - self.t)
 
     liger = fast and on_gpu and _has("liger_kernel") and not args.no_liger
-    liger_status = (
-        "on"
-        if liger
-        else "off: TRL's default"
-        if not fast
-        else "off: CPU"
-        if not on_gpu
-        else "off: --no-liger"
-        if args.no_liger
-        else "off: not installed"
-    )
+    liger_status = _liger_status(liger, fast, on_gpu, args.no_liger)
     config = trl.DPOConfig(
         output_dir=tempfile.mkdtemp(),
         report_to="none",
@@ -319,6 +312,17 @@ def run_trl(args, model, tok, data, contender: str) -> dict:
         "liger_status": liger_status,
         **({"ref_seconds": init_seconds} if precompute else {}),
     }
+
+
+def _liger_status(on: bool, fast: bool, on_gpu: bool, refused: bool) -> str:
+    """Whether a TRL contender ran with Liger kernels, or why not."""
+    if on:
+        return "on"
+    if not fast:
+        return "off: TRL's default"
+    if not on_gpu:
+        return "off: CPU"
+    return "off: --no-liger" if refused else "off: not installed"
 
 
 def _has(module: str) -> bool:

@@ -19,7 +19,7 @@ from criteriapo.distributed import reshard
 from criteriapo.losses.dpo import LogPs, LossParams, loss_spec, rewards
 from criteriapo.losses.kto import KTOParams, kto_losses
 from criteriapo.losses.logprobs import batch_logps
-from criteriapo.models.lora import adapters_off
+from criteriapo.models.lora import adapters_off, is_lora
 from criteriapo.rows.packing import collate, sequence_segment
 from criteriapo.rows.pairs import collate_pairs, collate_sequences
 from criteriapo.train.scores import PairScores
@@ -95,10 +95,19 @@ def reference_scores(
     if reference is not None:
         i = batch["index"].cpu()
         return reference.chosen.logps[i].to(device), reference.rejected.logps[i].to(device)
-    with torch.no_grad(), adapters_off(ref_model):  # a LoRA policy is its own reference
-        out = batch_logps(ref_model, batch, 2 * b)
-    reshard(ref_model)  # under FSDP2 a forward without backward leaves the root's weights gathered
+    out = scored_by_reference(ref_model, batch, 2 * b)
     return out.logps[:b], out.logps[b:]
+
+
+def scored_by_reference(ref_model: torch.nn.Module, rows: dict[str, torch.Tensor], n: int):
+    """``rows`` scored without gradient by a reference model: a LoRA policy with its adapters off
+    (the policy itself, whose gathered weights its backward still needs), or a frozen model, whose
+    weights FSDP2 leaves gathered after a forward without backward: they are released here."""
+    with torch.no_grad(), adapters_off(ref_model):
+        out = batch_logps(ref_model, rows, n)
+    if not is_lora(ref_model):
+        reshard(ref_model)
+    return out
 
 
 class DPOTask:
@@ -250,8 +259,7 @@ class KTOTask:
         if self.reference is not None:
             scores = self.reference.rejected if kl else self.reference.chosen
             return scores.logps[index.cpu()].to(rows["input_ids"].device)
-        with torch.no_grad(), adapters_off(self.ref_model):  # a LoRA policy is its own reference
-            return batch_logps(self.ref_model, rows, index.shape[0]).logps
+        return scored_by_reference(self.ref_model, rows, index.shape[0]).logps
 
     @torch.no_grad()
     def step_sums(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
