@@ -3,7 +3,9 @@
 time (``--max-batch 1``) as the baseline. Each server is the real command in its own process
 (``criteriapo serve MODEL --max-batch B``), started for each client count, the same requests;
 the clients are threads of this process. Prints requests/s, completion tokens/s, p50/p95
-latency and errors, and the batched server's requests/s over the baseline's.
+latency and errors, and the batched server's tokens/s over the baseline's. Each server runs
+``--repeats`` times in the order ABBA... (baseline, batched, batched, baseline), so that a machine
+whose speed drifts during the run slows both alike; the ratio is of the totals.
 
     .venv/bin/python benchmarks/serve_load.py --clients 8 --requests 16
 
@@ -69,6 +71,8 @@ def load(base: str, clients: int, per_client: int, prompts: list[str], max_token
         "p95 s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
         "errors": errors[0],
         "requests": len(lat),
+        "tokens": tokens[0],
+        "wall s": wall,
     }
 
 
@@ -107,40 +111,44 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4, help="per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of each server, in the order ABBA... (cancels a drift)"
+    )
     args = p.parse_args()
     prompts = [d.text for d in draw_prompts(64, 3, 0.2)]
+    servers = (("one at a time", 1), (f"batched (up to {args.max_batch})", args.max_batch))
     rows = []
     for clients in args.clients:
-        for label, batch in (("one at a time", 1), (f"batched (up to {args.max_batch})", args.max_batch)):
-            with serving(args.model, batch, args.max_tokens) as (base, health):
-                load(base, 1, 1, prompts, 4)  # warm-up
-                r = load(base, clients, args.requests, prompts, args.max_tokens)
-            rows.append((clients, label, r, health.get("largest_batch")))
-            print(
-                f"{clients} clients, {label}: {r} (largest batch {health.get('largest_batch')})", flush=True
-            )
-    cols = [
-        "clients",
-        "server",
-        "requests/s",
-        "tokens/s",
-        "p50 latency s",
-        "p95 latency s",
-        "errors",
-        "largest batch",
-    ]
-    print("\n| " + " | ".join(cols) + " |")
-    print("|---|---|---|---|---|---|---|---|")
-    for clients, label, r, largest in rows:
+        for k in range(args.repeats):
+            for label, batch in servers if k % 2 == 0 else servers[::-1]:
+                with serving(args.model, batch, args.max_tokens) as (base, health):
+                    load(base, 1, 1, prompts, 4)  # warm-up
+                    r = load(base, clients, args.requests, prompts, args.max_tokens)
+                rows.append((clients, label, r, health))
+                say = f"batching {health.get('batching')}, largest batch {health.get('largest_batch')}"
+                print(f"{clients} clients, {label}: {r} ({say})", flush=True)
+    _report(args.clients, rows)
+
+
+def _report(client_counts: list[int], rows: list[tuple]) -> None:
+    cols = ["clients", "server", "batching", "requests/s", "tokens/s", "p50 latency s", "p95 latency s"]
+    print("\n| " + " | ".join([*cols, "errors", "largest batch"]) + " |")
+    print("|" + "---|" * (len(cols) + 2))
+    for clients, label, r, health in rows:
         print(
-            f"| {clients} | {label} | {r['req/s']:.2f} | {r['tok/s']:.1f} | {r['p50 s']:.2f} | "
-            f"{r['p95 s']:.2f} | {r['errors']} | {largest} |"
+            f"| {clients} | {label} | {health.get('batching')} | {r['req/s']:.2f} | {r['tok/s']:.1f} | "
+            f"{r['p50 s']:.2f} | {r['p95 s']:.2f} | {r['errors']} | {health.get('largest_batch')} |"
         )
-    for clients in args.clients:
-        one, many = (r for c, _, r, _ in rows if c == clients)
-        tokens, requests = many["tok/s"] / one["tok/s"], many["req/s"] / one["req/s"]
-        say = f"{tokens:.2f}x the tokens/s, {requests:.2f}x the requests/s of one at a time"
-        print(f"{clients} clients: batched {say}")
+    for clients in client_counts:
+        runs = [(label, r) for c, label, r, _ in rows if c == clients]
+        one, many = ([r for label, r in runs if label.startswith(kind)] for kind in ("one", "batched"))
+        ratios = [m["tok/s"] / o["tok/s"] for o, m in zip(one, many, strict=True)]
+        total = sum(m["tokens"] for m in many) / sum(m["wall s"] for m in many)
+        total /= sum(o["tokens"] for o in one) / sum(o["wall s"] for o in one)
+        say = ", ".join(f"{x:.2f}x" for x in ratios)
+        print(
+            f"{clients} clients: batched {total:.2f}x the tokens/s of one at a time, all runs ({say} by pair)"
+        )
 
 
 if __name__ == "__main__":

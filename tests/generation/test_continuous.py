@@ -1,12 +1,22 @@
 """Continuous batching on a shared prefix: prompts that start with the chat template's fixed tokens
-are computed from the prefix's cached keys and values on, and get the replies computed whole."""
+are computed from the prefix's cached keys and values on, and get the replies computed whole; the
+fused batch (joining prompts computed in the running replies' forward) gives the replies made alone."""
 
 from __future__ import annotations
 
 import pytest
 
 from criteriapo.generation import Sampling, generate_batch, prompt_ids
-from criteriapo.generation.continuous import Request, RunningBatch, supported, template_prefix
+from criteriapo.generation.continuous import (
+    FusedBatch,
+    Request,
+    RunningBatch,
+    batch_maker,
+    fused_agrees,
+    supported,
+    template_prefix,
+)
+from criteriapo.generation.ragged import RAGGED, Plan
 from tests.zoo import ZOO, zoo_model
 
 CONTINUOUS = sorted(a for a in ZOO if a not in {"mistral", "gemma2", "gemma3", "gemma3_text", "falcon_h1"})
@@ -112,3 +122,83 @@ def test_a_repetition_penalty_is_applied_as_generate_applies_it(smollm2_tokenize
     alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(prompts, asked, strict=True)]
     assert [penalized[i] for i in range(5)] == alone
     assert any(penalized[i] != plain[i] for i in range(5)), "the penalty changed nothing: cannot fail"
+
+
+FUSED = sorted(a for a in CONTINUOUS if a != "opt")  # OPT's forward asks its cache for its length
+
+
+def _run_long(batch, requests: list[Request]) -> dict:
+    """As :func:`_run`, then two more requests joining once the first replies have left (their slots
+    taken by the last running rows)."""
+    done = _run(batch, requests[:-2])
+    done.update(batch.add(requests[-2:]))
+    while len(batch):
+        done.update(batch.step())
+    return done
+
+
+@pytest.mark.parametrize("arch", FUSED)
+def test_a_fused_batch_gives_each_reply_what_it_gets_alone(arch, smollm2_tokenizer):
+    """Prompts computed in the running replies' forward pass (on the shared prefix or whole), rows
+    leaving at their own limits and the last rows moving into their slots, slots growing past their
+    first 64 tokens: every greedy and seeded reply is the one generated alone."""
+    tok = smollm2_tokenizer
+    model = _model(arch, tok)
+    prompts = [prompt_ids(tok, c) for c in CHATS] + [prompt_ids(tok, CHATS[1]), prompt_ids(tok, CHATS[0])]
+    prompts[2] = tok("Once upon a time, an owl")["input_ids"]
+    asked = [*ASKED, Sampling(max_new_tokens=70, temperature=1.0, seed=5), Sampling(max_new_tokens=3)]
+    requests = [Request(p, s, key=i) for i, (p, s) in enumerate(zip(prompts, asked, strict=True))]
+    batch = FusedBatch(model, tok)
+    assert model.config._attn_implementation == RAGGED
+    fused = _run_long(batch, requests)
+    assert len(batch) == 0 and max(k.shape[2] for k in batch.cache.keys) >= 128  # grown twice
+    alone = [generate_batch(model, tok, [p], [s])[0] for p, s in zip(prompts, asked, strict=True)]
+    assert [fused[i] for i in range(len(prompts))] == alone
+    assert alone[5].tokens == 70 and len({r.text for r in alone}) > 3, "the test could not fail"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma", "gpt2"])
+def test_fused_logits_agree_with_the_models_own_forward(arch, dtype, smollm2_tokenizer):
+    import torch
+
+    model = zoo_model(arch, vocab_size=len(smollm2_tokenizer)).to(getattr(torch, dtype)).eval()
+    assert fused_agrees(model, smollm2_tokenizer)
+    assert isinstance(batch_maker(model, smollm2_tokenizer, 4)(), FusedBatch)
+
+
+def test_a_model_the_fused_batch_cannot_run_is_served_by_the_padded_batch(smollm2_tokenizer, caplog):
+    """OPT's forward asks its cache for its length; an eager model's attention is not SDPA: both get
+    :class:`RunningBatch`, and OPT's reason is logged."""
+    tok = smollm2_tokenizer
+    opt = zoo_model("opt", vocab_size=len(tok)).eval()
+    with caplog.at_level("INFO"):
+        assert not fused_agrees(opt, tok)
+    assert "fused batching is off" in caplog.text and "get_seq_length" in caplog.text
+    assert isinstance(batch_maker(opt, tok, 4)(), RunningBatch)
+    eager = zoo_model("llama", vocab_size=len(tok), attn_implementation="eager").eval()
+    assert isinstance(batch_maker(eager, tok, 4)(), RunningBatch)
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_a_forward_whose_attention_never_sees_the_plan_is_refused(smollm2_tokenizer):
+    """A model whose attention layers do not run on the plan (here: set back to eager attention after
+    the batch was made) would compute from the slots as if they were one row: the step raises rather
+    than draw from those logits."""
+    tok = smollm2_tokenizer
+    model = _model("llama", tok)
+    batch = FusedBatch(model, tok)
+    batch.add([Request(prompt_ids(tok, CHATS[0]), Sampling(max_new_tokens=4))])
+    batch.step()
+    model.set_attn_implementation("eager")
+    with pytest.raises(RuntimeError):
+        batch.step()
+
+
+def test_the_plan_counts_the_layers_that_ran_on_it():
+    plan = Plan(decode=2, joins=[(2, 3)], past=[5, 7, 4], prefix=[2])
+    assert plan.width == 8 and plan.positions() == [5, 7, 4, 5, 6] and plan.last() == [0, 1, 4]
+    plan.layers = 3
+    plan.check(3)
+    with pytest.raises(RuntimeError, match="2 of the model's 3 attention layers"):
+        Plan(decode=1, joins=[], past=[0], layers=2).check(3)

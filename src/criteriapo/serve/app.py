@@ -163,6 +163,7 @@ class _Server:
             "model": self.model_id,
             "queued": e.queued,
             "running": e.running,
+            "batching": "fused" if e.fused else "continuous" if e.continuous else "whole",
             **asdict(e.counts),
         }
 

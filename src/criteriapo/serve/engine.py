@@ -2,9 +2,10 @@
 their replies together, each with its own sampling settings, stop strings and seed, streaming each
 reply's text as it settles. With a model whose cache allows it, the batch is continuous
 (:mod:`criteriapo.generation.continuous`): waiting requests join the running batch between tokens
-(up to ``max_batch`` replies at once) and finished replies leave it; otherwise the waiting requests
-are generated together as one batch, and the next ones wait for it to end. A request whose client
-has gone is cancelled: its reply stops at the next token."""
+(up to ``max_batch`` replies at once; with an SDPA model, computed in the batch's next forward
+pass: :class:`~criteriapo.generation.continuous.FusedBatch`) and finished replies leave it;
+otherwise the waiting requests are generated together as one batch, and the next ones wait for it
+to end. A request whose client has gone is cancelled: its reply stops at the next token."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from criteriapo.generation import Reply, Sampling, generate_batch
-from criteriapo.generation.continuous import Request, RunningBatch, supported
+from criteriapo.generation.continuous import FusedBatch, Request, batch_maker, supported
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Engine:
         self.counts = Counts()
         self.running = 0
         self.continuous = supported(model)
+        self.fused = False  # joining prompts computed in the running batch's forward (set by the worker)
         self._thread = threading.Thread(target=self._work, name="criteriapo-engine", daemon=True)
         self._thread.start()
 
@@ -116,7 +118,9 @@ class Engine:
                 self._run(jobs)
 
     def _work_continuously(self) -> None:
-        batch = RunningBatch(self.model, self.tokenizer)
+        make = batch_maker(self.model, self.tokenizer, self.max_batch)
+        batch = make()
+        self.fused = isinstance(batch, FusedBatch)
         while True:
             room = self.max_batch - len(batch)
             jobs = self._take(room, wait=not len(batch)) if room else []
@@ -134,7 +138,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - every running request is told; the worker goes on
                 running = {id(r.request.key): r.request.key for r in batch.rows}
                 self._fail(list(({id(j): j for j in jobs} | running).values()), e)
-                batch = RunningBatch(self.model, self.tokenizer)
+                batch = make()
             self.running = len(batch)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
