@@ -367,6 +367,8 @@ class FusedBatch(_Replies):
             self.cache.move(mover, hole, self.lengths[mover])
             self.rows[hole], self.lengths[hole] = self.rows[mover], self.lengths[mover]
         self.rows, self.lengths = self.rows[: len(keep)], self.lengths[: len(keep)]
+        if not self.rows:  # an idle batch holds no memory (a long reply may have grown its slots)
+            self.cache.keys, self.cache.values = [], []
 
 
 def batch_maker(model: Any, tokenizer: Any, slots: int) -> Callable[[], RunningBatch | FusedBatch]:
