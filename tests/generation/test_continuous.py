@@ -170,13 +170,20 @@ def test_fused_logits_agree_with_the_models_own_forward(arch, dtype, smollm2_tok
 
 def test_a_model_the_fused_batch_cannot_run_is_served_by_the_padded_batch(smollm2_tokenizer, caplog):
     """OPT's forward asks its cache for its length; an eager model's attention is not SDPA: both get
-    :class:`RunningBatch`, and OPT's reason is logged."""
+    :class:`RunningBatch`, OPT's reason is logged, and its replies are still those made alone."""
     tok = smollm2_tokenizer
     opt = zoo_model("opt", vocab_size=len(tok)).eval()
     with caplog.at_level("INFO"):
         assert not fused_agrees(opt, tok)
     assert "fused batching is off" in caplog.text and "get_seq_length" in caplog.text
-    assert isinstance(batch_maker(opt, tok, 4)(), RunningBatch)
+    batch = batch_maker(opt, tok, 8)()
+    assert isinstance(batch, RunningBatch)
+    prompts = [prompt_ids(tok, c) for c in CHATS]
+    requests = [Request(p, s, key=i) for i, (p, s) in enumerate(zip(prompts, ASKED, strict=True))]
+    done = _run(batch, requests)  # still right after the fused path was tried on it
+    assert [done[i] for i in range(5)] == [
+        generate_batch(opt, tok, [p], [s])[0] for p, s in zip(prompts, ASKED, strict=True)
+    ]
     eager = zoo_model("llama", vocab_size=len(tok), attn_implementation="eager").eval()
     assert isinstance(batch_maker(eager, tok, 4)(), RunningBatch)
     assert eager.config._attn_implementation == "eager"
