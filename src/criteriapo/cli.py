@@ -161,6 +161,7 @@ def _eval(args: argparse.Namespace) -> None:
         seed=args.seed,
         reference=args.reference,
         beta=args.beta,
+        device=args.device,
     )
     console.print(
         (Path(args.out) / "comparison.md").read_text(), markup=False, highlight=False, soft_wrap=True
@@ -519,6 +520,7 @@ def _add_use_commands(sub) -> None:
         "--reference", default=None, help="the model DPO started from: adds reward accuracy against it"
     )
     ev.add_argument("--beta", type=float, default=0.1, help="DPO's beta, scaling the reported margin")
+    ev.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     ev.set_defaults(func=_eval)
 
     ch = sub.add_parser("chat", help="interactive chat with a model, streamed")

@@ -12,12 +12,16 @@ Metrics are summed over processes; only rank 0 prints and writes files.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 
 from criteriapo.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,22 @@ def all_gather_objects(obj, world: World) -> list:
     out: list = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def my_share(items: Sequence[T], world: World) -> list[T]:
+    """This process's share of work split over processes: every N-th item from its rank."""
+    return list(items[world.rank :: world.size])
+
+
+def joined_shares(mine: list[T], world: World) -> list[T]:
+    """The inverse of :func:`my_share`: every process's results, in the order of the items they came
+    from, on every process (item ``i * N + r`` is the ``i``-th result of rank ``r``)."""
+    return interleaved(all_gather_objects(mine, world)) if world.distributed else mine
+
+
+def interleaved(shares: list[list[T]]) -> list[T]:
+    """Shares made by :func:`my_share` (rank order), back in the order of the items."""
+    return [s[i] for i in range(len(shares[0])) for s in shares if i < len(s)]
 
 
 def barrier(world: World) -> None:

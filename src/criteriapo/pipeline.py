@@ -16,7 +16,7 @@ from criteriapo.config import Config
 from criteriapo.criteria.pairs import RECIPES
 from criteriapo.data.formats import DataKind
 from criteriapo.data.loading import load_data
-from criteriapo.distributed import barrier, init_world
+from criteriapo.distributed import SINGLE, World, barrier, device_for, init_world, joined_shares, my_share
 from criteriapo.generation import Sampling, chat_messages, generate_batch
 from criteriapo.models import load_model, load_tokenizer, resolve_model
 from criteriapo.stages.common import StageResult
@@ -48,18 +48,21 @@ class PipelineResult:
     comparison: Path | None = None
 
 
-def sample_replies(cfg: Config, model_dir: Path, prompts: list[str]) -> list[str]:
-    """Greedy replies to ``prompts``, in one batch."""
-    model = load_model(model_dir, dtype=cfg.model.dtype, device=cfg.model.device)
+def sample_replies(cfg: Config, model_dir: Path, prompts: list[str], world: World = SINGLE) -> list[str]:
+    """Greedy replies to ``prompts``, in one batch (with several processes, each answers its share)."""
+    model = load_model(model_dir, dtype=cfg.model.dtype, device=device_for(world, cfg.model.device))
     tok, max_new_tokens = load_tokenizer(model_dir), cfg.eval.max_new_tokens
-    conversations = [chat_messages(p) for p in prompts]
+    conversations = [chat_messages(p) for p in my_share(prompts, world)]
     replies = generate_batch(model, tok, conversations, Sampling(max_new_tokens))
-    return [r.text for r in replies]
+    return joined_shares([r.text for r in replies], world)
 
 
-def _compare(cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str, StageResult]) -> Path:
+def _compare(
+    cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str, StageResult], world: World
+) -> Path:
     """Held-out criteria comparison of the starting model and each tuned one (and the base model
-    with eval.compare_base), reward accuracy against the starting model."""
+    with eval.compare_base), reward accuracy against the starting model; every process does its
+    share."""
     from criteriapo.eval.criteria import compare
 
     files = data_paths(cfg.dpo.data.eval, str(start), cfg.dpo.criteria_data)
@@ -73,6 +76,8 @@ def _compare(cfg: Config, out: Path, start_name: str, start: Path, dpo: dict[str
         max_new_tokens=cfg.eval.max_new_tokens,
         reference=str(start),
         beta=cfg.dpo.beta,
+        device=device_for(world, cfg.model.device),
+        world=world,
     )
     return out / "comparison" / "comparison.md"
 
@@ -136,17 +141,17 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
         r or method.name: run_dpo(cfg, spec, out / method.folder(r), r, ref_cache, resume) for r in recipes
     }
     t_train = time.perf_counter()
-    if not world.main:  # generation and evaluation run on rank 0
-        barrier(world)
-        return PipelineResult(sft, dpo, [], {}, out / "summary.json")
-    replies = {"before": sample_replies(cfg, start, cfg.eval.prompts)}
+    # generation and evaluation: every process answers its share of the prompts (none waits idle)
+    replies = {"before": sample_replies(cfg, start, cfg.eval.prompts, world)}
     for name, stage in dpo.items():
-        replies[name] = sample_replies(cfg, stage.model_dir, cfg.eval.prompts)
+        replies[name] = sample_replies(cfg, stage.model_dir, cfg.eval.prompts, world)
     generations = [
         {"prompt": p, **{k: v[i] for k, v in replies.items()}} for i, p in enumerate(cfg.eval.prompts)
     ]
     start_name = "sft" if sft else "base"
-    comparison = _compare(cfg, out, start_name, start, dpo) if cfg.dpo.recipe and cfg.dpo.data.eval else None
+    comparison = (
+        _compare(cfg, out, start_name, start, dpo, world) if cfg.dpo.recipe and cfg.dpo.data.eval else None
+    )
     t_end = time.perf_counter()
     stages = {**({"sft": sft} if sft else {}), **dpo}
     seconds = {
@@ -156,6 +161,6 @@ def run_pipeline(cfg: Config, resume: bool = False) -> PipelineResult:
         "generate+eval": t_end - t_train,
         "total": t_end - t0,
     }
-    path = _write_summary(out, sft, start, dpo, seconds, generations)
+    path = _write_summary(out, sft, start, dpo, seconds, generations) if world.main else out / "summary.json"
     barrier(world)
     return PipelineResult(sft, dpo, generations, seconds, path, comparison)

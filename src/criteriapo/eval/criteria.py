@@ -21,6 +21,7 @@ from criteriapo.criteria.pairs import build_finegrained, build_vanilla
 from criteriapo.criteria.quality import quality_summary, reply_quality
 from criteriapo.data.records import MultiCriteriaExample
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.distributed import SINGLE, World, barrier, joined_shares, my_share
 from criteriapo.errors import ConfigError
 from criteriapo.eval.preference import preference_eval
 from criteriapo.generation import Sampling
@@ -54,33 +55,32 @@ def evaluate_model(
     batch_size: int = 16,
     reference: str | None = None,
     beta: float = 0.1,
+    device: str = "auto",
+    world: World = SINGLE,
 ) -> ModelReport:
     """One model on held-out criteria data: rewards against ``reference`` (the model DPO started
-    from) on the vanilla and finegrained pairs, and its replies judged (:func:`_judge_replies`)."""
+    from) on the vanilla and finegrained pairs, and its replies judged (:func:`_judge_replies`).
+    With several processes (``world``, each with the whole model), each scores and generates its
+    share and all get the same report."""
     from criteriapo.models import load_model, load_tokenizer, resolve_model
-    from criteriapo.tracking.progress import work_progress
     from criteriapo.train.guard import guard_model
-    from criteriapo.train.scores import score_pairs
 
     source = resolve_model(model_spec)
     is_reference = reference is not None and resolve_model(reference).path == source.path
     if is_reference:
         reference = None  # its own rewards are 0 by definition: reported as "-"
-    model, tok = load_model(source), load_tokenizer(source)
+    model, tok = load_model(source, device=device), load_tokenizer(source)
     chat = ChatTokenizer(tok, name=name)
     opts = TokenizeOptions(max_length=None)
     vanilla = tokenize_examples(build_vanilla(examples), chat, opts, on_bad_row="skip")
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
-    pack = guard_model(model, vanilla, "dpo", tok.pad_token_id, True) if vanilla else False
-    # vanilla and finegrained pairs share most replies: each sequence is scored once, and kept
-    seen = _score_cache(source, model, pack)
     pad = tok.pad_token_id
-    with work_progress(f"{name}: scoring held-out pairs", len(vanilla) + len(fine)) as advance:
-        scores = score_pairs(model, vanilla, pad, batch_size, seen, pack, progress=advance)
-        fine_scores = score_pairs(model, fine, pad, batch_size, seen, pack, progress=advance)
-    seen.save()
+    pack = guard_model(model, vanilla, "dpo", pad, True) if vanilla else False
+    scores, fine_scores = _own_scores(name, source, model, (vanilla, fine), pad, batch_size, pack, world)
     ref_scores, ref_fine = (
-        _reference_scores(reference, (vanilla, fine), pad, batch_size, pack) if reference else (None, None)
+        _reference_scores(reference, (vanilla, fine), pad, batch_size, pack, device, world)
+        if reference
+        else (None, None)
     )
     overall = preference_eval(scores, vanilla, ref_scores, beta)
     margin = fine_scores.margins
@@ -90,7 +90,7 @@ def evaluate_model(
     for p, ok in zip(fine, (margin > 0).tolist(), strict=True):
         by_family[family(p.criterion)].append(nan if is_reference else float(ok))
     sampling = Sampling(max_new_tokens, temperature, top_p=0.95, seed=seed)  # top_p: when sampled
-    passes, samples, qualities = _judge_replies(name, model, tok, examples, sampling, batch_size)
+    passes, samples, qualities = _judge_replies(name, model, tok, examples, sampling, batch_size, world)
     flat = [v for vs in passes.values() for v in vs]
     return ModelReport(
         name,
@@ -106,9 +106,15 @@ def evaluate_model(
 
 
 def _judge_replies(
-    name: str, model, tok, examples: list[MultiCriteriaExample], sampling: Sampling, batch_size: int
+    name: str,
+    model,
+    tok,
+    examples: list[MultiCriteriaExample],
+    sampling: Sampling,
+    batch_size: int,
+    world: World = SINGLE,
 ) -> tuple[dict[str, list[float]], list[dict], list]:
-    """The model's replies to the held-out prompts, each judged by
+    """The model's replies to the held-out prompts (each process answers its share), each judged by
     the checkers of its prompt's criteria and by the quality guards."""
     from criteriapo.generation import generate_batch
     from criteriapo.tracking.progress import work_progress
@@ -116,8 +122,10 @@ def _judge_replies(
     prompts = [
         e.prompt if isinstance(e.prompt, list) else [{"role": "user", "content": e.prompt}] for e in examples
     ]
-    with work_progress(f"{name}: replying to held-out prompts", len(prompts)) as advance:
-        replies = generate_batch(model, tok, prompts, sampling, batch_size=batch_size, progress=advance)
+    mine = my_share(prompts, world)
+    with work_progress(f"{name}: replying to held-out prompts", len(mine), shown=world.main) as advance:
+        replies = generate_batch(model, tok, mine, sampling, batch_size=batch_size, progress=advance)
+    replies = joined_shares(replies, world)
     passes: dict[str, list[float]] = defaultdict(list)
     samples = []
     asked = [_verifiable(e.metadata.get("criteria", e.criteria)) for e in examples]
@@ -135,7 +143,31 @@ def _judge_replies(
     return passes, samples, qualities
 
 
-def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_size: int, pack: bool):
+def _own_scores(name: str, source, model, groups: tuple[list, ...], pad: int, batch_size: int, pack, world):
+    """The evaluated model's scores of each group of pairs: vanilla and finegrained pairs share most
+    replies, so each sequence is scored once, and kept (:func:`_score_cache`)."""
+    from criteriapo.tracking.progress import work_progress
+    from criteriapo.train.scores import score_pairs
+
+    seen = _score_cache(source, model, pack)
+    label = f"{name}: scoring held-out pairs"
+    with work_progress(label, sum(map(len, groups)), shown=world.main) as advance:
+        scores = [
+            score_pairs(model, g, pad, batch_size, seen, pack, progress=advance, world=world) for g in groups
+        ]
+    _save(seen, world)
+    return scores
+
+
+def _reference_scores(
+    reference: str,
+    groups: tuple[list, ...],
+    pad: int,
+    batch_size: int,
+    pack: bool,
+    device: str = "auto",
+    world: World = SINGLE,
+):
     """The reference model's scores of each group of pairs (None for an empty group), loaded once and
     each distinct sequence scored once (or read from its cache); kept for the next model evaluated
     against this reference."""
@@ -144,18 +176,19 @@ def _reference_scores(reference: str, groups: tuple[list, ...], pad: int, batch_
     from criteriapo.train.scores import score_pairs
 
     ids = tuple(tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in g) for g in groups)
-    key = (reference, pack, ids)
+    key = (reference, pack, device, ids)
     if key not in _REFERENCE:
         _REFERENCE.clear()  # one reference and data at a time
         source = resolve_model(reference)
-        ref = load_model(source)
+        ref = load_model(source, device=device)
         seen = _score_cache(source, ref, pack)
-        with work_progress("reference: scoring held-out pairs", sum(map(len, groups))) as advance:
+        label, total = "reference: scoring held-out pairs", sum(map(len, groups))
+        with work_progress(label, total, shown=world.main) as advance:
             _REFERENCE[key] = [
-                score_pairs(ref, g, pad, batch_size, seen, pack, progress=advance) if g else None
+                score_pairs(ref, g, pad, batch_size, seen, pack, progress=advance, world=world) if g else None
                 for g in groups
             ]
-        seen.save()
+        _save(seen, world)
     return _REFERENCE[key]
 
 
@@ -169,6 +202,14 @@ def _score_cache(source, model, pack: bool):
     folders = [p for p in (source.path, source.base) if p]
     autocast = precision_of(model, "auto").autocast
     return reference_cache(folders, model, autocast, score_layout(pack))
+
+
+def _save(cache, world: World) -> None:
+    """Rank 0 writes the scores every process holds; the others wait, so that a cache read next is
+    the same file on every process (:func:`score_pairs` needs the same cache everywhere)."""
+    if world.main:
+        cache.save()
+    barrier(world)
 
 
 _REFERENCE: dict = {}
@@ -246,13 +287,20 @@ def bar_chart(reports: list[ModelReport], path: Path) -> Path:
 
 
 def compare(
-    models: list[tuple[str, str]], data: list[MultiCriteriaExample], out_dir: Path, **kw
+    models: list[tuple[str, str]],
+    data: list[MultiCriteriaExample],
+    out_dir: Path,
+    world: World = SINGLE,
+    **kw,
 ) -> list[ModelReport]:
     """Evaluate (name, model) pairs; write comparison.md, comparison.json and comparison.png. With
-    ``reference`` (a model), each model's reward accuracy against it is reported too."""
+    ``reference`` (a model), each model's reward accuracy against it is reported too. With several
+    processes, every one evaluates its share and returns the reports; rank 0 writes the files."""
     if not models:
         raise ConfigError("name at least one model to evaluate")
-    reports = [evaluate_model(name, spec, data, **kw) for name, spec in models]
+    reports = [evaluate_model(name, spec, data, world=world, **kw) for name, spec in models]
+    if not world.main:
+        return reports
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "comparison.md").write_text(markdown_table(reports), encoding="utf-8")
     (out_dir / "comparison.json").write_text(

@@ -48,9 +48,15 @@ class ProgressBar:
 
 
 @contextlib.contextmanager
-def work_progress(label: str, total: int, console: Console | None = None) -> Iterator[Callable[[int], None]]:
+def work_progress(
+    label: str, total: int, console: Console | None = None, shown: bool = True
+) -> Iterator[Callable[[int], None]]:
     """A bar for ``total`` units of work; yields ``advance(n)``. On a console that is not a terminal
-    (a log file) it shows its last state once, at the end."""
+    (a log file) it shows its last state once, at the end; with ``shown`` false (a process other
+    than rank 0) nothing is shown."""
+    if not shown:
+        yield lambda n: None
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
