@@ -22,7 +22,8 @@ from tests.train.test_scores_distributed import free_port
 def _worker(rank: int, port: int, root: str, models: list, data: str) -> None:
     import torch.distributed as dist
 
-    # an empty cache of its own: both processes score every pair, not read what one process saved
+    # an empty cache of its own, so that the pairs are scored here (in shares), not read from the
+    # cache the one-process run filled
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), CRITERIAPO_CACHE=f"{root}/cache2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
