@@ -139,6 +139,7 @@ class CriteriaDataConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     decoys: float = 1.0  # share of prompts given a decoy: a reply with a format nobody asked for
+    batch_size: int = 64  # sequences sampled together (prompts x samples); under torchrun, per process
 
 
 @dataclass
@@ -224,7 +225,7 @@ class Config:
 
 
 def _validate_criteria_data(m: CriteriaDataConfig) -> None:
-    for key in ("prompts", "samples", "max_new_tokens"):
+    for key in ("prompts", "samples", "max_new_tokens", "batch_size"):
         if getattr(m, key) < 1:
             raise ConfigError(f"dpo.criteria_data.{key} must be >= 1, got {getattr(m, key)}")
     if not 0 < m.held_out < 1:

@@ -65,7 +65,9 @@ def _compare(
     share."""
     from criteriapo.eval.criteria import compare
 
-    files = data_paths(cfg.dpo.data.eval, str(start), cfg.dpo.criteria_data)
+    files = data_paths(
+        cfg.dpo.data.eval, str(start), cfg.dpo.criteria_data, world=world, device=cfg.model.device
+    )
     held = load_data(files, kind=DataKind.MULTI_CRITERIA, on_bad_row="skip").examples
     base = [("base", cfg.model.name_or_path)] if cfg.eval.compare_base and start_name != "base" else []
     models = [*base, (start_name, str(start)), *((name, str(stage.model_dir)) for name, stage in dpo.items())]

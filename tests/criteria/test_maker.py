@@ -212,3 +212,29 @@ def test_recipes_build_pairs_from_it(tmp_path, recipe):
     assert pairs
     if recipe == "finegrained":
         assert {p.criterion for p in pairs} <= {c for e in examples for c in e.criteria}
+
+
+def test_batch_by_batch_sampling_draws_what_one_call_over_all_prompts_draws(
+    tmp_path, tiny_llama_dir, monkeypatch
+):
+    """The maker samples batch by batch (so that processes can share them out); each batch's
+    generator is the one a single call over every prompt gives it, so the cached replies are those."""
+    from criteriapo.criteria.maker import draw_prompts, sample_replies
+    from criteriapo.generation import Sampling, generate_batch
+    from criteriapo.models import load_model, load_tokenizer
+
+    monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
+    opts = MakerOptions(prompts=7, samples=2, held_out=0.3, max_new_tokens=8, batch_size=4, seed=3)
+    texts = [d.text for d in draw_prompts(opts.prompts, opts.seed, opts.held_out)]
+    got = sample_replies(tiny_llama_dir, texts, opts)
+    convs = [[{"role": "user", "content": t}] for t in texts]
+    once = generate_batch(
+        load_model(tiny_llama_dir),
+        load_tokenizer(tiny_llama_dir),
+        convs,
+        Sampling(8, 1.0, 0.95, seed=3000),
+        samples=2,
+        batch_size=4,
+    )
+    assert got == [[{"text": r.text, "cut_off": r.cut_off} for r in once[i : i + 2]] for i in range(0, 14, 2)]
+    assert len({r["text"] for rs in got for r in rs}) > 7  # sampled, not the same reply again and again

@@ -24,6 +24,7 @@ from criteriapo.criteria.edits import looping, plain_sentences, satisfy, satisfy
 from criteriapo.criteria.library import Criterion, parse_criterion
 from criteriapo.criteria.phrasing import phrase_criterion, phrase_prompt, phrase_task
 from criteriapo.criteria.quality import AS_ASKED, UNASKED, acceptable, repeated_span, unasked_format
+from criteriapo.distributed import SINGLE, World, all_gather_objects, device_for, joined_shares, my_share
 from criteriapo.fsutil import atomic_dir, cache_dir
 
 LOOP_DECOYS = 1 / 3  # of the decoys, the share that loop instead of showing an unasked format
@@ -179,7 +180,7 @@ def draw_prompts(n: int, seed: int, held_out: float = 0.2) -> list[Drawn]:
     return out
 
 
-def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> str:
+def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions, device: str = "cpu") -> str:
     from criteriapo.models.refcache import folder_digest
 
     sampling = [opts.samples, opts.seed, opts.max_new_tokens, opts.temperature, opts.top_p, opts.batch_size]
@@ -191,41 +192,68 @@ def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions) -> st
         "opts": sampling,
         "sampler": "shared-race",
     }
+    if device != "cpu":  # another device's arithmetic draws other replies from the same seed
+        spec["device"] = device
     key = json.dumps(spec)
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _sample_cached(model_path: Path, prompts: list[str], opts: MakerOptions) -> list[list[dict]]:
+def sample_replies(
+    model_path: Path, prompts: list[str], opts: MakerOptions, world: World = SINGLE, device: str = "cpu"
+) -> list[list[dict]]:
     """``opts.samples`` replies per prompt (``{"text", "cut_off"}``), from the disk cache when this
-    model (by the digest of its files), these prompts and these settings were sampled before."""
+    model (by the digest of its files), these prompts and these settings were sampled before.
+
+    Under torchrun the batches are shared out whole (every N-th batch to each process, on its own
+    device) and every process receives all the replies: a batch's generator is seeded by its first
+    prompt's index, so the replies are those one process draws. Rank 0 writes the cache."""
+    from criteriapo.models.loading import pick_device
+
+    kind = pick_device(device_for(world, device)).split(":")[0]
+    path = cache_dir() / "samples" / f"{_samples_key(model_path, prompts, opts, kind)}.json"
+    # every process takes part in the sampling unless every one of them finds the cache
+    if all(all_gather_objects(path.exists(), world)):
+        return json.loads(path.read_text(encoding="utf-8"))
+    per_batch = max(1, opts.batch_size // opts.samples)
+    starts = my_share(range(0, len(prompts), per_batch), world)
+    mine = _sample_batches(model_path, prompts, opts, starts, device_for(world, device), world.main)
+    replies = [r for batch in joined_shares(mine, world) for r in batch]
+    if world.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(replies), encoding="utf-8")
+        tmp.replace(path)
+    return replies
+
+
+def _sample_batches(
+    model_path: Path, prompts: list[str], opts: MakerOptions, starts: list[int], device: str, shown: bool
+) -> list[list[list[dict]]]:
+    """The replies to the batches of prompts beginning at ``starts``, one list per batch."""
     from criteriapo.generation import Sampling, generate_batch
     from criteriapo.models import load_model, load_tokenizer
     from criteriapo.tracking.progress import work_progress
 
-    path = cache_dir() / "samples" / f"{_samples_key(model_path, prompts, opts)}.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    model, tok = load_model(model_path), load_tokenizer(model_path)
-    convs = [[{"role": "user", "content": p}] for p in prompts]
-    with work_progress(f"sampling {opts.samples} replies per prompt", len(convs)) as advance:
-        flat = generate_batch(
-            model,
-            tok,
-            convs,
-            Sampling(opts.max_new_tokens, opts.temperature, opts.top_p, seed=opts.seed * 1000),
-            samples=opts.samples,
-            batch_size=opts.batch_size,
-            progress=advance,
-        )
-    k = opts.samples
-    replies = [
-        [{"text": r.text, "cut_off": r.cut_off} for r in flat[i : i + k]] for i in range(0, len(flat), k)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(replies), encoding="utf-8")
-    tmp.replace(path)
-    return replies
+    model, tok = load_model(model_path, device=device), load_tokenizer(model_path)
+    per_batch, k = max(1, opts.batch_size // opts.samples), opts.samples
+    out = []
+    total = sum(len(prompts[s : s + per_batch]) for s in starts)
+    with work_progress(f"sampling {k} replies per prompt", total, shown=shown) as advance:
+        for start in starts:
+            convs = [[{"role": "user", "content": p}] for p in prompts[start : start + per_batch]]
+            # the generator one call over all the prompts gives this batch: the seed plus its first index
+            sampling = Sampling(
+                opts.max_new_tokens, opts.temperature, opts.top_p, seed=opts.seed * 1000 + start
+            )
+            flat = generate_batch(model, tok, convs, sampling, samples=k, batch_size=opts.batch_size)
+            out.append(
+                [
+                    [{"text": r.text, "cut_off": r.cut_off} for r in flat[i : i + k]]
+                    for i in range(0, len(flat), k)
+                ]
+            )
+            advance(len(convs))
+    return out
 
 
 def _rate(text: str, drawn: Drawn) -> dict[str, float]:
@@ -313,23 +341,32 @@ def maker_digest(opts: MakerOptions) -> str:
     return h.hexdigest()[:12]
 
 
-def make_criteria_dataset(out_dir: Path, model: str = "smollm2", opts: MakerOptions = MakerOptions()) -> dict:
-    """Write ``train.jsonl`` and ``heldout.jsonl`` into ``out_dir`` (atomically); returns counts."""
+def make_criteria_dataset(
+    out_dir: Path,
+    model: str = "smollm2",
+    opts: MakerOptions = MakerOptions(),
+    world: World = SINGLE,
+    device: str = "cpu",
+) -> dict:
+    """Write ``train.jsonl`` and ``heldout.jsonl`` into ``out_dir`` (atomically); returns counts.
+    Under torchrun every process calls it, samples its share (:func:`sample_replies`) and rank 0
+    writes the folder."""
     from criteriapo.models import resolve_model
 
     source = resolve_model(model)
     drawn = draw_prompts(opts.prompts, opts.seed, opts.held_out)
     texts = [d.text for d in drawn]
-    sampled = _sample_cached(source.path, texts, opts) if opts.samples else [[] for _ in texts]
+    sampled = sample_replies(source.path, texts, opts, world, device) if opts.samples else [[] for _ in texts]
     decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
     made = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
     # a prompt whose replies were all empty but one (and that no edit or decoy could add to) has
     # nothing to compare: it is left out, and counted
     kept = [(d, r) for d, r in zip(drawn, made, strict=True) if len(r["completions"]) >= 2]
-    with atomic_dir(out_dir) as tmp:
-        for split in ("heldout", "train"):
-            lines = [json.dumps(r) + "\n" for d, r in kept if d.split == split]
-            (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    if world.main:
+        with atomic_dir(out_dir) as tmp:
+            for split in ("heldout", "train"):
+                lines = [json.dumps(r) + "\n" for d, r in kept if d.split == split]
+                (tmp / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     counts = {split: sum(d.split == split for d, _ in kept) for split in ("train", "heldout")}
     rows = [r for _, r in kept]
     return counts | {

@@ -103,8 +103,13 @@ def prepare(
     report = run_dir if world.main else None  # one report, from rank 0
     made = (model_spec, stage.criteria_data) if method.criteria else (None, None)
     counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
-    train = tokenized(stage.data, stage.data.train, kind, chat, report, recipe, ropts, *made, counts["train"])
-    evals = tokenized(stage.data, stage.data.eval, kind, chat, report, recipe, ropts, *made, counts["eval"])
+    where = {"world": world, "device": cfg.model.device}  # where criteria data is sampled, if made
+    train = tokenized(
+        stage.data, stage.data.train, kind, chat, report, recipe, ropts, *made, counts["train"], **where
+    )
+    evals = tokenized(
+        stage.data, stage.data.eval, kind, chat, report, recipe, ropts, *made, counts["eval"], **where
+    )
     method.prepare(train, evals, stage)
     seed_everything(stage.train.seed)
     model, precision = _load_for_training(cfg, source, method, world)

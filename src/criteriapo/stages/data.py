@@ -13,6 +13,7 @@ from criteriapo.data.formats import DataKind
 from criteriapo.data.hub import parse_hub
 from criteriapo.data.loading import load_data
 from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions, tokenize_examples
+from criteriapo.distributed import SINGLE, World, all_gather_objects, barrier
 from criteriapo.errors import ConfigError
 from criteriapo.models import resolve_model
 
@@ -23,12 +24,18 @@ CRITERIA_BUILTINS = ("criteria-train", "criteria-heldout")
 
 
 def data_paths(
-    entries: list[str], model: str | None = None, maker: CriteriaDataConfig | None = None
+    entries: list[str],
+    model: str | None = None,
+    maker: CriteriaDataConfig | None = None,
+    *,
+    world: World = SINGLE,
+    device: str = "cpu",
 ) -> list[Path | str]:
     """Paths as given; ``builtin:NAME`` names a dataset the project makes itself: ``sft``,
     ``preference-train``, ``preference-eval``, or ``criteria-train`` / ``criteria-heldout``: replies
     sampled from ``model`` (the model DPO starts from, so the data is on-policy) with the settings
-    ``maker`` (``dpo.criteria_data``), made once per model and settings into the cache."""
+    ``maker`` (``dpo.criteria_data``), made once per model and settings into the cache, on
+    ``device`` and shared by the processes of ``world``."""
     out = []
     for e in entries:
         name = e.removeprefix("builtin:")
@@ -38,7 +45,7 @@ def data_paths(
             if model is None:
                 raise ConfigError(f"{e} is sampled from the model DPO starts from; name it in dpo.data only")
             out.append(
-                builtin_criteria(model, maker or CriteriaDataConfig())
+                builtin_criteria(model, maker or CriteriaDataConfig(), world, device)
                 / f"{name.removeprefix('criteria-')}.jsonl"
             )
         else:
@@ -49,7 +56,9 @@ def data_paths(
     return out
 
 
-def builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
+def builtin_criteria(
+    model: str, maker: CriteriaDataConfig, world: World = SINGLE, device: str = "cpu"
+) -> Path:
     from criteriapo.criteria.maker import MakerOptions, make_criteria_dataset, maker_digest
     from criteriapo.fsutil import cache_dir, file_lock
     from criteriapo.models.refcache import folder_digest
@@ -58,15 +67,29 @@ def builtin_criteria(model: str, maker: CriteriaDataConfig) -> Path:
     opts = MakerOptions(**to_dict(maker))
     # a changed maker or another model (by the digest of its files), a new folder
     folder = cache_dir() / "data" / f"criteria-{maker_digest(opts)}-{folder_digest(source.path)[:12]}"
+    if world.distributed:
+        # every process samples its share of the replies and rank 0 writes the folder (no file lock:
+        # a process waiting for it could not take part in the sampling)
+        if not all(all_gather_objects((folder / "heldout.jsonl").exists(), world)):
+            _say_making(opts, source.spec, world)
+            make_criteria_dataset(folder, str(source.path), opts, world, device)
+        barrier(world)
+        return folder
     with file_lock(folder.with_suffix(".lock")):
         if not (folder / "heldout.jsonl").exists():
-            log.warning(
-                "making the criteria data: %d replies per prompt from %s (minutes, unless sampled before)",
-                opts.samples,
-                source.spec,
-            )
-            make_criteria_dataset(folder, str(source.path), opts)
+            _say_making(opts, source.spec, world)
+            make_criteria_dataset(folder, str(source.path), opts, device=device)
     return folder
+
+
+def _say_making(opts, spec: str, world: World) -> None:
+    if world.main:
+        log.warning(
+            "making the criteria data: %d replies per prompt from %s%s (minutes, unless sampled before)",
+            opts.samples,
+            spec,
+            f", shared by {world.size} processes" if world.distributed else "",
+        )
 
 
 def tokenize_options(data: DataConfig) -> TokenizeOptions:
@@ -84,15 +107,19 @@ def tokenized(
     model: str | None = None,
     maker: CriteriaDataConfig | None = None,
     counts: dict[str, int] | None = None,
+    *,
+    world: World = SINGLE,
+    device: str = "cpu",
 ) -> list:
     """Load, validate and tokenize; with a recipe, the files are multi-criteria data made into pairs.
-    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`). Rows whose
+    ``model`` and ``maker`` make the built-in criteria data (see :func:`data_paths`; sampled on
+    ``device``, shared by the processes of ``world``). Rows whose
     prompt was cut or dropped to fit max_length are counted in ``counts`` and said in a warning."""
     if not files:
         return []
     report = run_dir / "bad_rows.jsonl" if run_dir is not None else None
     loaded = load_data(
-        data_paths(files, model, maker),
+        data_paths(files, model, maker, world=world, device=device),
         kind=DataKind.MULTI_CRITERIA if recipe else kind,
         split=data.split,
         on_bad_row=data.on_bad_row,
