@@ -151,6 +151,8 @@ def dpo_3b(ctx: Context) -> dict:
     )
     variants = [
         {**first, "in_backward": False},
+        # configs/llama3.2-3b-24gb.yaml's own settings (torchao's stochastic rounding, stepped in backward)
+        {**first, "name": first["name"] + " stepped in backward (the 24 GB config)", "in_backward": True},
         {
             "name": "bf16 weights, AdamW stepped in backward",
             "precision": "bf16-true",

@@ -7,16 +7,19 @@ arithmetic, stated here so it can be checked:
   trained weights are fp32 master weights, 4 bytes per parameter, and autocast keeps a bf16 copy of
   each while a step runs (2 more); a frozen LoRA base stays bf16 (2) and its adapters are fp32. With
   ``bf16-true`` (and ``optim.name: adamw_sr``) weights are bf16, 2 bytes;
-- gradients: one per trainable parameter, in the trained weights' dtype (none held when each weight
-  is stepped in backward: each is freed as soon as it is applied);
+- gradients: one per trainable parameter, in the trained weights' dtype; when each weight is
+  stepped in backward (and its gradient freed at once), two of the output layer's size: its
+  gradient is built through backward from the chunks of log-probs, each chunk's added in place to
+  it (and a tied embedding's at the end), measured by benchmarks/memory_scaled_cpu.py;
 - AdamW: two states per trainable parameter, in the trained weights' dtype;
 - FSDP2 over G GPUs: weights, gradients and optimizer states divided by G; one decoder block is
   gathered whole at a time (counted once);
-- activations: bf16, per token per decoder block ~34 x hidden bytes without gradient checkpointing
+- activations: bf16 (float32 with ``precision: fp32``: twice the bytes), per token per decoder
+  block ~34 x hidden bytes without gradient checkpointing
   (Korthikanti et al. 2022, attention scores not kept, as with SDPA/flash), and 2 x hidden bytes
   (the block's input) with it, plus one block recomputed; tokens per micro-batch = micro_batch x
   sequences per example (DPO: chosen + rejected) x max_length;
-- log-probs: our chunked output layer keeps one (1024, vocab) fp32 chunk and its gradient;
+- log-probs: our chunked output layer keeps one (256, vocab) chunk of fp32 logits and its gradient;
 - the DPO reference costs nothing when precomputed (the default); a frozen reference held in memory
   would add its weights (shown separately).
 
@@ -107,17 +110,21 @@ def gib(config, s: Setup) -> dict[str, float]:
     h, layers = config.hidden_size, config.num_hidden_layers
     shard = s.gpus
     master = 2 if s.precision == "bf16-true" else 4  # bytes per trained weight (fp32 master weights)
+    act = 4 if s.precision == "fp32" else 2  # bytes per activation value
     if s.lora:  # a frozen bf16 base, fp32 adapters (peft), their gradients and AdamW states
         weights = 2 * n + 4 * n_lora
         grads, adam = 4 * n_lora, 8 * n_lora
     else:
-        copies = 2 * n / shard if master == 4 else 0  # autocast's bf16 copy of each weight
+        copies = 2 * n / shard if s.precision == "bf16-mixed" else 0  # autocast's bf16 copy of each weight
         weights = master * n / shard + copies + (2 * n_block if shard > 1 else 0)
-        grads, adam = (0 if s.in_backward else master * n / shard), 2 * master * n / shard
+        # stepped in backward, only the output layer's gradient (vocab x hidden) is held through
+        # backward, and a second one while a chunk's (or, tied, the embedding's) is added to it
+        head_grads = 2 * vocab * h * master / shard
+        grads, adam = (head_grads if s.in_backward else master * n / shard), 2 * master * n / shard
     tokens = s.micro_batch * (2 if s.stage == "dpo" else 1) * s.max_length
-    per_token_block = (2 if s.checkpointing else 34) * h
-    acts = tokens * layers * per_token_block + (34 * h * tokens if s.checkpointing else 0)
-    logps = 2 * 1024 * vocab * 4
+    per_token_block = (1 if s.checkpointing else 17) * act * h
+    acts = tokens * layers * per_token_block + (17 * act * h * tokens if s.checkpointing else 0)
+    logps = 2 * 256 * vocab * 4  # CHUNK_TOKENS (criteriapo.losses.logprobs)
     parts = {
         "weights": weights,
         "grads": grads,

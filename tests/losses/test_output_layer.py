@@ -1,0 +1,62 @@
+"""The chunked output layer's gradients: equal to the stock linear's, and made in the weight's own
+layout, so that a tied embedding's gradient is added to it in place (two copies of the weight's
+size at once at the end of backward, not three), counted by the CPU allocator itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from criteriapo.losses import logprobs
+from criteriapo.losses.logprobs import token_logps
+
+
+def _tied(vocab: int, hidden: int, n: int, dtype: torch.dtype, bias: bool):
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter((torch.randn(vocab, hidden, generator=g) * 0.05).to(dtype))
+    b = torch.nn.Parameter((torch.randn(vocab, generator=g) * 0.05).to(dtype)) if bias else None
+    x = torch.randint(0, vocab, (n,), generator=g)
+    y = torch.randint(0, vocab, (n,), generator=g)
+    return w, b, x, y
+
+
+def _grads(w, b, x, y):
+    h = F.embedding(x, w) * 1.5
+    lp, _ = token_logps(h, w, y, bias=b)
+    (lp * torch.linspace(-1, 1, len(lp))).sum().backward()
+    out = [lp.detach(), w.grad, *([b.grad] if b is not None else [])]
+    w.grad = None
+    if b is not None:
+        b.grad = None
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_equal_the_stock_linear(dtype, bias, monkeypatch):
+    w, b, x, y = _tied(300, 16, 600, dtype, bias)  # 3 chunks of 256 positions
+    ours = _grads(w, b, x, y)
+    assert ours[1].is_contiguous()
+    monkeypatch.setattr(logprobs, "_output_layer", F.linear)  # the same chunks through the stock linear
+    stock = _grads(w, b, x, y)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for got, want in zip(ours, stock, strict=True):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_a_tied_weight_holds_two_gradients_of_its_size_at_most():
+    vocab, hidden = 50_000, 2048  # a 400 MB weight; a chunk of logits is an eighth of it
+    w, _, x, y = _tied(vocab, hidden, 600, torch.float32, False)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        lp, _ = token_logps(F.embedding(x, w) * 1.0, w, y)
+        lp.sum().backward()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    size = w.numel() * w.element_size()
+    # the stock linear's transposed gradient cannot be added to in place: 3 weights' worth at the end
+    assert 2 * size <= peak < 2.5 * size
