@@ -71,22 +71,22 @@ def builtin_criteria(
         # every process samples its share of the replies and rank 0 writes the folder (no file lock:
         # a process waiting for it could not take part in the sampling)
         if not all(all_gather_objects((folder / "heldout.jsonl").exists(), world)):
-            _say_making(opts, source.spec, world)
+            _say_making(opts.samples, source.spec, world)
             make_criteria_dataset(folder, str(source.path), opts, world, device)
         barrier(world)
         return folder
     with file_lock(folder.with_suffix(".lock")):
         if not (folder / "heldout.jsonl").exists():
-            _say_making(opts, source.spec, world)
+            _say_making(opts.samples, source.spec, world)
             make_criteria_dataset(folder, str(source.path), opts, device=device)
     return folder
 
 
-def _say_making(opts, spec: str, world: World) -> None:
+def _say_making(samples: int, spec: str, world: World) -> None:
     if world.main:
         log.warning(
             "making the criteria data: %d replies per prompt from %s%s (minutes, unless sampled before)",
-            opts.samples,
+            samples,
             spec,
             f", shared by {world.size} processes" if world.distributed else "",
         )
