@@ -99,7 +99,6 @@ def run_point(blocks: int, length: int, steps: int = 2) -> dict:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(
         row(["decoder blocks", "pairs x tokens per sequence", "measured GiB", "predicted GiB", "error", "s"])
     )
