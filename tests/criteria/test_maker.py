@@ -219,14 +219,14 @@ def test_batch_by_batch_sampling_draws_what_one_call_over_all_prompts_draws(
 ):
     """The maker samples batch by batch (so that processes can share them out); each batch's
     generator is the one a single call over every prompt gives it, so the cached replies are those."""
-    from criteriapo.criteria.maker import draw_prompts, sample_replies
+    from criteriapo.criteria.maker import _sample_cached, draw_prompts
     from criteriapo.generation import Sampling, generate_batch
     from criteriapo.models import load_model, load_tokenizer
 
     monkeypatch.setenv("CRITERIAPO_CACHE", str(tmp_path / "cache"))
     opts = MakerOptions(prompts=7, samples=2, held_out=0.3, max_new_tokens=8, batch_size=4, seed=3)
     texts = [d.text for d in draw_prompts(opts.prompts, opts.seed, opts.held_out)]
-    got = sample_replies(tiny_llama_dir, texts, opts)
+    got = _sample_cached(tiny_llama_dir, texts, opts)
     convs = [[{"role": "user", "content": t}] for t in texts]
     once = generate_batch(
         load_model(tiny_llama_dir),

@@ -28,9 +28,9 @@ def _worker(rank: int, port: int, root: str, model: str) -> None:
     sampled = []
     real = maker._sample_batches
 
-    def spy(model_path, prompts, opts, starts, device, shown):  # records the batches this process samples
-        sampled.extend(starts)
-        return real(model_path, prompts, opts, starts, device, shown)
+    def spy(model_path, batches, opts, device, shown):  # records the batches this process samples
+        sampled.extend(first for first, _ in batches)
+        return real(model_path, batches, opts, device, shown)
 
     maker._sample_batches = spy
     try:

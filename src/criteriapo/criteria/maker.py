@@ -198,7 +198,7 @@ def _samples_key(model_path: Path, prompts: list[str], opts: MakerOptions, devic
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def sample_replies(
+def _sample_cached(
     model_path: Path, prompts: list[str], opts: MakerOptions, world: World = SINGLE, device: str = "cpu"
 ) -> list[list[dict]]:
     """``opts.samples`` replies per prompt (``{"text", "cut_off"}``), from the disk cache when this
@@ -209,14 +209,15 @@ def sample_replies(
     prompt's index, so the replies are those one process draws. Rank 0 writes the cache."""
     from criteriapo.models.loading import pick_device
 
-    kind = pick_device(device_for(world, device)).split(":")[0]
+    device = device_for(world, device)
+    kind = pick_device(device).split(":")[0]
     path = cache_dir() / "samples" / f"{_samples_key(model_path, prompts, opts, kind)}.json"
     # every process takes part in the sampling unless every one of them finds the cache
     if all(all_gather_objects(path.exists(), world)):
         return json.loads(path.read_text(encoding="utf-8"))
-    per_batch = max(1, opts.batch_size // opts.samples)
-    starts = my_share(range(0, len(prompts), per_batch), world)
-    mine = _sample_batches(model_path, prompts, opts, starts, device_for(world, device), world.main)
+    per_batch = max(1, opts.batch_size // opts.samples)  # prompts per batch, as generate_batch makes them
+    batches = [(i, prompts[i : i + per_batch]) for i in range(0, len(prompts), per_batch)]
+    mine = _sample_batches(model_path, my_share(batches, world), opts, device, world.main)
     replies = [r for batch in joined_shares(mine, world) for r in batch]
     if world.main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,23 +228,23 @@ def sample_replies(
 
 
 def _sample_batches(
-    model_path: Path, prompts: list[str], opts: MakerOptions, starts: list[int], device: str, shown: bool
+    model_path: Path, batches: list[tuple[int, list[str]]], opts: MakerOptions, device: str, shown: bool
 ) -> list[list[list[dict]]]:
-    """The replies to the batches of prompts beginning at ``starts``, one list per batch."""
+    """The replies to each batch (its first prompt's index, its prompts), one list per batch."""
     from criteriapo.generation import Sampling, generate_batch
     from criteriapo.models import load_model, load_tokenizer
     from criteriapo.tracking.progress import work_progress
 
     model, tok = load_model(model_path, device=device), load_tokenizer(model_path)
-    per_batch, k = max(1, opts.batch_size // opts.samples), opts.samples
-    out = []
-    total = sum(len(prompts[s : s + per_batch]) for s in starts)
-    with work_progress(f"sampling {k} replies per prompt", total, shown=shown) as advance:
-        for start in starts:
-            convs = [[{"role": "user", "content": p}] for p in prompts[start : start + per_batch]]
+    k, out = opts.samples, []
+    with work_progress(
+        f"sampling {k} replies per prompt", sum(len(b) for _, b in batches), shown=shown
+    ) as advance:
+        for first, batch in batches:
+            convs = [[{"role": "user", "content": p}] for p in batch]
             # the generator one call over all the prompts gives this batch: the seed plus its first index
             sampling = Sampling(
-                opts.max_new_tokens, opts.temperature, opts.top_p, seed=opts.seed * 1000 + start
+                opts.max_new_tokens, opts.temperature, opts.top_p, seed=opts.seed * 1000 + first
             )
             flat = generate_batch(model, tok, convs, sampling, samples=k, batch_size=opts.batch_size)
             out.append(
@@ -349,14 +350,14 @@ def make_criteria_dataset(
     device: str = "cpu",
 ) -> dict:
     """Write ``train.jsonl`` and ``heldout.jsonl`` into ``out_dir`` (atomically); returns counts.
-    Under torchrun every process calls it, samples its share (:func:`sample_replies`) and rank 0
+    Under torchrun every process calls it, samples its share (:func:`_sample_cached`) and rank 0
     writes the folder."""
     from criteriapo.models import resolve_model
 
     source = resolve_model(model)
     drawn = draw_prompts(opts.prompts, opts.seed, opts.held_out)
     texts = [d.text for d in drawn]
-    sampled = sample_replies(source.path, texts, opts, world, device) if opts.samples else [[] for _ in texts]
+    sampled = _sample_cached(source.path, texts, opts, world, device) if opts.samples else [[] for _ in texts]
     decoys = decoy_prompts(len(drawn), opts.seed, opts.decoys)
     made = [make_record(d, s, source.spec, decoy=y) for d, s, y in zip(drawn, sampled, decoys, strict=True)]
     # a prompt whose replies were all empty but one (and that no edit or decoy could add to) has

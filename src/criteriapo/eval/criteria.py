@@ -76,7 +76,7 @@ def evaluate_model(
     fine = tokenize_examples(build_finegrained(examples), chat, opts, on_bad_row="skip")
     pad = tok.pad_token_id
     pack = guard_model(model, vanilla, "dpo", pad, True) if vanilla else False
-    scores, fine_scores = _own_scores(name, source, model, (vanilla, fine), pad, batch_size, pack, world)
+    scores, fine_scores = _scores(name, source, model, (vanilla, fine), pad, batch_size, pack, world)
     ref_scores, ref_fine = (
         _reference_scores(reference, (vanilla, fine), pad, batch_size, pack, device, world)
         if reference
@@ -143,15 +143,14 @@ def _judge_replies(
     return passes, samples, qualities
 
 
-def _own_scores(name: str, source, model, groups: tuple[list, ...], pad: int, batch_size: int, pack, world):
-    """The evaluated model's scores of each group of pairs: vanilla and finegrained pairs share most
-    replies, so each sequence is scored once, and kept (:func:`_score_cache`)."""
+def _scores(name: str, source, model, groups: tuple[list, ...], pad: int, batch_size: int, pack, world):
+    """A model's scores of each group of pairs: vanilla and finegrained pairs share most replies, so
+    each sequence is scored once (every process its share), and kept (:func:`_score_cache`)."""
     from criteriapo.tracking.progress import work_progress
     from criteriapo.train.scores import score_pairs
 
     seen = _score_cache(source, model, pack)
-    label = f"{name}: scoring held-out pairs"
-    with work_progress(label, sum(map(len, groups)), shown=world.main) as advance:
+    with work_progress(f"{name}: scoring held-out pairs", sum(map(len, groups)), shown=world.main) as advance:
         scores = [
             score_pairs(model, g, pad, batch_size, seen, pack, progress=advance, world=world) for g in groups
         ]
@@ -172,8 +171,6 @@ def _reference_scores(
     each distinct sequence scored once (or read from its cache); kept for the next model evaluated
     against this reference."""
     from criteriapo.models import load_model, resolve_model
-    from criteriapo.tracking.progress import work_progress
-    from criteriapo.train.scores import score_pairs
 
     ids = tuple(tuple((*p.prompt_ids, -1, *p.chosen_ids, -1, *p.rejected_ids) for p in g) for g in groups)
     key = (reference, pack, device, ids)
@@ -181,14 +178,8 @@ def _reference_scores(
         _REFERENCE.clear()  # one reference and data at a time
         source = resolve_model(reference)
         ref = load_model(source, device=device)
-        seen = _score_cache(source, ref, pack)
-        label, total = "reference: scoring held-out pairs", sum(map(len, groups))
-        with work_progress(label, total, shown=world.main) as advance:
-            _REFERENCE[key] = [
-                score_pairs(ref, g, pad, batch_size, seen, pack, progress=advance, world=world) if g else None
-                for g in groups
-            ]
-        _save(seen, world)
+        scores = _scores("reference", source, ref, groups, pad, batch_size, pack, world)
+        _REFERENCE[key] = [s if g else None for s, g in zip(scores, groups, strict=True)]
     return _REFERENCE[key]
 
 
