@@ -60,3 +60,39 @@ def test_a_tied_weight_holds_two_gradients_of_its_size_at_most():
     size = w.numel() * w.element_size()
     # the stock linear's transposed gradient cannot be added to in place: 3 weights' worth at the end
     assert 2 * size <= peak < 2.5 * size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "arch, extra",
+    [
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        ("gemma2", {}),  # tied, with a final soft cap
+        ("phi", {}),  # an output layer with a bias
+        ("granite", {}),  # logits divided by a scale
+    ],
+)
+def test_gradients_equal_those_of_the_models_own_forward(arch, extra, dtype):
+    from criteriapo.losses.logprobs import sequence_logps
+    from tests.zoo import VOCAB, zoo_model
+
+    model = zoo_model(arch, **extra).to(dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 14), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt of 8 tokens, a reply of 6
+    weights = torch.tensor([1.0, -0.5])
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad((sequence_logps(model, ids, mask, labels).logps * weights).sum(), params)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    tokens = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    own = (tokens * (labels[:, 1:] != -100)).sum(-1)
+    theirs = torch.autograd.grad((own * weights).sum(), params)
+    for a, b in zip(ours, theirs, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        else:  # bf16 rounds each path its own way: the same direction and size
+            cos = torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0)
+            assert cos > 0.99 and abs(a.float().norm() / b.float().norm() - 1) < 0.05
