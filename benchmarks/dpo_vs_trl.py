@@ -5,7 +5,9 @@ runs by default, ours set for least memory (gradient checkpointing, each weight 
 backward, so no clipping by the global norm), TRL as a user gets it by default, and TRL in its fastest
 setting for the hardware (``trl-precomputed``: no gradient checkpointing, Liger kernels where
 installed and on a GPU, the reference scored once beforehand with ``precompute_ref_log_probs`` as ours
-is), then again; ``trl-fast`` (not run by default) is that setting with the reference in the loop.
+is), then again; not run by default: ``trl-fast``, that setting with the reference in the loop, and
+``ours-recompute-attention``, ours attending again in checkpointing's recompute (``keep_attention``
+off; results before it was on by default name ``ours-keep-attention`` the way that is now ours).
 Each contender's steps are timed after one warm-up step, with the device synchronised around each.
 Reported per contender: positions/s (each position of a pair computed once: the prompt once) and
 sequence tokens/s (both sequences, the prompt twice, as "tokens/s" often counts), peak memory (RSS on
@@ -13,8 +15,9 @@ CPU, max allocated on GPU), the step-1 loss (parity), Liger's state (on, or why 
 over the device's peak: utilisation, the useful FLOPs (:func:`useful_flops`: the non-embedding weights
 at every position, the output layer at completion positions, attention over the pairs causal attention
 allows) per second, and MFU, the 6N(non-embedding) x positions/s shorthand. The peak is the
-datasheet's dense bf16 figure for the GPUs of :data:`PEAK_BF16`, otherwise a matmul rate measured in
-this run. Results go to benchmarks/results/dpo_vs_trl-<model>.{json,md} with the machine described.
+datasheet's dense bf16 figure for the GPUs of :data:`PEAK_BF16`, otherwise a matmul rate: on a CPU
+measured in each contender's own process before and after its run (:data:`MEASURED`). Results go
+to benchmarks/results/dpo_vs_trl-<model>.{json,md} with the machine described.
 
     .venv/bin/python benchmarks/dpo_vs_trl.py --model smollm2 --pairs 4 --length 200 --steps 2
     .venv/bin/python benchmarks/dpo_vs_trl.py --model tiny --steps 2 --rounds 1    # a smoke run
@@ -40,11 +43,12 @@ from pathlib import Path
 import torch
 
 CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-precomputed")  # run by default
-ALL_CONTENDERS = (*CONTENDERS, "trl-fast")
+ALL_CONTENDERS = (*CONTENDERS, "ours-recompute-attention", "trl-fast")
 # ours as it runs by default, and set for least memory: gradient checkpointing, each weight stepped in
 # backward (no gradient kept; that needs clipping by the global norm off)
 OURS = {
     "ours": {"train": {}, "optim": {}},
+    "ours-recompute-attention": {"train": {"keep_attention": False}, "optim": {}},
     "ours-lean": {
         "train": {"gradient_checkpointing": True, "optimizer_in_backward": True},
         "optim": {"max_grad_norm": None},
@@ -63,7 +67,13 @@ def peak_flops(device: str) -> tuple[float, str]:
             if key in name:
                 return PEAK_BF16[key], f"{key} bf16 dense datasheet figure"
         return matmul_rate(device, torch.bfloat16), f"bf16 matmul measured now ({name}: no datasheet figure)"
-    return matmul_rate(device, torch.float32), "fp32 matmul measured in this run"
+    return matmul_rate(device, torch.float32), MEASURED
+
+
+# on a CPU the rate drifts by a quarter within minutes (other work on the host): each contender
+# measures it in its own process just before loading and just after its last step, and its
+# utilisation is over the mean of the two
+MEASURED = "fp32 matmul measured in each contender's process before and after its run"
 
 
 WORDS = (
@@ -210,7 +220,7 @@ def run_ours(args, model, tok, data) -> dict:
         batch_size=args.pairs, micro_batch_size=args.micro, max_steps=args.steps + 1, **setting["train"]
     )
     if train.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, train.keep_attention)
     optim = OptimConfig(lr=1e-6, scheduler="constant", **setting["optim"])
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
     trainer = Trainer(model, task, pairs, optim, train, Loggers([]))
@@ -338,6 +348,8 @@ def sync(device: str) -> None:
 
 def child(args) -> None:
     torch.manual_seed(0)
+    on_cpu = not args.device.startswith("cuda")
+    rate_before = matmul_rate(args.device, torch.float32) if on_cpu else None
     args.dtype_t = getattr(torch, args.dtype)
     model, tok = build_model(args.model, args.dtype_t, args.device, args.tokenizer)
     data = rows(args.pairs * (args.steps + 1), args.length)
@@ -360,6 +372,8 @@ def child(args) -> None:
     out["attention_width"] = config.num_attention_heads * head_dim  # query heads x head size
     out["layers"] = config.num_hidden_layers
     out["peak_gib"] = peak_memory_gib(args.device)
+    if on_cpu:
+        out["matmul_rates"] = [rate_before, matmul_rate(args.device, torch.float32)]
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -414,10 +428,14 @@ def useful_flops(run: dict, step: int) -> float:
 def summarize(runs: list[dict], peak: float) -> dict:
     """A contender's rounds after each warm-up step: positions/s (each position of a pair once, the
     prompt once), sequence tokens/s (both sequences, the prompt twice), peak memory, step-1 loss;
-    utilisation = useful FLOPs (:func:`useful_flops`) / time / peak; MFU = 6 x N(non-embedding) x
-    positions/s / peak, the common shorthand that leaves out attention and the output layer."""
+    utilisation = useful FLOPs (:func:`useful_flops`) / (time x peak); MFU = 6 x N(non-embedding) x
+    positions / (time x peak), the common shorthand that leaves out attention and the output layer.
+    The peak is a run's own measured matmul rate where it has one (a CPU), else ``peak``."""
     timed = [(r, i) for r in runs for i in range(1, len(r["times"]))]
     secs = sum(r["times"][i] for r, i in timed)
+    # the work the peak allowed in that time: each run's own measured rate where it has one
+    rate = {id(r): sum(r["matmul_rates"]) / 2 if "matmul_rates" in r else peak for r in runs}
+    allowed = sum(r["times"][i] * rate[id(r)] for r, i in timed)
     total = {k: sum(r[k][i] for r, i in timed) for k in COUNTS}
     first = runs[0]
     return {
@@ -425,13 +443,21 @@ def summarize(runs: list[dict], peak: float) -> dict:
         "tokens_per_second": total["tokens"] / secs,
         "peak_gib": max(r["peak_gib"] for r in runs),
         "step1_loss": first["step1_loss"],
-        "utilisation": sum(useful_flops(r, i) for r, i in timed) / secs / peak,
-        "mfu": 6 * first["params_nonembed"] * total["positions"] / secs / peak,
+        "utilisation": sum(useful_flops(r, i) for r, i in timed) / allowed,
+        "mfu": 6 * first["params_nonembed"] * total["positions"] / allowed,
+        "peak_flops": allowed / secs,
         "liger": first.get("liger", False),
         "liger_status": first.get("liger_status", "-"),
         "ref_in_loop": first["ref_in_loop"],
         "runs": runs,
     }
+
+
+def rates_text(results, peak: float) -> str:
+    """The peak rates the results were measured against, in GFLOP/s."""
+    rates = sorted({round(r.get("peak_flops", peak) / 1e9) for r in results if "error" not in r})
+    rates = rates or [round(peak / 1e9)]
+    return f"{rates[0]} GFLOP/s" if len(rates) == 1 else f"{rates[0]} to {rates[-1]} GFLOP/s"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -511,7 +537,7 @@ def main() -> None:
             "(the prompt twice). utilisation: useful FLOPs (2N(non-embedding) per position, the output layer "
             "at completion positions, 4 x width per allowed attention pair per layer; x3 for backward, +1 "
             "forward with the reference in the loop) per second; MFU: 6N(non-embedding) x positions/s; "
-            f"both over the {machine['peak_is']} ({peak / 1e9:.0f} GFLOP/s)"
+            f"both over the {machine['peak_is']} ({rates_text(summary.values(), peak)})"
         ),
     ]
     print("\n".join(lines))

@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -25,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from dpo_vs_trl import rates_text
 
 HERE = Path(__file__).parent
 
@@ -37,9 +39,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up step")
     p.add_argument("--contenders", default="ours,ours-lean,trl-default,trl-precomputed")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--merge", action="store_true", help="keep the other lengths of the results file")
     args = p.parse_args()
     where = "gpu" if torch.cuda.is_available() else "cpu"
-    table: dict[int, dict] = {}
+    name = f"scaling-{args.model}-{where}"
+    table = _earlier(Path(args.out) / f"{name}.json") if args.merge else {}
     for length in map(int, args.lengths.split(",")):
         pairs = max(1, args.budget // (2 * length))
         with tempfile.TemporaryDirectory() as tmp:
@@ -51,22 +55,22 @@ def main() -> None:
             ]
             subprocess.run(cmd, check=True)
             result = json.loads(next(Path(tmp).glob("*.json")).read_text())
-        table[length] = {"pairs": pairs, **{c: r for c, r in result["results"].items()}}
+        table[length] = {"pairs": pairs, "date": time.strftime("%Y-%m-%d"), **result["results"]}
         for r in table[length].values():
             if isinstance(r, dict):
                 r.pop("runs", None)
         print(length, {c: round(r.get("positions_per_second", 0), 1) for c, r in result["results"].items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = f"scaling-{args.model}-{where}"
     (out / f"{name}.json").write_text(
         json.dumps({"args": vars(args), "machine": result["machine"], "by_length": table}, indent=2) + "\n"
     )
-    contenders = args.contenders.split(",")
+    found = (c for n in table for c, r in table[n].items() if isinstance(r, dict))  # earlier rows' too
+    contenders = list(dict.fromkeys([*args.contenders.split(","), *found]))
     lengths = sorted(table)
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for c in contenders:
-        ok = [n for n in lengths if "error" not in table[n][c]]
+        ok = [n for n in lengths if "error" not in table[n].get(c, {"error": "not run"})]
         speed.plot(ok, [table[n][c]["positions_per_second"] for n in ok], marker="o", label=c)
         memory.plot(ok, [table[n][c]["peak_gib"] for n in ok], marker="o", label=c)
     for ax, what in ((speed, "positions / s"), (memory, "peak memory, GiB")):
@@ -79,29 +83,50 @@ def main() -> None:
     fig.suptitle(f"DPO on {args.model}, about {args.budget} tokens per step, {result['machine']['device']}")
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=120)
-    head = "| tokens per sequence | pairs per step | " + " | ".join(
+    head = "| tokens per sequence | pairs per step | matmul GFLOP/s | " + " | ".join(
         f"{c} positions/s | {c} util. | {c} GiB" for c in contenders
     )
-    lines = [head + " |", "|" + "---|" * (2 + 3 * len(contenders))]
+    lines = [head + " |", "|" + "---|" * (3 + 3 * len(contenders))]
     for n in lengths:
-        cells = [str(n), str(table[n]["pairs"])]
+        row = [r for r in table[n].values() if isinstance(r, dict)]
+        cells = [
+            str(n),
+            str(table[n]["pairs"]),
+            rates_text(row, result["machine"]["peak_flops"]).removesuffix(" GFLOP/s"),
+        ]
         for c in contenders:
-            r = table[n][c]
+            r = table[n].get(c, {"error": "not run"})
             if "error" in r:
-                cells += ["failed", "-", "-"]
+                cells += ["failed" if c in table[n] else "-", "-", "-"]
                 continue
             cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     machine = result["machine"]
+    dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
     lines += [
         "",
         (
             f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
-            f"({machine['peak_flops'] / 1e9:.0f} GFLOP/s at the last length); counting: dpo_vs_trl.py"
+            f"(the matmul column; a range: each contender's own); measured {dates} (a row measured "
+            "earlier: over one rate the driver measured for its whole run); counting: dpo_vs_trl.py"
         ),
     ]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _earlier(path: Path) -> dict[int, dict]:
+    """The lengths of an earlier results file, each contender with the rate it was measured against
+    (files written before rates were measured per contender hold one for the whole run)."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    table = {int(n): row for n, row in earlier["by_length"].items()}
+    for row in table.values():
+        for r in row.values():
+            if isinstance(r, dict) and "error" not in r:
+                r.setdefault("peak_flops", earlier["machine"]["peak_flops"])
+    return table
 
 
 if __name__ == "__main__":

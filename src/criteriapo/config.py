@@ -90,6 +90,9 @@ class TrainConfig:
     # recompute each decoder block in backward (on by default, as in TRL): activations of one block
     # at a time; off costs more memory and saves the recompute (a third more forward work)
     gradient_checkpointing: bool = _resume_free(True)
+    # with gradient checkpointing: keep attention's outputs from the forward instead of attending
+    # again in backward (hidden-size floats per position and layer; README: activation checkpointing)
+    keep_attention: bool = _resume_free(True)
     # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.
     # bf16-mixed: float32 (master) weights, compute under bf16 autocast. bf16-true: bfloat16 weights
     # and optimizer states (least memory; needs optim.name: adamw_sr unless lr is large, see README)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from criteriapo.config import LoraConfig
 from criteriapo.models.lora import apply_lora
@@ -55,3 +56,76 @@ def test_activation_checkpointing_is_switched_on():
     ids = torch.randint(3, VOCAB - 4, (2, 10))
     model(input_ids=ids).logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def packed_logps_grads(model) -> list[torch.Tensor]:
+    """Gradients of a packed batch's log-probs (every kind of attention piece, see test_attention)."""
+    from criteriapo.losses.logprobs import batch_logps
+    from criteriapo.rows.packing import collate
+    from tests.models.test_attention import segments
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch_logps(model, collate(segments(), 0, packed=True), 10).logps.sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that really run. Entered around a whole forward and backward, it sits
+    below selective checkpointing's own mode, so an op that mode answers from its cache is not
+    counted (the profiler would count it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted_ops(model) -> dict[str, int]:
+    """How many times each aten op ran in one forward and backward of the packed batch."""
+    with CountOps() as counter:
+        packed_logps_grads(model)
+    return counter.counts
+
+
+def test_kept_attention_is_not_recomputed_and_changes_no_gradient():
+    """Selective checkpointing: the gradients of no checkpointing (grouped-query Llama and Qwen2,
+    through every kind of attention piece), and kept attention really skips its recompute: each
+    attention kernel runs once instead of twice, the matmuls are recomputed as before."""
+    attention_op = "_scaled_dot_product_flash_attention_for_cpu"
+    for arch in ("llama", "qwen2"):
+        ops, grads = {}, {}
+        for setting in ("none", "full", "keep_attention"):
+            model = zoo_model(arch, num_key_value_heads=2)
+            model.set_attn_implementation("sdpa")
+            if setting != "none":
+                enable_activation_checkpointing(model, keep_attention=setting == "keep_attention")
+            grads[setting] = packed_logps_grads(model)
+            ops[setting] = counted_ops(model)
+        for setting in ("full", "keep_attention"):
+            for a, b in zip(grads[setting], grads["none"], strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        once = ops["none"][attention_op]
+        assert (ops["full"][attention_op], ops["keep_attention"][attention_op]) == (2 * once, once), arch
+        assert ops["keep_attention"]["mm"] == ops["full"]["mm"] > ops["none"]["mm"], arch
+
+
+def test_kept_attention_through_a_lower_right_mask(monkeypatch):
+    """The GPU's way to a piece with a prefix (a lower-right causal mask, a tensor subclass that
+    selective checkpointing's mode cannot make itself), taken on this CPU: the same gradients."""
+    from criteriapo.models import attention
+
+    want = packed_logps_grads(zoo_model("llama", num_key_value_heads=2))
+    monkeypatch.setattr(attention, "_splits", lambda *a: False)
+    made = []
+    lower_right = attention._lower_right
+    monkeypatch.setattr(attention, "_lower_right", lambda *a: made.append(a) or lower_right(*a))
+    model = zoo_model("llama", num_key_value_heads=2)
+    enable_activation_checkpointing(model, keep_attention=True)
+    for a, b in zip(packed_logps_grads(model), want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert made  # the lower-right path ran

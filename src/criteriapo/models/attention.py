@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -89,10 +90,13 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
         if q0 > at:
             parts.append(value.new_zeros(1, query.shape[1], q0 - at, value.shape[-1]))
         q, k, v = query[:, :, q0:q1], key[:, :, q0:q1], value[:, :, q0:q1]
-        if p1 > p0:  # (q, prefix + q) keys: all of the prefix, then causal, aligned at the bottom right
+        if p1 > p0 and _splits(q, options):  # the prefix and the piece's own keys apart, merged
+            prefix_k, prefix_v = key[:, :, p0:p1], value[:, :, p0:p1]
+            parts.append(PrefixedCausal.apply(q, prefix_k, prefix_v, k, v, options["scale"]))
+        elif p1 > p0:  # (q, prefix + q) keys: all of the prefix, then causal, aligned at the bottom right
             k = torch.cat([key[:, :, p0:p1], k], dim=2)
             v = torch.cat([value[:, :, p0:p1], v], dim=2)
-            mask, piece = causal_lower_right(q1 - q0, k.shape[2]), options
+            mask, piece = _lower_right(q1 - q0, k.shape[2]), options
             if options["enable_gqa"] and q.is_cuda:
                 # on a GPU a lower-right mask runs the flash or efficient kernel only with as many K/V
                 # heads as query heads (else SDPA gets it as an explicit mask); this piece's are repeated
@@ -106,6 +110,57 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
     if at < length:
         parts.append(value.new_zeros(1, query.shape[1], length - at, value.shape[-1]))
     return torch.cat(parts, dim=2)
+
+
+def _lower_right(queries: int, keys: int):
+    """A lower-right causal mask, made outside any dispatch mode: selective checkpointing's mode
+    cannot make this tensor subclass."""
+    with _disable_current_modes():
+        return causal_lower_right(queries, keys)
+
+
+def _splits(query: torch.Tensor, options: dict) -> bool:
+    """Whether a piece with a prefix runs as :class:`PrefixedCausal`: on a CPU, whose flash kernel is
+    causal from the top left only (a lower-right mask would be materialised and every masked block
+    computed), without dropout (the two halves would draw apart)."""
+    return query.device.type == "cpu" and not options["dropout_p"]
+
+
+class PrefixedCausal(torch.autograd.Function):
+    """Queries (1, Hq, n, D) over a prefix's keys, all of them, and then their own n keys causally:
+    the lower-right causal attention over ``prefix + own`` keys, as two flash calls that each skip
+    what they need not compute (the prefix unmasked, the own keys causal from the top left) and are
+    merged by their log-sum-exps. K/V keep their own head count (grouped queries run natively).
+
+    Backward gives each half's flash backward the merged output and log-sum-exp: each half's
+    probabilities are then those of the whole softmax restricted to its keys, and the row term
+    ``sum(dO * O)`` is the whole's, so the half gradients are exact parts of the whole's (dQ their
+    sum, dK and dV side by side)."""
+
+    @staticmethod
+    def forward(ctx, query, prefix_key, prefix_value, own_key, own_value, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_prefix, lse_prefix = flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
+        out_own, lse_own = flash(query, own_key, own_value, is_causal=True, scale=scale)
+        lse = torch.logaddexp(lse_prefix, lse_own)  # (1, Hq, n), float32
+        out = out_prefix.float() * (lse_prefix - lse).exp().unsqueeze(-1)
+        out = (out + out_own.float() * (lse_own - lse).exp().unsqueeze(-1)).to(query.dtype)
+        ctx.save_for_backward(query, prefix_key, prefix_value, own_key, own_value, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, prefix_key, prefix_value, own_key, own_value, out, lse = ctx.saved_tensors
+        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq_prefix, dk_prefix, dv_prefix = flash_backward(
+            grad, query, prefix_key, prefix_value, out, lse, 0.0, False, scale=ctx.scale
+        )
+        dq_own, dk_own, dv_own = flash_backward(
+            grad, query, own_key, own_value, out, lse, 0.0, True, scale=ctx.scale
+        )
+        return dq_prefix + dq_own, dk_prefix, dv_prefix, dk_own, dv_own, None
 
 
 def avoid_cudnn(device_type: str, masked: bool) -> bool:
