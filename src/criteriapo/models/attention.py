@@ -122,8 +122,11 @@ def _lower_right(queries: int, keys: int):
 def _splits(query: torch.Tensor, options: dict) -> bool:
     """Whether a piece with a prefix runs as :class:`PrefixedCausal`: on a CPU, whose flash kernel is
     causal from the top left only (a lower-right mask would be materialised and every masked block
-    computed), without dropout (the two halves would draw apart)."""
-    return query.device.type == "cpu" and not options["dropout_p"]
+    computed), without dropout (the two halves would draw apart), in float32 (in bf16 each half's
+    output would be rounded before the merge, so a reply's values would depend on whether it came
+    first after its prompt or later: a reference scored in other batches than the policy trains on
+    would no longer match it)."""
+    return query.device.type == "cpu" and not options["dropout_p"] and query.dtype == torch.float32
 
 
 class PrefixedCausal(torch.autograd.Function):
