@@ -57,15 +57,19 @@ def test_pieces_follow_the_segments():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("groups", [1, 3])
-def test_piece_attention_equals_sdpa_with_the_full_mask(dtype, groups):
+@pytest.mark.parametrize(("kv_heads", "groups"), [(2, 1), (2, 3), (3, 3)])
+@pytest.mark.parametrize("halved", [False, True])
+def test_piece_attention_equals_sdpa_with_the_full_mask(dtype, kv_heads, groups, halved, monkeypatch):
+    """Also with every CPU flash backward run as two halves of its rows (rows of odd and even length,
+    windows that share a row), as an odd number of heads on an even number of threads runs them."""
+    monkeypatch.setattr(attention, "halving_helps", lambda heads, rows, threads: halved and rows >= 2)
     batch = collate(segments(), 0, packed=True)
     seg, branch = batch["segment"], batch["branch"]
     rows, length = seg.shape
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(rows, 2 * groups, length, 8, generator=g, dtype=dtype).requires_grad_()
-    k = torch.randn(rows, 2, length, 8, generator=g, dtype=dtype).requires_grad_()
-    v = torch.randn(rows, 2, length, 8, generator=g, dtype=dtype).requires_grad_()
+    q = torch.randn(rows, kv_heads * groups, length, 8, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(rows, kv_heads, length, 8, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(rows, kv_heads, length, 8, generator=g, dtype=dtype).requires_grad_()
     heads = Heads(groups)
     got, _ = piece_attention(heads, q, k, v, None, pieces=attention_pieces(seg, branch))
     mask = attention_mask(seg, branch, "sdpa", dtype)
@@ -80,6 +84,17 @@ def test_piece_attention_equals_sdpa_with_the_full_mask(dtype, groups):
     wants = torch.autograd.grad(want, (q, k, v), dout)
     for a, b in zip(grads, wants, strict=True):
         torch.testing.assert_close(a, b, **tol)
+
+
+def test_backward_is_halved_when_that_evens_out_the_threads():
+    # the kernel gives each thread whole (batch, head) pairs: 9 heads on 2 threads is 5 rounds, 18
+    # half-length ones 9 rounds of half the length
+    assert attention.halving_helps(9, 2048, 2)
+    assert attention.halving_helps(5, 2048, 4)  # 2 rounds against 3 of half the length
+    assert not attention.halving_helps(8, 2048, 2)  # already even
+    assert not attention.halving_helps(9, 2048, 1)
+    assert not attention.halving_helps(9, 2048, 16)  # one round either way
+    assert not attention.halving_helps(9, attention.HALVE_ROWS - 1, 2)  # too short to pay for its copies
 
 
 def test_without_pieces_it_is_transformers_sdpa():

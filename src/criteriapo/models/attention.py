@@ -15,6 +15,10 @@ So the chosen x rejected block, the blocks between segments and the upper triang
 computed, and grouped-query models keep their K/V heads unrepeated (``enable_gqa``). The values are
 those of SDPA with the full mask, up to the order of float sums.
 
+On a CPU in float32, pieces call the flash kernel themselves: a piece with a prefix as two calls
+merged (:class:`PrefixedCausal`), and each backward with its rows halved into a batch of two where
+that keeps both threads busy (:func:`flash_backward`).
+
 On a GPU no piece gives SDPA an explicit mask: causal pieces run the flash kernel (``is_causal``,
 K/V heads unrepeated), and a lower-right piece goes to the flash or memory-efficient kernel through
 ``causal_lower_right``, which takes it only with as many K/V heads as query heads, so a
@@ -47,6 +51,10 @@ PIECES = "criteriapo_pieces"
 Piece = tuple[int, int, int, int]
 # what SDPA-based attention can be asked to do that pieces do not
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "position_bias")
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# rows below which a CPU flash backward is not halved: the copies would cost more than the idle thread
+HALVE_ROWS = 64
 
 
 def piece_attention(
@@ -104,6 +112,8 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
                 k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
                 piece = {**options, "enable_gqa": False}
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **piece))
+        elif _splits(q, options):
+            parts.append(Causal.apply(q, k, v, options["scale"]))
         else:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, **options))
         at = q1
@@ -120,12 +130,13 @@ def _lower_right(queries: int, keys: int):
 
 
 def _splits(query: torch.Tensor, options: dict) -> bool:
-    """Whether a piece with a prefix runs as :class:`PrefixedCausal`: on a CPU, whose flash kernel is
-    causal from the top left only (a lower-right mask would be materialised and every masked block
-    computed), without dropout (the two halves would draw apart), in float32 (in bf16 each half's
-    output would be rounded before the merge, so a reply's values would depend on whether it came
-    first after its prompt or later: a reference scored in other batches than the policy trains on
-    would no longer match it)."""
+    """Whether a piece runs through this module's own CPU flash functions (:class:`PrefixedCausal`
+    with a prefix, :class:`Causal` without): on a CPU, whose flash kernel is causal from the top left
+    only (a lower-right mask would be materialised and every masked block computed), without dropout
+    (the two halves would draw apart), in float32 (in bf16 each half's output would be rounded before
+    the merge, so a reply's values would depend on whether it came first after its prompt or later:
+    a reference scored in other batches than the policy trains on would no longer match it; and each
+    half's gradients would be rounded before they are added)."""
     return query.device.type == "cpu" and not options["dropout_p"] and query.dtype == torch.float32
 
 
@@ -142,9 +153,8 @@ class PrefixedCausal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, prefix_key, prefix_value, own_key, own_value, scale):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_prefix, lse_prefix = flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
-        out_own, lse_own = flash(query, own_key, own_value, is_causal=True, scale=scale)
+        out_prefix, lse_prefix = _flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
+        out_own, lse_own = _flash(query, own_key, own_value, is_causal=True, scale=scale)
         lse = torch.logaddexp(lse_prefix, lse_own)  # (1, Hq, n), float32
         out = out_prefix.float() * (lse_prefix - lse).exp().unsqueeze(-1)
         out = (out + out_own.float() * (lse_own - lse).exp().unsqueeze(-1)).to(query.dtype)
@@ -155,15 +165,108 @@ class PrefixedCausal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         query, prefix_key, prefix_value, own_key, own_value, out, lse = ctx.saved_tensors
-        flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grad = grad.contiguous()
         dq_prefix, dk_prefix, dv_prefix = flash_backward(
-            grad, query, prefix_key, prefix_value, out, lse, 0.0, False, scale=ctx.scale
+            grad, query, prefix_key, prefix_value, out, lse, False, ctx.scale
         )
-        dq_own, dk_own, dv_own = flash_backward(
-            grad, query, own_key, own_value, out, lse, 0.0, True, scale=ctx.scale
-        )
+        dq_own, dk_own, dv_own = flash_backward(grad, query, own_key, own_value, out, lse, True, ctx.scale)
         return dq_prefix + dq_own, dk_prefix, dv_prefix, dk_own, dv_own, None
+
+
+class Causal(torch.autograd.Function):
+    """Queries (1, Hq, n, D) over their own n keys causally: the CPU flash kernel's forward, as SDPA
+    runs it, and its backward through :func:`flash_backward`."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, scale):
+        out, lse = _flash(query, key, value, is_causal=True, scale=scale)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk, dv = flash_backward(grad.contiguous(), *ctx.saved_tensors, True, ctx.scale)
+        return dq, dk, dv, None
+
+
+def flash_backward(grad, query, key, value, out, lse, causal: bool, scale):
+    """The CPU flash kernel's backward for queries (1, Hq, n, D), ``out`` and ``lse`` those of their
+    whole softmax (which may span more keys than ``key``). The kernel hands each thread whole
+    (batch, head) pairs, so 9 heads on 2 threads take 5 heads' time where 4.5 would do; when halving
+    the rows evens that out (:func:`halving_helps`), the rows run as a batch of two:
+    :func:`_unmasked_halves` or :func:`_causal_halves`. Only the order of the float sums changes."""
+    if not halving_helps(query.shape[1], query.shape[2], torch.get_num_threads()):
+        return _flash_backward(grad, query, key, value, out, lse, 0.0, causal, scale=scale)
+    halves = _causal_halves if causal else _unmasked_halves
+    return halves(grad, query, key, value, out, lse, scale)
+
+
+def halving_helps(heads: int, rows: int, threads: int) -> bool:
+    """Whether twice the (batch, head) pairs, each with half the rows, take fewer rounds of
+    ``threads`` than the pairs as they are (each round as long as one pair: half as long halved)."""
+    return rows >= HALVE_ROWS and -(-2 * heads // threads) < 2 * -(-heads // threads)
+
+
+def _windows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Rows [0, m) and [n - m, n) of ``t`` (dim 2, n = ``rows``, m = ceil(n / 2)) as a batch of two;
+    for an odd n they share row m - 1."""
+    m = (rows + 1) // 2
+    return torch.cat([t[:, :, :m], t[:, :, rows - m :]])
+
+
+def _windows_grad(grad: torch.Tensor, rows: int) -> torch.Tensor:
+    """:func:`_windows` of the output gradient, the shared row zeroed in the second window: a row whose
+    output gradient is 0 adds nothing to any gradient, so the first window alone counts it."""
+    two = _windows(grad, rows)
+    two[1:, :, : 2 * ((rows + 1) // 2) - rows] = 0
+    return two
+
+
+def _joined(two: torch.Tensor, rows: int) -> torch.Tensor:
+    """The rows' gradient back from :func:`_windows` (the shared row from the first window)."""
+    return torch.cat([two[:1], two[1:, :, 2 * ((rows + 1) // 2) - rows :]], dim=2)
+
+
+def _unmasked_halves(grad, query, key, value, out, lse, scale):
+    """All keys for every row: each half of the rows over all keys, their key gradients added."""
+    n = query.shape[2]
+    key, value = (t.expand(2, -1, -1, -1).contiguous() for t in (key, value))
+    query, out, lse = (_windows(t, n) for t in (query, out, lse))
+    dq, dk, dv = _flash_backward(_windows_grad(grad, n), query, key, value, out, lse, 0.0, False, scale=scale)
+    return _joined(dq, n), dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+
+
+def _causal_halves(grad, query, key, value, out, lse, scale):
+    """Own keys causally: the two diagonal blocks (each window over its own keys, causal) as a batch
+    of two, and the rows after the first window over the keys before the second (unmasked, through
+    :func:`flash_backward`), so each (row, key) pair is counted once."""
+    n = query.shape[2]
+    m, s = (n + 1) // 2, n // 2  # the first window's end, the second's start
+    diagonal = [_windows(t, n) for t in (query, key, value, out, lse)]
+    dq2, dk2, dv2 = _flash_backward(_windows_grad(grad, n), *diagonal, 0.0, True, scale=scale)
+    late, early = (t[:, :, m:] for t in (grad, query, out, lse)), (t[:, :, :s] for t in (key, value))
+    dq_r, dk_r, dv_r = flash_backward(*_rows_keys(late, early), False, scale)
+    dq = _joined(dq2, n)
+    dq[:, :, m:] += dq_r
+    return dq, _key_grads(dk2, dk_r, n), _key_grads(dv2, dv_r, n)
+
+
+def _rows_keys(rows, keys):
+    """(grad, query, out, lse) of some rows and (key, value) in :func:`flash_backward`'s order."""
+    grad, query, out, lse = rows
+    return (grad, query, *keys, out, lse)
+
+
+def _key_grads(two: torch.Tensor, early: torch.Tensor, n: int) -> torch.Tensor:
+    """A key gradient of :func:`_causal_halves`: the first window's keys, the second's and the keys
+    before the second window (from the rows after the first), added where they meet."""
+    m, s = (n + 1) // 2, n // 2
+    whole = two.new_zeros(1, two.shape[1], n, two.shape[3])
+    whole[:, :, :m] += two[:1]
+    whole[:, :, s:] += two[1:]
+    whole[:, :, :s] += early
+    return whole
 
 
 def avoid_cudnn(device_type: str, masked: bool) -> bool:

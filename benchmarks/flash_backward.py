@@ -1,0 +1,134 @@
+"""The CPU flash kernel's backward as it comes against rows halved into a batch of two.
+
+The kernel gives each thread whole (batch, head) pairs, so the embedded model's 9 query heads on 2
+threads take 5 heads' time; :func:`~criteriapo.models.attention.flash_backward` runs the rows as two
+halves when that evens the threads out. Backward of the pieces a DPO pair of 2048 tokens per
+sequence makes (the prompt with the first reply, causal; the second reply after the prompt, as
+:class:`~criteriapo.models.attention.PrefixedCausal` runs it: the prompt's keys unmasked and its own
+causally), with 9 query heads, 3 K/V heads, 64 wide, fp32, alternating after a warm-up round.
+With ``--steps``, also whole DPO steps of ours on the embedded model (default settings, one pair of
+``--length`` tokens per sequence), halving on and off in turn in one process, after a warm-up step,
+with the utilisation over the matmul rate measured before and after (as benchmarks/dpo_vs_trl.py).
+
+    .venv/bin/python benchmarks/flash_backward.py            # about 1 min on 2 cores
+    .venv/bin/python benchmarks/flash_backward.py --steps 3 --length 2048    # and 6 steps, 6 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from dpo_vs_trl import build_model, matmul_rate, pair_tokens, rows, useful_flops
+
+from criteriapo.models import attention
+from criteriapo.models.attention import _flash, _flash_backward, flash_backward
+
+
+def pieces(prompt: int, reply: int) -> list[tuple[str, int, int, bool]]:
+    """(name, rows, keys, causal): the backward calls of one pair's attention in a layer."""
+    return [
+        (f"prompt + first reply ({prompt + reply}, causal)", prompt + reply, prompt + reply, True),
+        (f"second reply over the prompt ({reply} x {prompt})", reply, prompt, False),
+        (f"second reply over itself ({reply}, causal)", reply, reply, True),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--prompt", type=int, default=1034)
+    p.add_argument("--reply", type=int, default=1018)
+    p.add_argument("--rounds", type=int, default=6, help="timed rounds of both, after a warm-up round")
+    p.add_argument("--steps", type=int, default=0, help="then this many DPO steps each way, alternating")
+    p.add_argument("--length", type=int, default=2048, help="tokens per sequence of --steps' pair")
+    args = p.parse_args()
+    kernels(args)
+    if args.steps:
+        steps(args)
+
+
+def kernels(args) -> None:
+    heads, kv_heads, width = 9, 3, 64
+    total = {"as it comes": 0.0, "halved": 0.0}
+    for name, queries, keys, causal in pieces(args.prompt, args.reply):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, heads, queries, width, generator=g)
+        k, v = (torch.randn(1, kv_heads, keys, width, generator=g) for _ in range(2))
+        out, lse = _flash(q, k, v, is_causal=causal)
+        grad = torch.randn(out.shape, generator=g)
+        spent = dict.fromkeys(total, 0.0)
+        for r in range(args.rounds + 1):
+            for way in spent:
+                t = time.perf_counter()
+                if way == "halved":
+                    flash_backward(grad, q, k, v, out, lse, causal, None)
+                else:
+                    _flash_backward(grad, q, k, v, out, lse, 0.0, causal)
+                if r:
+                    spent[way] += (time.perf_counter() - t) / args.rounds
+        for way in total:
+            total[way] += spent[way]
+        a, b = spent.values()
+        print(f"{name}: as it comes {a * 1e3:.0f} ms, halved {b * 1e3:.0f} ms; {a / b:.2f}x")
+    a, b = total.values()
+    threads = torch.get_num_threads()
+    print(f"all three ({threads} threads): {a * 1e3:.0f} ms against {b * 1e3:.0f} ms; {a / b:.2f}x")
+
+
+def steps(args) -> None:
+    from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
+    from criteriapo.data.records import PreferenceExample, RowRef
+    from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+    from criteriapo.models.training import enable_activation_checkpointing
+    from criteriapo.tracking.loggers import Loggers
+    from criteriapo.train.loop import Trainer
+    from criteriapo.train.scores import score_pairs
+    from criteriapo.train.tasks import DPOTask
+
+    model, tok = build_model("smollm2", torch.float32, "cpu")
+    (row,) = rows(1, args.length)
+    pair = ChatTokenizer(tok).encode_pair(
+        PreferenceExample(row["prompt"], row["chosen"], row["rejected"], RowRef("bench", 0)),
+        TokenizeOptions(max_length=None),
+    )
+    train = TrainConfig(batch_size=1, max_steps=2 * args.steps + 1)
+    if train.gradient_checkpointing:
+        enable_activation_checkpointing(model, train.keep_attention)
+    ref = score_pairs(model, [pair], tok.pad_token_id, 1)
+    task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
+    trainer = Trainer(model, task, [pair], OptimConfig(lr=1e-6, scheduler="constant"), train, Loggers([]))
+    model.train()
+    counts = pair_tokens(len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+    config = model.config
+    run = {
+        "params_nonembed": sum(p.numel() for n, p in model.named_parameters() if "embed" not in n),
+        "params_head": config.vocab_size * config.hidden_size,
+        "attention_width": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "ref_in_loop": False,
+        **{k: [v] for k, v in counts.items()},
+    }
+    trainer.train_step([0])  # warm-up
+    rate = matmul_rate("cpu", torch.float32)
+    real, spent = attention.halving_helps, {"as it comes": [], "halved": []}
+    for _ in range(args.steps):
+        for way, times in spent.items():
+            attention.halving_helps = real if way == "halved" else (lambda *a: False)
+            t = time.perf_counter()
+            trainer.train_step([0])
+            times.append(time.perf_counter() - t)
+    attention.halving_helps = real
+    rate = (rate + matmul_rate("cpu", torch.float32)) / 2
+    print(f"DPO steps, one pair of {args.length} tokens per sequence ({counts['positions']} positions):")
+    for way, times in spent.items():
+        mean = sum(times) / len(times)
+        shown = ", ".join(f"{t:.1f}" for t in times)
+        util = useful_flops(run, 0) / mean / rate
+        print(f"  {way}: {shown} s; utilisation {util:.1%} of {rate / 1e9:.0f} GFLOP/s")
+    a, b = (sum(t) for t in spent.values())
+    print(f"  halved {a / b:.3f}x as fast")
+
+
+if __name__ == "__main__":
+    main()
