@@ -6,9 +6,10 @@ halves when that evens the threads out. Backward of the pieces a DPO pair of 204
 sequence makes (the prompt with the first reply, causal; the second reply after the prompt, as
 :class:`~criteriapo.models.attention.PrefixedCausal` runs it: the prompt's keys unmasked and its own
 causally), with 9 query heads, 3 K/V heads, 64 wide, fp32, alternating after a warm-up round.
-With ``--steps``, also whole DPO steps of ours on the embedded model (default settings, one pair of
-``--length`` tokens per sequence), halving on and off in turn in one process, after a warm-up step,
-with the utilisation over the matmul rate measured before and after (as benchmarks/dpo_vs_trl.py).
+With ``--steps``, also whole DPO steps of ours on the embedded model (default settings, ``--pairs``
+pairs of ``--length`` tokens per sequence in one micro-batch), halving on and off in turn in one
+process, after a warm-up step, with the utilisation over the matmul rate measured before and after
+(as benchmarks/dpo_vs_trl.py).
 
     .venv/bin/python benchmarks/flash_backward.py            # about 1 min on 2 cores
     .venv/bin/python benchmarks/flash_backward.py --steps 3 --length 2048    # and 6 steps, 6 min
@@ -39,11 +40,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--prompt", type=int, default=1034)
     p.add_argument("--reply", type=int, default=1018)
-    p.add_argument("--rounds", type=int, default=6, help="timed rounds of both, after a warm-up round")
+    p.add_argument(
+        "--rounds", type=int, default=6, help="timed rounds of both, after a warm-up round; 0: none"
+    )
     p.add_argument("--steps", type=int, default=0, help="then this many DPO steps each way, alternating")
-    p.add_argument("--length", type=int, default=2048, help="tokens per sequence of --steps' pair")
+    p.add_argument("--length", type=int, default=2048, help="tokens per sequence of --steps' pairs")
+    p.add_argument("--pairs", type=int, default=1, help="pairs per step of --steps")
     args = p.parse_args()
-    kernels(args)
+    if args.rounds:
+        kernels(args)
     if args.steps:
         steps(args)
 
@@ -87,19 +92,25 @@ def steps(args) -> None:
     from criteriapo.train.tasks import DPOTask
 
     model, tok = build_model("smollm2", torch.float32, "cpu")
-    (row,) = rows(1, args.length)
-    pair = ChatTokenizer(tok).encode_pair(
-        PreferenceExample(row["prompt"], row["chosen"], row["rejected"], RowRef("bench", 0)),
-        TokenizeOptions(max_length=None),
-    )
-    train = TrainConfig(batch_size=1, max_steps=2 * args.steps + 1)
+    chat, batch = ChatTokenizer(tok), list(range(args.pairs))
+    pairs = [
+        chat.encode_pair(
+            PreferenceExample(row["prompt"], row["chosen"], row["rejected"], RowRef("bench", i)),
+            TokenizeOptions(max_length=None),
+        )
+        for i, row in enumerate(rows(args.pairs, args.length))
+    ]
+    train = TrainConfig(batch_size=args.pairs, max_steps=2 * args.steps + 1)
     if train.gradient_checkpointing:
         enable_activation_checkpointing(model, train.keep_attention)
-    ref = score_pairs(model, [pair], tok.pad_token_id, 1)
+    ref = score_pairs(model, pairs, tok.pad_token_id, args.pairs)
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
-    trainer = Trainer(model, task, [pair], OptimConfig(lr=1e-6, scheduler="constant"), train, Loggers([]))
+    trainer = Trainer(model, task, pairs, OptimConfig(lr=1e-6, scheduler="constant"), train, Loggers([]))
     model.train()
-    counts = pair_tokens(len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids))
+    counts = {
+        k: sum(pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))[k] for p in pairs)
+        for k in ("tokens", "positions", "labelled", "attended")
+    }
     config = model.config
     run = {
         "params_nonembed": sum(p.numel() for n, p in model.named_parameters() if "embed" not in n),
@@ -109,18 +120,21 @@ def steps(args) -> None:
         "ref_in_loop": False,
         **{k: [v] for k, v in counts.items()},
     }
-    trainer.train_step([0])  # warm-up
+    trainer.train_step(batch)  # warm-up
     rate = matmul_rate("cpu", torch.float32)
     real, spent = attention.halving_helps, {"as it comes": [], "halved": []}
     for _ in range(args.steps):
         for way, times in spent.items():
             attention.halving_helps = real if way == "halved" else (lambda *a: False)
             t = time.perf_counter()
-            trainer.train_step([0])
+            trainer.train_step(batch)
             times.append(time.perf_counter() - t)
     attention.halving_helps = real
     rate = (rate + matmul_rate("cpu", torch.float32)) / 2
-    print(f"DPO steps, one pair of {args.length} tokens per sequence ({counts['positions']} positions):")
+    print(
+        f"DPO steps, {args.pairs} pair(s) of {args.length} tokens per sequence, "
+        f"{counts['positions']} positions:"
+    )
     for way, times in spent.items():
         mean = sum(times) / len(times)
         shown = ", ".join(f"{t:.1f}" for t in times)

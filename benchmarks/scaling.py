@@ -9,6 +9,7 @@ benchmarks/results/scaling-<model>-<cpu|gpu>.{png,md,json}.
 
     .venv/bin/python benchmarks/scaling.py                              # CPU: the embedded model
     .venv/bin/python benchmarks/scaling.py --model llama3.2-1b --budget 16384   # on a GPU
+    .venv/bin/python benchmarks/scaling.py --render     # the table and figure again from the results file
 """
 
 from __future__ import annotations
@@ -40,10 +41,17 @@ def main() -> None:
     p.add_argument("--contenders", default="ours,ours-lean,trl-default,trl-precomputed")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--merge", action="store_true", help="keep the other lengths of the results file")
+    p.add_argument(
+        "--render", action="store_true", help="only write the table and figure from the results file"
+    )
     args = p.parse_args()
     where = "gpu" if torch.cuda.is_available() else "cpu"
-    name = f"scaling-{args.model}-{where}"
-    table = _earlier(Path(args.out) / f"{name}.json") if args.merge else {}
+    path = Path(args.out) / f"scaling-{args.model}-{where}.json"
+    if args.render:
+        saved = json.loads(path.read_text())
+        table = {int(n): row for n, row in saved["by_length"].items()}
+        return render(table, saved["args"], saved["machine"], path)
+    table = _earlier(path) if args.merge else {}
     for length in map(int, args.lengths.split(",")):
         pairs = max(1, args.budget // (2 * length))
         with tempfile.TemporaryDirectory() as tmp:
@@ -60,14 +68,85 @@ def main() -> None:
             if isinstance(r, dict):
                 r.pop("runs", None)
         print(length, {c: round(r.get("positions_per_second", 0), 1) for c, r in result["results"].items()})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
         json.dumps({"args": vars(args), "machine": result["machine"], "by_length": table}, indent=2) + "\n"
     )
+    render(table, vars(args), result["machine"], path)
+
+
+def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> None:
+    """The figure and the markdown table beside the results file ``path``."""
     found = (c for n in table for c, r in table[n].items() if isinstance(r, dict))  # earlier rows' too
-    contenders = list(dict.fromkeys([*args.contenders.split(","), *found]))
+    contenders = list(dict.fromkeys([*args["contenders"].split(","), *found]))
     lengths = sorted(table)
+    _figure(
+        table,
+        contenders,
+        lengths,
+        f"DPO on {args['model']}, about {args['budget']} tokens per step, {machine['device']}",
+        path.with_suffix(".png"),
+    )
+    head = "| tokens per sequence | pairs per step | matmul GFLOP/s | " + " | ".join(
+        f"{c} positions/s | {c} util. | {c} GiB" for c in contenders
+    )
+    ratios = " | ours / fastest TRL: positions/s | the same per matmul rate | ours / TRL default: GiB"
+    lines = [head + ratios + " |", "|" + "---|" * (6 + 3 * len(contenders))]
+    for n in lengths:
+        row = [r for r in table[n].values() if isinstance(r, dict)]
+        cells = [
+            str(n),
+            str(table[n]["pairs"]),
+            rates_text(row, machine["peak_flops"]).removesuffix(" GFLOP/s"),
+        ]
+        for c in contenders:
+            r = table[n].get(c, {"error": "not run"})
+            if "error" in r:
+                cells += ["failed" if c in table[n] else "-", "-", "-"]
+                continue
+            cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
+        lines.append("| " + " | ".join(cells + _ratios(table[n])) + " |")
+    dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
+    lines += [
+        "",
+        (
+            f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
+            f"(the matmul column; a range: each contender's own); measured {dates} (a row measured "
+            "earlier: over one rate the driver measured for its whole run); counting: dpo_vs_trl.py. "
+            "Ratios: ours against the faster TRL setting, as measured and with each contender's "
+            "positions/s over its own matmul rate (the machine's speed drifts between contenders); "
+            "memory against TRL's default setting."
+        ),
+    ]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _ratios(row: dict) -> list[str]:
+    """ours / the faster TRL setting (positions/s, as measured and per each one's matmul rate) and
+    ours / TRL's default (peak memory), or "-" where one of them did not run."""
+    ok = {c: r for c, r in row.items() if isinstance(r, dict) and "error" not in r}
+    trl = [r for c, r in ok.items() if c.startswith("trl-")]
+    if "ours" not in ok or not trl:
+        return ["-", "-", "-"]
+    ours, fastest = ok["ours"], max(trl, key=lambda r: r["positions_per_second"])
+    per_rate = (
+        (ours["positions_per_second"] / ours["peak_flops"])
+        / (fastest["positions_per_second"] / fastest["peak_flops"])
+        if "peak_flops" in ours and "peak_flops" in fastest
+        else None
+    )
+    memory = ours["peak_gib"] / ok["trl-default"]["peak_gib"] if "trl-default" in ok else None
+    return [
+        f"{ours['positions_per_second'] / fastest['positions_per_second']:.2f}x",
+        "-" if per_rate is None else f"{per_rate:.2f}x",
+        "-" if memory is None else f"{memory:.2f}x",
+    ]
+
+
+def _figure(
+    table: dict[int, dict], contenders: list[str], lengths: list[int], title: str, path: Path
+) -> None:
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4.2))
     for c in contenders:
         ok = [n for n in lengths if "error" not in table[n].get(c, {"error": "not run"})]
@@ -80,39 +159,9 @@ def main() -> None:
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"DPO on {args.model}, about {args.budget} tokens per step, {result['machine']['device']}")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
-    head = "| tokens per sequence | pairs per step | matmul GFLOP/s | " + " | ".join(
-        f"{c} positions/s | {c} util. | {c} GiB" for c in contenders
-    )
-    lines = [head + " |", "|" + "---|" * (3 + 3 * len(contenders))]
-    for n in lengths:
-        row = [r for r in table[n].values() if isinstance(r, dict)]
-        cells = [
-            str(n),
-            str(table[n]["pairs"]),
-            rates_text(row, result["machine"]["peak_flops"]).removesuffix(" GFLOP/s"),
-        ]
-        for c in contenders:
-            r = table[n].get(c, {"error": "not run"})
-            if "error" in r:
-                cells += ["failed" if c in table[n] else "-", "-", "-"]
-                continue
-            cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    machine = result["machine"]
-    dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
-    lines += [
-        "",
-        (
-            f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
-            f"(the matmul column; a range: each contender's own); measured {dates} (a row measured "
-            "earlier: over one rate the driver measured for its whole run); counting: dpo_vs_trl.py"
-        ),
-    ]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    fig.savefig(path, dpi=120)
 
 
 def _earlier(path: Path) -> dict[int, dict]:

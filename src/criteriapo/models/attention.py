@@ -53,8 +53,10 @@ Piece = tuple[int, int, int, int]
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "position_bias")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# rows below which a CPU flash backward is not halved: the copies would cost more than the idle thread
-HALVE_ROWS = 64
+# rows below which a CPU flash backward is not halved: the halves' smaller kernel blocks cost more than
+# the idle thread (whole DPO steps at 256 tokens per sequence: 0.96x with pieces of 64 rows or more
+# halved, 1.03x with 256 or more; benchmarks/flash_backward.py)
+HALVE_ROWS = 256
 
 
 def piece_attention(
