@@ -94,7 +94,7 @@ def test_backward_is_halved_when_that_evens_out_the_threads():
     assert not attention.halving_helps(8, 2048, 2)  # already even
     assert not attention.halving_helps(9, 2048, 1)
     assert not attention.halving_helps(9, 2048, 16)  # one round either way
-    assert not attention.halving_helps(9, attention.HALVE_ROWS - 1, 2)  # too short to pay for its copies
+    assert not attention.halving_helps(9, attention.HALVE_ROWS - 1, 2)  # halves too short for the kernel
 
 
 def test_without_pieces_it_is_transformers_sdpa():
