@@ -196,7 +196,26 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def run_ours(args, model, tok, data) -> dict:
+def model_shape(model) -> dict:
+    """What :func:`useful_flops` reads of a model: its weights without the embedding matrices (one
+    when tied), the output layer's, the attention width (query heads x head size) and the layers."""
+    params = sum(p.numel() for p in model.parameters())
+    embeddings = {
+        id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+    }
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "params_nonembed": params - sum(p.numel() for p in embeddings.values()),
+        "params_head": model.get_output_embeddings().weight.numel(),
+        "attention_width": config.num_attention_heads * head_dim,
+        "layers": config.num_hidden_layers,
+    }
+
+
+def ours_trainer(model, tok, data: list[dict], pairs: int, micro: int, steps: int, setting: dict):
+    """Our trainer on ``data`` as a contender runs it (``setting``: its train and optim options),
+    the reference scored beforehand; (trainer, the encoded pairs, seconds the reference took)."""
     from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
     from criteriapo.data.records import PreferenceExample, RowRef
     from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
@@ -208,22 +227,35 @@ def run_ours(args, model, tok, data) -> dict:
 
     chat = ChatTokenizer(tok)
     opts = TokenizeOptions(max_length=None)
-    pairs = [
+    encoded = [
         chat.encode_pair(PreferenceExample(r["prompt"], r["chosen"], r["rejected"], RowRef("bench", i)), opts)
         for i, r in enumerate(data)
     ]
     t0 = time.perf_counter()
-    ref = score_pairs(model, pairs, tok.pad_token_id, args.micro)
+    ref = score_pairs(model, encoded, tok.pad_token_id, micro)
     ref_seconds = time.perf_counter() - t0
-    setting = OURS[args.contender]
-    train = TrainConfig(
-        batch_size=args.pairs, micro_batch_size=args.micro, max_steps=args.steps + 1, **setting["train"]
-    )
+    train = TrainConfig(batch_size=pairs, micro_batch_size=micro, max_steps=steps, **setting["train"])
     if train.gradient_checkpointing:
         enable_activation_checkpointing(model, train.keep_attention)
     optim = OptimConfig(lr=1e-6, scheduler="constant", **setting["optim"])
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
-    trainer = Trainer(model, task, pairs, optim, train, Loggers([]))
+    return Trainer(model, task, encoded, optim, train, Loggers([])), encoded, ref_seconds
+
+
+def pairs_counts(pairs, indices) -> dict[str, int]:
+    """:func:`pair_tokens` of the encoded pairs at ``indices``, added up."""
+    return step_counts(
+        [
+            pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))
+            for p in (pairs[i] for i in indices)
+        ]
+    )
+
+
+def run_ours(args, model, tok, data) -> dict:
+    trainer, pairs, ref_seconds = ours_trainer(
+        model, tok, data, args.pairs, args.micro, args.steps + 1, OURS[args.contender]
+    )
     model.train()
     times, steps, first = [], [], None
     for _step in range(args.steps + 1):
@@ -233,11 +265,7 @@ def run_ours(args, model, tok, data) -> dict:
         m = trainer.train_step(indices)
         sync(args.device)
         times.append(time.perf_counter() - t)
-        counts = [
-            pair_tokens(len(pairs[i].prompt_ids), len(pairs[i].chosen_ids), len(pairs[i].rejected_ids))
-            for i in indices
-        ]
-        steps.append(step_counts(counts))
+        steps.append(pairs_counts(pairs, indices))
         first = m["loss"] if first is None else first
     return {
         "times": times,
@@ -360,17 +388,7 @@ def child(args) -> None:
         else run_trl(args, model, tok, data, args.contender)
     )
     out["params"] = params
-    out["params_nonembed"] = params - sum(  # the embedding matrices (one when tied)
-        p.numel()
-        for p in {
-            id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
-        }.values()
-    )
-    out["params_head"] = model.get_output_embeddings().weight.numel()
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    out["attention_width"] = config.num_attention_heads * head_dim  # query heads x head size
-    out["layers"] = config.num_hidden_layers
+    out.update(model_shape(model))
     out["peak_gib"] = peak_memory_gib(args.device)
     if on_cpu:
         out["matmul_rates"] = [rate_before, matmul_rate(args.device, torch.float32)]

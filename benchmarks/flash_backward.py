@@ -21,7 +21,16 @@ import argparse
 import time
 
 import torch
-from dpo_vs_trl import build_model, matmul_rate, pair_tokens, rows, useful_flops
+from dpo_vs_trl import (
+    OURS,
+    build_model,
+    matmul_rate,
+    model_shape,
+    ours_trainer,
+    pairs_counts,
+    rows,
+    useful_flops,
+)
 
 from criteriapo.models import attention
 from criteriapo.models.attention import _flash, _flash_backward, flash_backward
@@ -82,44 +91,14 @@ def kernels(args) -> None:
 
 
 def steps(args) -> None:
-    from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
-    from criteriapo.data.records import PreferenceExample, RowRef
-    from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
-    from criteriapo.models.training import enable_activation_checkpointing
-    from criteriapo.tracking.loggers import Loggers
-    from criteriapo.train.loop import Trainer
-    from criteriapo.train.scores import score_pairs
-    from criteriapo.train.tasks import DPOTask
-
     model, tok = build_model("smollm2", torch.float32, "cpu")
-    chat, batch = ChatTokenizer(tok), list(range(args.pairs))
-    pairs = [
-        chat.encode_pair(
-            PreferenceExample(row["prompt"], row["chosen"], row["rejected"], RowRef("bench", i)),
-            TokenizeOptions(max_length=None),
-        )
-        for i, row in enumerate(rows(args.pairs, args.length))
-    ]
-    train = TrainConfig(batch_size=args.pairs, max_steps=2 * args.steps + 1)
-    if train.gradient_checkpointing:
-        enable_activation_checkpointing(model, train.keep_attention)
-    ref = score_pairs(model, pairs, tok.pad_token_id, args.pairs)
-    task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
-    trainer = Trainer(model, task, pairs, OptimConfig(lr=1e-6, scheduler="constant"), train, Loggers([]))
+    trainer, pairs, _ = ours_trainer(
+        model, tok, rows(args.pairs, args.length), args.pairs, args.pairs, 2 * args.steps + 1, OURS["ours"]
+    )
     model.train()
-    counts = {
-        k: sum(pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids))[k] for p in pairs)
-        for k in ("tokens", "positions", "labelled", "attended")
-    }
-    config = model.config
-    run = {
-        "params_nonembed": sum(p.numel() for n, p in model.named_parameters() if "embed" not in n),
-        "params_head": config.vocab_size * config.hidden_size,
-        "attention_width": config.hidden_size,
-        "layers": config.num_hidden_layers,
-        "ref_in_loop": False,
-        **{k: [v] for k, v in counts.items()},
-    }
+    batch = list(range(args.pairs))
+    counts = pairs_counts(pairs, batch)
+    run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
     trainer.train_step(batch)  # warm-up
     rate = matmul_rate("cpu", torch.float32)
     real, spent = attention.halving_helps, {"as it comes": [], "halved": []}

@@ -221,13 +221,13 @@ def _windows_grad(grad: torch.Tensor, rows: int) -> torch.Tensor:
     """:func:`_windows` of the output gradient, the shared row zeroed in the second window: a row whose
     output gradient is 0 adds nothing to any gradient, so the first window alone counts it."""
     two = _windows(grad, rows)
-    two[1:, :, : 2 * ((rows + 1) // 2) - rows] = 0
+    two[1:, :, : rows % 2] = 0
     return two
 
 
 def _joined(two: torch.Tensor, rows: int) -> torch.Tensor:
     """The rows' gradient back from :func:`_windows` (the shared row from the first window)."""
-    return torch.cat([two[:1], two[1:, :, 2 * ((rows + 1) // 2) - rows :]], dim=2)
+    return torch.cat([two[:1], two[1:, :, rows % 2 :]], dim=2)
 
 
 def _unmasked_halves(grad, query, key, value, out, lse, scale):
@@ -247,17 +247,19 @@ def _causal_halves(grad, query, key, value, out, lse, scale):
     m, s = (n + 1) // 2, n // 2  # the first window's end, the second's start
     diagonal = [_windows(t, n) for t in (query, key, value, out, lse)]
     dq2, dk2, dv2 = _flash_backward(_windows_grad(grad, n), *diagonal, 0.0, True, scale=scale)
-    late, early = (t[:, :, m:] for t in (grad, query, out, lse)), (t[:, :, :s] for t in (key, value))
-    dq_r, dk_r, dv_r = flash_backward(*_rows_keys(late, early), False, scale)
+    dq_r, dk_r, dv_r = flash_backward(
+        grad[:, :, m:],
+        query[:, :, m:],
+        key[:, :, :s],
+        value[:, :, :s],
+        out[:, :, m:],
+        lse[:, :, m:],
+        False,
+        scale,
+    )
     dq = _joined(dq2, n)
     dq[:, :, m:] += dq_r
     return dq, _key_grads(dk2, dk_r, n), _key_grads(dv2, dv_r, n)
-
-
-def _rows_keys(rows, keys):
-    """(grad, query, out, lse) of some rows and (key, value) in :func:`flash_backward`'s order."""
-    grad, query, out, lse = rows
-    return (grad, query, *keys, out, lse)
 
 
 def _key_grads(two: torch.Tensor, early: torch.Tensor, n: int) -> torch.Tensor:
