@@ -7,7 +7,8 @@ setting for the hardware (``trl-precomputed``: no gradient checkpointing, Liger 
 installed and on a GPU, the reference scored once beforehand with ``precompute_ref_log_probs`` as ours
 is), then again; not run by default: ``trl-fast``, that setting with the reference in the loop, and
 ``ours-recompute-attention``, ours attending again in checkpointing's recompute (``keep_attention``
-off; results before it was on by default name ``ours-keep-attention`` the way that is now ours).
+off; results before it was on by default name ``ours-keep-attention`` the way that is now ours), and
+``ours-keep-projections``, ours keeping the projections' outputs too, so the recompute runs no matmul.
 Each contender's steps are timed after one warm-up step, with the device synchronised around each.
 Reported per contender: positions/s (each position of a pair computed once: the prompt once) and
 sequence tokens/s (both sequences, the prompt twice, as "tokens/s" often counts), peak memory (RSS on
@@ -43,12 +44,13 @@ from pathlib import Path
 import torch
 
 CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-precomputed")  # run by default
-ALL_CONTENDERS = (*CONTENDERS, "ours-recompute-attention", "trl-fast")
+ALL_CONTENDERS = (*CONTENDERS, "ours-recompute-attention", "ours-keep-projections", "trl-fast")
 # ours as it runs by default, and set for least memory: gradient checkpointing, each weight stepped in
 # backward (no gradient kept; that needs clipping by the global norm off)
 OURS = {
     "ours": {"train": {}, "optim": {}},
     "ours-recompute-attention": {"train": {"keep_attention": False}, "optim": {}},
+    "ours-keep-projections": {"train": {"keep_projections": True}, "optim": {}},
     "ours-lean": {
         "train": {"gradient_checkpointing": True, "optimizer_in_backward": True},
         "optim": {"max_grad_norm": None},
@@ -236,7 +238,7 @@ def ours_trainer(model, tok, data: list[dict], pairs: int, micro: int, steps: in
     ref_seconds = time.perf_counter() - t0
     train = TrainConfig(batch_size=pairs, micro_batch_size=micro, max_steps=steps, **setting["train"])
     if train.gradient_checkpointing:
-        enable_activation_checkpointing(model, train.keep_attention)
+        enable_activation_checkpointing(model, train.keep_attention, train.keep_projections)
     optim = OptimConfig(lr=1e-6, scheduler="constant", **setting["optim"])
     task = DPOTask(DPOConfig(), tok.pad_token_id, model.config.vocab_size, reference=ref)
     return Trainer(model, task, encoded, optim, train, Loggers([])), encoded, ref_seconds

@@ -21,16 +21,7 @@ import argparse
 import time
 
 import torch
-from dpo_vs_trl import (
-    OURS,
-    build_model,
-    matmul_rate,
-    model_shape,
-    ours_trainer,
-    pairs_counts,
-    rows,
-    useful_flops,
-)
+from side_by_side import side_by_side
 
 from criteriapo.models import attention
 from criteriapo.models.attention import _flash, _flash_backward, flash_backward
@@ -91,36 +82,20 @@ def kernels(args) -> None:
 
 
 def steps(args) -> None:
-    model, tok = build_model("smollm2", torch.float32, "cpu")
-    trainer, pairs, _ = ours_trainer(
-        model, tok, rows(args.pairs, args.length), args.pairs, args.pairs, 2 * args.steps + 1, OURS["ours"]
-    )
-    model.train()
-    batch = list(range(args.pairs))
-    counts = pairs_counts(pairs, batch)
-    run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
-    trainer.train_step(batch)  # warm-up
-    rate = matmul_rate("cpu", torch.float32)
-    real, spent = attention.halving_helps, {"as it comes": [], "halved": []}
-    for _ in range(args.steps):
-        for way, times in spent.items():
-            attention.halving_helps = real if way == "halved" else (lambda *a: False)
-            t = time.perf_counter()
-            trainer.train_step(batch)
-            times.append(time.perf_counter() - t)
-    attention.halving_helps = real
-    rate = (rate + matmul_rate("cpu", torch.float32)) / 2
-    print(
-        f"DPO steps, {args.pairs} pair(s) of {args.length} tokens per sequence, "
-        f"{counts['positions']} positions:"
-    )
-    for way, times in spent.items():
-        mean = sum(times) / len(times)
-        shown = ", ".join(f"{t:.1f}" for t in times)
-        util = useful_flops(run, 0) / mean / rate
-        print(f"  {way}: {shown} s; utilisation {util:.1%} of {rate / 1e9:.0f} GFLOP/s")
-    a, b = (sum(t) for t in spent.values())
-    print(f"  halved {a / b:.3f}x as fast")
+    real = attention.halving_helps
+
+    def halving(on: bool):
+        def set_way(model) -> None:
+            attention.halving_helps = real if on else (lambda *a: False)
+
+        return set_way
+
+    try:
+        side_by_side(
+            {"halved": halving(True), "as it comes": halving(False)}, args.length, args.pairs, args.steps
+        )
+    finally:
+        attention.halving_helps = real
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ class TrainConfig:
     # with gradient checkpointing: keep attention's outputs from the forward instead of attending
     # again in backward (hidden-size floats per position and layer; README: activation checkpointing)
     keep_attention: bool = _resume_free(True)
+    # with gradient checkpointing: keep the outputs of the matmuls that read the hidden width too
+    # (8 x hidden-size floats per position and layer on Llama), so the recompute runs no matmul:
+    # faster at long sequences for that memory (README: activation checkpointing)
+    keep_projections: bool = _resume_free(False)
     # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.
     # bf16-mixed: float32 (master) weights, compute under bf16 autocast. bf16-true: bfloat16 weights
     # and optimizer states (least memory; needs optim.name: adamw_sr unless lr is large, see README)

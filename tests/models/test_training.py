@@ -92,26 +92,56 @@ def counted_ops(model) -> dict[str, int]:
     return counter.counts
 
 
-def test_kept_attention_is_not_recomputed_and_changes_no_gradient():
+KEPT = {
+    "full": {},
+    "keep_attention": {"keep_attention": True},
+    "keep_projections": {"keep_attention": True, "keep_projections": True},
+}
+
+
+def test_kept_attention_and_projections_are_not_recomputed_and_change_no_gradient():
     """Selective checkpointing: the gradients of no checkpointing (grouped-query Llama and Qwen2,
-    through every kind of attention piece), and kept attention really skips its recompute: each
-    attention kernel runs once instead of twice, the matmuls are recomputed as before."""
+    whose q, k, v have biases, through every kind of attention piece), and what is kept really skips
+    its recompute: kept attention runs each attention kernel once instead of twice, the matmuls are
+    recomputed as before; kept projections (attention kept too) run every matmul as often as no
+    checkpointing does."""
     attention_op = "_scaled_dot_product_flash_attention_for_cpu"
     for arch in ("llama", "qwen2"):
         ops, grads = {}, {}
-        for setting in ("none", "full", "keep_attention"):
+        for setting in ("none", *KEPT):
             model = zoo_model(arch, num_key_value_heads=2)
             model.set_attn_implementation("sdpa")
             if setting != "none":
-                enable_activation_checkpointing(model, keep_attention=setting == "keep_attention")
+                enable_activation_checkpointing(model, **KEPT[setting])
             grads[setting] = packed_logps_grads(model)
             ops[setting] = counted_ops(model)
-        for setting in ("full", "keep_attention"):
+        for setting in KEPT:
             for a, b in zip(grads[setting], grads["none"], strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         once = ops["none"][attention_op]
         assert (ops["full"][attention_op], ops["keep_attention"][attention_op]) == (2 * once, once), arch
+        assert ops["keep_projections"][attention_op] == once, arch
         assert ops["keep_attention"]["mm"] == ops["full"]["mm"] > ops["none"]["mm"], arch
+        products = [{k: o.get(k, 0) for k in ("mm", "addmm")} for o in (ops["keep_projections"], ops["none"])]
+        assert products[0] == products[1], (arch, products)
+    assert ops["none"]["addmm"] > 0  # Qwen2's biased projections are addmm, kept too
+
+
+def test_kept_projections_are_the_matmuls_that_read_the_hidden_width():
+    """The rule itself: a product over the hidden width is kept (with or without a bias); one over
+    another width (the MLP's down projection, never recomputed) is not, and neither is anything with
+    projections off."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from criteriapo.models.training import _keep
+
+    aten = torch.ops.aten
+    hidden, wide = torch.empty(5, 8), torch.empty(5, 24)
+    keep, recompute = CheckpointPolicy.MUST_SAVE, CheckpointPolicy.PREFER_RECOMPUTE
+    assert _keep(False, 8, None, aten.mm.default, hidden, torch.empty(8, 24)) is keep
+    assert _keep(False, 8, None, aten.addmm.default, torch.empty(24), hidden, torch.empty(8, 24)) is keep
+    assert _keep(False, 8, None, aten.mm.default, wide, torch.empty(24, 8)) is recompute
+    assert _keep(True, None, None, aten.mm.default, hidden, torch.empty(8, 24)) is recompute
 
 
 def test_kept_attention_through_a_lower_right_mask(monkeypatch):

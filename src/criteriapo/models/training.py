@@ -23,18 +23,31 @@ ATTENTION_OPS = frozenset(
 )
 
 
-def enable_activation_checkpointing(model: torch.nn.Module, keep_attention: bool = False) -> None:
+# matrix products a checkpointed block's recompute can skip, each with the position of its left
+# operand (a linear layer's input: its last dimension is what the product reads)
+MATMUL_OPS = {aten.mm.default: 0, aten.addmm.default: 1}
+
+
+def enable_activation_checkpointing(
+    model: torch.nn.Module, keep_attention: bool = False, keep_projections: bool = False
+) -> None:
     """Recompute each decoder block in backward. With ``keep_attention`` the attention kernels'
     outputs (and log-sum-exps) are kept from the forward instead (selective checkpointing), so the
     recompute never attends again: hidden-size floats per position and layer for the work of
     attending every earlier position. (Nothing after attention needs keeping: the recompute stops
     once the last tensor backward needs is made, the MLP's down projection's input, so that matmul
-    is never recomputed.) Earlier transformers 5.x releases (5.17 among them) name this
+    is never recomputed.) With ``keep_projections`` the outputs of the matmuls that read the hidden
+    width are kept too (a Llama block's q, k, v, o, gate and up projections: 4608 floats per
+    position and layer on the embedded model, 8 times the hidden size), so the recompute runs no
+    matmul, only element-wise work; the down projection reads the MLP's width and is never
+    recomputed, so it is not kept. Earlier transformers 5.x releases (5.17 among them) name this
     ``gradient_checkpointing_enable`` only; later ones ``activation_checkpointing_enable``, keeping
     the old name as a deprecated alias."""
     kwargs = {"use_reentrant": False}
-    if keep_attention:
-        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_attention)
+    if keep_attention or keep_projections:
+        hidden = model.config.get_text_config().hidden_size if keep_projections else None
+        policy = partial(_keep, keep_attention, hidden)
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
@@ -42,9 +55,15 @@ def enable_activation_checkpointing(model: torch.nn.Module, keep_attention: bool
     model.config.use_cache = False
 
 
-def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing's choice for one op of a checkpointed block's forward."""
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+def _keep(keep_attention: bool, hidden: int | None, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's choice for one op of a checkpointed block's forward: keep the
+    attention kernels' outputs (``keep_attention``) and the matmuls' that read ``hidden`` wide
+    inputs (when it is not None)."""
+    if keep_attention and op in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    if hidden is not None and op in MATMUL_OPS and args[MATMUL_OPS[op]].shape[-1] == hidden:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def disable_dropout(model: torch.nn.Module) -> int:

@@ -132,7 +132,7 @@ def _load_for_training(cfg: Config, source: ModelSource, method: Method, world: 
         source, dtype=precision.weights, device=device, trust_remote_code=cfg.model.trust_remote_code
     )
     if stage.train.gradient_checkpointing:
-        enable_activation_checkpointing(model, stage.train.keep_attention)
+        enable_activation_checkpointing(model, stage.train.keep_attention, stage.train.keep_projections)
     if stage.lora.enabled:
         model = apply_lora(model, stage.lora)
         trainable, total = trainable_parameters(model)
