@@ -19,7 +19,7 @@ from functools import partial
 
 from side_by_side import side_by_side
 
-from criteriapo.models.training import enable_activation_checkpointing
+from criteriapo.models.training import disable_activation_checkpointing, enable_activation_checkpointing
 
 # name -> (keep_attention, keep_projections), or None: no checkpointing. default: attention kept;
 # recompute: the whole block recomputed; projections: attention and projections kept
@@ -31,14 +31,14 @@ WAYS = {
 }
 
 
-def set_way(model, way: tuple[bool, bool] | None) -> None:
+def set_way(trainer, way: tuple[bool, bool] | None) -> None:
+    """Checkpointing as ``way`` has it, and the trainer's return of freed memory after each step as
+    it sets it from the config (with checkpointing only: without, it costs page faults)."""
     if way is None:
-        disable = (
-            getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        )
-        disable()
+        disable_activation_checkpointing(trainer.model)
     else:
-        enable_activation_checkpointing(model, *way)
+        enable_activation_checkpointing(trainer.model, *way)
+    trainer.return_memory = way is not None
 
 
 def main() -> None:

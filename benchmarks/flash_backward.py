@@ -6,13 +6,13 @@ halves when that evens the threads out. Backward of the pieces a DPO pair of 204
 sequence makes (the prompt with the first reply, causal; the second reply after the prompt, as
 :class:`~criteriapo.models.attention.PrefixedCausal` runs it: the prompt's keys unmasked and its own
 causally), with 9 query heads, 3 K/V heads, 64 wide, fp32, alternating after a warm-up round.
-With ``--steps``, also whole DPO steps of ours on the embedded model (default settings, ``--pairs``
-pairs of ``--length`` tokens per sequence in one micro-batch), halving on and off in turn in one
-process, after a warm-up step, with the utilisation over the matmul rate measured before and after
-(as benchmarks/dpo_vs_trl.py).
+With ``--steps``, also whole DPO steps of ours on the embedded model, halving on and off in turn
+in one process (benchmarks/side_by_side.py: ``--pairs`` pairs of ``--length`` tokens per sequence in
+one micro-batch, a warm-up step each way, the utilisation over the matmul rate measured before and
+after).
 
     .venv/bin/python benchmarks/flash_backward.py            # about 1 min on 2 cores
-    .venv/bin/python benchmarks/flash_backward.py --steps 3 --length 2048    # and 6 steps, 6 min
+    .venv/bin/python benchmarks/flash_backward.py --steps 3 --length 2048    # and 8 steps, 6 min
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def steps(args) -> None:
     real = attention.halving_helps
 
     def halving(on: bool):
-        def set_way(model) -> None:
+        def set_way(trainer) -> None:
             attention.halving_helps = real if on else (lambda *a: False)
 
         return set_way

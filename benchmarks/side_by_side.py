@@ -1,7 +1,7 @@
 """Whole DPO steps of ours on the embedded model, several ways side by side in one process.
 
 The machine's speed drifts by a third within minutes, so two settings are compared by alternating
-their steps in one process: each way is set (a function of the model) before each of its steps,
+their steps in one process: each way is set (a function of the trainer) before each of its steps,
 after one warm-up step each way. Ours with default settings otherwise, ``pairs`` pairs of ``length``
 tokens per sequence in one micro-batch; utilisation is over the matmul rate measured before and
 after (as benchmarks/dpo_vs_trl.py). Used by benchmarks/flash_backward.py and checkpointing.py.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from dpo_vs_trl import (
@@ -25,9 +26,7 @@ from dpo_vs_trl import (
 )
 
 
-def side_by_side(
-    ways: dict[str, Callable[[torch.nn.Module], None]], length: int, pairs: int, steps: int
-) -> None:
+def side_by_side(ways: dict[str, Callable[[Any], None]], length: int, pairs: int, steps: int) -> None:
     """Print each way's step times, utilisation and speed against the first way's."""
     model, tok = build_model("smollm2", torch.float32, "cpu")
     total = (steps + 1) * len(ways)
@@ -37,13 +36,13 @@ def side_by_side(
     counts = pairs_counts(encoded, batch)
     run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
     for set_way in ways.values():  # warm-up
-        set_way(model)
+        set_way(trainer)
         trainer.train_step(batch)
     rate = matmul_rate("cpu", torch.float32)
     spent: dict[str, list[float]] = {name: [] for name in ways}
     for _ in range(steps):
         for name, set_way in ways.items():
-            set_way(model)
+            set_way(trainer)
             t = time.perf_counter()
             trainer.train_step(batch)
             spent[name].append(time.perf_counter() - t)

@@ -99,6 +99,10 @@ def test_shipped_configs_load():
         ("dpo.criteria_data.top_p=0", "dpo.criteria_data.top_p must be in (0, 1], got 0"),
         ("dpo.criteria_data.temperature=-1", "dpo.criteria_data.temperature must be >= 0, got -1"),
         ("dpo.criteria_data.decoys=2", "dpo.criteria_data.decoys is a share of prompts, in [0, 1]; got 2"),
+        (
+            "sft.train={gradient_checkpointing: false, keep_projections: true}",
+            "gradient_checkpointing is false",
+        ),
     ],
 )
 def test_values_that_would_break_later_are_refused_now(override, message):

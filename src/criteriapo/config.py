@@ -94,8 +94,8 @@ class TrainConfig:
     # again in backward (hidden-size floats per position and layer; README: activation checkpointing)
     keep_attention: bool = _resume_free(True)
     # with gradient checkpointing: keep the outputs of the matmuls that read the hidden width too
-    # (8 x hidden-size floats per position and layer on Llama), so the recompute runs no matmul:
-    # faster at long sequences for that memory (README: activation checkpointing)
+    # (q + k + v + o widths + 2 x the MLP's floats per position and layer on Llama: 8 x hidden on the
+    # embedded model), so a Llama block's recompute runs no matmul (README: activation checkpointing)
     keep_projections: bool = _resume_free(False)
     # auto: fp32 when model.dtype is float32, else bf16-mixed. fp32: float32 weights and compute.
     # bf16-mixed: float32 (master) weights, compute under bf16 autocast. bf16-true: bfloat16 weights
@@ -314,6 +314,12 @@ def _validate_stage(name: str, data: DataConfig, optim: OptimConfig, train: Trai
             raise ConfigError(f"{name}.train.{key} must be >= 1 or null, got {getattr(train, key)}")
     if train.optimizer_in_backward:
         _in_backward(name, train, optim)
+    if train.keep_projections and not train.gradient_checkpointing:
+        raise ConfigError(
+            f"{name}.train.keep_projections keeps outputs from checkpointing's recompute, but "
+            f"{name}.train.gradient_checkpointing is false (nothing is recomputed, everything is kept): "
+            "set gradient_checkpointing: true, or drop keep_projections"
+        )
     if optim.name == "adamw_sr" and train.precision != "bf16-true":
         raise ConfigError(
             f"{name}.optim.name adamw_sr rounds bf16 weights; with {name}.train.precision "

@@ -38,14 +38,16 @@ def enable_activation_checkpointing(
     once the last tensor backward needs is made, the MLP's down projection's input, so that matmul
     is never recomputed.) With ``keep_projections`` the outputs of the matmuls that read the hidden
     width are kept too (a Llama block's q, k, v, o, gate and up projections: 4608 floats per
-    position and layer on the embedded model, 8 times the hidden size), so the recompute runs no
-    matmul, only element-wise work; the down projection reads the MLP's width and is never
-    recomputed, so it is not kept. Earlier transformers 5.x releases (5.17 among them) name this
-    ``gradient_checkpointing_enable`` only; later ones ``activation_checkpointing_enable``, keeping
-    the old name as a deprecated alias."""
+    position and layer on the embedded model, 8 times the hidden size), so a Llama or Qwen2 block's
+    recompute runs no matmul, only element-wise work; the down projection reads the MLP's width and
+    is never recomputed there, so it is not kept. Elsewhere some matmuls stay in the recompute: an
+    output projection whose input is narrower or wider than the hidden size (Qwen3, Gemma), a down
+    projection that a norm after the MLP needs (Gemma 2 and 3, OLMo 2), LoRA's adapters. Earlier
+    transformers 5.x releases (5.17 among them) name this ``gradient_checkpointing_enable`` only;
+    later ones ``activation_checkpointing_enable``, keeping the old name as a deprecated alias."""
     kwargs = {"use_reentrant": False}
     if keep_attention or keep_projections:
-        hidden = model.config.get_text_config().hidden_size if keep_projections else None
+        hidden = _hidden_width(model) if keep_projections else None
         policy = partial(_keep, keep_attention, hidden)
         kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, policy)
     if hasattr(model, "activation_checkpointing_enable"):
@@ -53,6 +55,20 @@ def enable_activation_checkpointing(
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
+
+
+def disable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing off, under the name this transformers version has."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _hidden_width(model: torch.nn.Module) -> int:
+    """The width of the residual stream: the config's hidden size, else the input embedding's."""
+    hidden = getattr(model.config.get_text_config(), "hidden_size", None)
+    return hidden or model.get_input_embeddings().embedding_dim
 
 
 def _keep(keep_attention: bool, hidden: int | None, ctx, op, *args, **kwargs) -> CheckpointPolicy:
