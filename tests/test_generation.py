@@ -193,6 +193,26 @@ def test_a_streamed_reply_can_be_stopped_from_another_thread(smollm2_tokenizer):
     assert stopped.finish_reason == "interrupted" and (first + rest).strip() == stopped.text
 
 
+def test_ctrl_c_while_a_piece_is_printed_stops_the_reply(smollm2_tokenizer):
+    """The chat's printing loop: Ctrl-C landing while a piece is printed (not while the stream waits
+    for the next one) stops the reply all the same, instead of printing it to its end."""
+    from criteriapo.cli import _streamed
+    from criteriapo.generation import ReplyStream
+
+    tok = smollm2_tokenizer
+    model = zoo_model("llama", vocab_size=len(tok), initializer_range=0.5, init_std=0.5).eval()
+    printed: list[str] = []
+
+    def out(piece: str, **_) -> None:
+        printed.append(piece)
+        if len(printed) == 1:
+            raise KeyboardInterrupt  # as SIGINT's handler raises it in the main thread
+
+    reply = _streamed(ReplyStream(model, tok, PROMPTS[1], Sampling(max_new_tokens=10_000)), out)
+    assert reply.finish_reason == "interrupted"
+    assert "".join(printed).strip() == reply.text
+
+
 def test_requests_batched_together_each_get_the_reply_they_get_alone(smollm2_tokenizer):
     """Settings per prompt, as a server batches separate requests: each row samples with its own
     seed, temperature and limits and ends at its own stop strings, whatever shares its batch."""

@@ -355,14 +355,18 @@ def _chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply.text})
 
 
-def _streamed(stream):
-    """Print a reply as it comes; Ctrl-C stops it, and what it said up to there is printed whole."""
+def _streamed(stream, out=None):
+    """Print a reply as it comes (``out``: the console's); Ctrl-C stops it, and what it said up to
+    there is printed whole. Ctrl-C can come while a piece is printed rather than while the stream
+    waits for the next (then the stream itself never sees it), so it is stopped here too."""
+    out = out or console.out
     try:
         for piece in stream:
-            console.out(piece, end="", highlight=False)
+            out(piece, end="", highlight=False)
     except KeyboardInterrupt:
+        stream.stop()
         for piece in stream:  # the token being made when Ctrl-C came
-            console.out(piece, end="", highlight=False)
+            out(piece, end="", highlight=False)
     return stream.result()
 
 
