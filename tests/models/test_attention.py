@@ -79,6 +79,7 @@ def test_piece_attention_equals_sdpa_with_the_full_mask(dtype, kv_heads, groups,
     real = (seg >= 0)[:, :, None, None]  # padding's output is read by nothing
     tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
     torch.testing.assert_close(got * real, want * real, **tol)
+    assert not got.masked_select(~real).any()  # padding's output is zeros
     dout = torch.randn(got.shape, generator=g, dtype=dtype) * real
     grads = torch.autograd.grad(got, (q, k, v), dout)
     wants = torch.autograd.grad(want, (q, k, v), dout)

@@ -310,3 +310,31 @@ def test_rewards_measure_what_the_loss_optimises(loss_type):
     margins = 0.5 * ((pc - rc) - (pr - rr))
     assert sums["rewards/margins"][0] / 4 == pytest.approx(float(margins.mean()), rel=1e-5)
     assert sums["logps/chosen"][0] / 4 == pytest.approx(float(pc.mean()), rel=1e-5)
+
+
+def test_a_trainer_that_returns_memory_also_does_it_within_backward(monkeypatch):
+    """After the output layer's backward (only the last parameter's gradient is there) and each
+    quarter of the way back through the parameters (more gradients each time), then after the step;
+    never when the trainer does not return memory; a second trainer of the same model adds no
+    returns of its own."""
+    from criteriapo.train import loop
+
+    model = tiny_model()
+    params = list(model.parameters())
+    trims = []
+    monkeypatch.setattr(
+        loop, "_return_free_memory", lambda device: trims.append(sum(p.grad is not None for p in params))
+    )
+    trainer = dpo_trainer(model, toy_pairs(8), micro=8)
+    trainer.return_memory = True
+    trainer.train_step(list(range(8)))
+    within, after = trims[: loop.RETURNS], trims[loop.RETURNS :]
+    assert within[0] == 1 and within == sorted(set(within)) and within[-1] < len(params) and after == [0]
+    trims.clear()
+    trainer.return_memory = False
+    trainer.train_step(list(range(8)))
+    assert trims == []
+    second = dpo_trainer(model, toy_pairs(8), micro=8)
+    second.return_memory = True
+    second.train_step(list(range(8)))
+    assert len(trims) == loop.RETURNS + 1

@@ -18,6 +18,7 @@ import random
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,33 @@ def _libc_trim():
 
 
 _MALLOC_TRIM = _libc_trim()
+
+
+def _return_memory_in_backward(model: torch.nn.Module, trainer: weakref.ref) -> None:
+    """Also give free pages back within each backward (when the trainer returns memory): as soon as
+    the output layer's backward is done (the gradient of the last trainable parameter in the model's
+    order, the final norm's weight or an untied output layer's, is complete then), and then each
+    quarter of the way back through the parameters. What backward freed so far would otherwise still
+    count, with every gradient, at the end of backward where the step's memory peaks (on the embedded
+    model, 4 pairs of 200 tokens per sequence: 2.67 GiB against 2.93 without; 2.75 to 2.94 with
+    returns after the output layer and halfway only). Each hook is the parameter's own, reading the
+    newest trainer of it."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    at = {len(trained) * k // RETURNS for k in range(1, RETURNS)} | {len(trained) - 1} if trained else set()
+    for param in (trained[i] for i in at):
+        if not hasattr(param, _TRAINER):
+            param.register_post_accumulate_grad_hook(_return_if_asked)
+        setattr(param, _TRAINER, trainer)
+
+
+RETURNS = 4  # returns of free memory within a backward
+_TRAINER = "_criteriapo_trainer"  # the attribute of the hooked parameter: a weak reference to its trainer
+
+
+def _return_if_asked(param: torch.Tensor) -> None:
+    trainer = getattr(param, _TRAINER)()
+    if trainer is not None and trainer.return_memory:
+        _return_free_memory(param.device)
 
 
 def _return_free_memory(device: torch.device) -> None:
@@ -103,8 +131,11 @@ class Trainer:
         self.precision = precision or precision_of(model, train.precision)
         # Measured on the embedded model: returning freed memory after each step lowers the lean
         # settings' peak by 0.4 GiB at no cost, but costs a step without checkpointing 10-15% in
-        # page faults for no lower peak; so only the settings that put memory first do it.
+        # page faults for no lower peak; so only the settings that put memory first do it (after each
+        # step, and twice within backward: see _return_memory_in_backward).
         self.return_memory = train.gradient_checkpointing or train.optimizer_in_backward
+        if self.device.type == "cpu":
+            _return_memory_in_backward(model, weakref.ref(self))
         lengths = [task.length(e) for e in train_set] if train.group_by_length else None
         self.order = DataOrder(len(train_set), train.seed, lengths, train.batch_size, self._units(train))
         # several processes split each step's batch equally, so an epoch's short last batch is dropped
