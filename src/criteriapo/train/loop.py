@@ -57,9 +57,9 @@ def _return_memory_in_backward(model: torch.nn.Module, trainer: weakref.ref) -> 
     order, the final norm's weight or an untied output layer's, is complete then), and then each
     quarter of the way back through the parameters. What backward freed so far would otherwise still
     count, with every gradient, at the end of backward where the step's memory peaks (on the embedded
-    model, 4 pairs of 200 tokens per sequence: 2.67 GiB against 2.93 without; 2.75 to 2.94 with
-    returns after the output layer and halfway only). Each hook is the parameter's own, reading the
-    newest trainer of it."""
+    model, 4 pairs of 200 tokens per sequence, the peak over 5 steps: 2.73 to 2.89 GiB against 3.02
+    with returns after each step only; benchmarks/return_memory.py). Each hook is the parameter's
+    own, reading the newest trainer of it."""
     trained = [p for p in model.parameters() if p.requires_grad]
     at = {len(trained) * k // RETURNS for k in range(1, RETURNS)} | {len(trained) - 1} if trained else set()
     for param in (trained[i] for i in at):
@@ -132,7 +132,7 @@ class Trainer:
         # Measured on the embedded model: returning freed memory after each step lowers the lean
         # settings' peak by 0.4 GiB at no cost, but costs a step without checkpointing 10-15% in
         # page faults for no lower peak; so only the settings that put memory first do it (after each
-        # step, and twice within backward: see _return_memory_in_backward).
+        # step, and within backward: see _return_memory_in_backward).
         self.return_memory = train.gradient_checkpointing or train.optimizer_in_backward
         if self.device.type == "cpu":
             _return_memory_in_backward(model, weakref.ref(self))
