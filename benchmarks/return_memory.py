@@ -2,7 +2,7 @@
 settings (gradient checkpointing, so the trainer returns memory), ``--pairs`` pairs of ``--length``
 tokens per sequence in one micro-batch.
 
-Three ways: ``backward`` (the default: after each step and twice within backward,
+Three ways: ``backward`` (the default: after each step and four times within backward,
 :func:`~criteriapo.train.loop._return_memory_in_backward`), ``step`` (after each step only) and
 ``none``. Memory: each way in a process of its own (the peak RSS is a process's), printed after every
 step, since the heap's high-water mark creeps up over the first steps. Speed with ``--speed``: the
