@@ -61,8 +61,10 @@ def _return_memory_in_backward(model: torch.nn.Module, trainer: weakref.ref) -> 
     with returns after each step only; benchmarks/return_memory.py). Each hook is the parameter's
     own, reading the newest trainer of it."""
     trained = [p for p in model.parameters() if p.requires_grad]
-    at = {len(trained) * k // RETURNS for k in range(1, RETURNS)} | {len(trained) - 1} if trained else set()
-    for param in (trained[i] for i in at):
+    if not trained:
+        return
+    quarters = {len(trained) * k // RETURNS for k in range(1, RETURNS)}
+    for param in (trained[i] for i in quarters | {len(trained) - 1}):
         if not hasattr(param, _TRAINER):
             param.register_post_accumulate_grad_hook(_return_if_asked)
         setattr(param, _TRAINER, trainer)
