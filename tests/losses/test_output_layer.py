@@ -1,6 +1,7 @@
-"""The chunked output layer's gradients: equal to the stock linear's, and made in the weight's own
-layout, so that a tied embedding's gradient is added to it in place (two copies of the weight's
-size at once at the end of backward, not three), counted by the CPU allocator itself."""
+"""The chunked output layer's log-probs and gradients: equal to the stock ops', with each transform a
+model applies to its logits, and the weight's gradient made in the weight's own layout, so that a
+tied embedding's gradient is added to it in place (two copies of the weight's size at once at the
+end of backward, not three), counted by the CPU allocator itself."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from criteriapo.losses import logprobs
-from criteriapo.losses.logprobs import token_logps
+from criteriapo.losses.logprobs import LogitTransform, token_logps
 
 
 def _tied(vocab: int, hidden: int, n: int, dtype: torch.dtype, bias: bool):
@@ -22,9 +22,10 @@ def _tied(vocab: int, hidden: int, n: int, dtype: torch.dtype, bias: bool):
     return w, b, x, y
 
 
-def _grads(w, b, x, y):
+def _grads(w, b, x, y, logps):
+    """The log-probs of ``logps`` (h, w, y, b) and the gradients of a weighted sum of them."""
     h = F.embedding(x, w) * 1.5
-    lp, _ = token_logps(h, w, y, bias=b)
+    lp = logps(h, w, y, b)
     (lp * torch.linspace(-1, 1, len(lp))).sum().backward()
     out = [lp.detach(), w.grad, *([b.grad] if b is not None else [])]
     w.grad = None
@@ -33,17 +34,60 @@ def _grads(w, b, x, y):
     return out
 
 
+def _stock(transform: LogitTransform):
+    """The whole (n, V) logits through the stock ops with autograd, transformed as a model does."""
+
+    def logps(h, w, y, b):
+        logits = F.linear(h, w, b) * transform.multiplier / transform.divisor
+        logits = logits.float()
+        if transform.softcap:
+            logits = transform.softcap * torch.tanh(logits / transform.softcap)
+        return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+
+    return logps
+
+
+TRANSFORMS = [
+    LogitTransform(),
+    LogitTransform(multiplier=0.0625),  # Cohere's logit scale
+    LogitTransform(divisor=8.0),  # Granite's logits scaling
+    LogitTransform(softcap=2.0),  # Gemma 2's final soft cap
+]
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=["plain", "multiplied", "divided", "softcapped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gradients_equal_the_stock_linear(dtype, bias, monkeypatch):
-    w, b, x, y = _tied(300, 16, 600, dtype, bias)  # 3 chunks of 256 positions
-    ours = _grads(w, b, x, y)
+def test_values_and_gradients_equal_the_stock_ops(dtype, bias, transform):
+    w, b, x, y = _tied(300, 16, 600, dtype, bias)  # 3 chunks of 256 positions, the last one short
+    ours = _grads(w, b, x, y, lambda h, w, y, b: token_logps(h, w, y, bias=b, transform=transform)[0])
     assert ours[1].is_contiguous()
-    monkeypatch.setattr(logprobs, "_output_layer", F.linear)  # the same chunks through the stock linear
-    stock = _grads(w, b, x, y)
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    stock = _grads(w, b, x, y, _stock(transform))
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for got, want in zip(ours, stock, strict=True):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_without_gradients_the_values_are_the_same():
+    w, b, x, y = _tied(300, 16, 600, torch.float32, True)
+    h = F.embedding(x, w) * 1.5
+    with_grad, sums = token_logps(h, w, y, bias=b)
+    with torch.no_grad():
+        without, sums_without = token_logps(h, w, y, bias=b)
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(sums_without, sums, rtol=0, atol=0)
+    torch.testing.assert_close(sums, F.linear(h, w, b).detach().sum(-1))
+
+
+def test_under_autocast_the_stock_path_gives_the_same_gradients():
+    w, _, x, y = _tied(300, 16, 600, torch.float32, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _grads(w, None, x, y, lambda h, w, y, b: token_logps(h, w, y)[0])
+        stock = _grads(w, None, x, y, _stock(LogitTransform()))
+    assert ours[1].dtype == torch.float32
+    for got, want in zip(ours, stock, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def test_a_tied_weight_holds_two_gradients_of_its_size_at_most():

@@ -1,8 +1,9 @@
 """Per-sequence log-probabilities of completion tokens, without building full-vocabulary logits.
 
 Only positions that carry a label go through the output layer, in chunks; each chunk's logits are
-recomputed in backward (activation checkpointing) instead of stored. Peak extra memory is one
-chunk of (chunk_size, vocab) floats rather than (batch, length, vocab).
+made again in backward instead of stored. Peak extra memory is one chunk of (chunk_size, vocab)
+floats rather than (batch, length, vocab), made in one buffer reused for every chunk
+(:class:`_TokenLogps`; under autocast the stock ops, checkpointed per chunk).
 
 The output layer is applied here, not by the model's forward, so whatever that forward does to its
 logits after the output layer must be done here too: :func:`logit_transform` knows the transforms
@@ -85,36 +86,6 @@ def _transform_of(model: torch.nn.Module, head: torch.nn.Module) -> LogitTransfo
     return getattr(head, _TRANSFORM_ATTR, None) or logit_transform(model.config)
 
 
-class _OutputLayer(torch.autograd.Function):
-    """``linear(hidden, weight, bias)`` for (n, H) ``hidden``, whose weight gradient is made in the
-    weight's own layout. The stock linear's is a transposed view, which autograd cannot add another
-    gradient to in place: a weight used twice (a tied embedding and output layer) then held three
-    copies of its size at once at the end of backward instead of two (0.7 GiB more for a 3B model's
-    128k vocabulary in bf16; measured by benchmarks/memory_scaled_cpu.py)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias):
-        ctx.save_for_backward(hidden, weight)
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(hidden, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        hidden, weight = ctx.saved_tensors
-        d_hidden = grad @ weight if ctx.needs_input_grad[0] else None
-        d_weight = grad.t() @ hidden if ctx.needs_input_grad[1] else None  # (V, H), contiguous
-        d_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return d_hidden, d_weight, d_bias
-
-
-def _output_layer(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # under autocast the stock path (its casts and their gradients) is kept as it is
-    plain = not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype == weight.dtype
-    if plain and torch.is_grad_enabled() and weight.requires_grad:
-        return _OutputLayer.apply(hidden, weight, bias)
-    return torch.nn.functional.linear(hidden, weight, bias)
-
-
 def _chunk_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -122,7 +93,9 @@ def _chunk_logps(
     labels: torch.Tensor,
     transform: LogitTransform,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = _output_layer(hidden, weight, bias)  # (n, H) @ (H, V) -> (n, V), model dtype
+    """One chunk through the stock ops (autograd records them): the path under autocast, whose
+    casts and their gradients are kept as they are."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (n, H) @ (H, V) -> (n, V)
     if transform.multiplier != 1.0:
         logits = logits * transform.multiplier
     if transform.divisor != 1.0:
@@ -132,6 +105,109 @@ def _chunk_logps(
         logits = transform.softcap * torch.tanh(logits / transform.softcap)
     logp = logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (n,)
     return logp, logits.detach().sum(-1)
+
+
+class _Logits:
+    """A chunk's logits made in one reused (chunk, V) buffer, in place where the stock ops would
+    allocate: the same ops in the same order as :func:`_chunk_logps`, so the same values. A fresh
+    (chunk, V) tensor for every product and every step of the softmax cost a CPU mostly page faults
+    (tens of MiB each, above glibc's mmap threshold) and an extra pass over memory per step."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform, rows: int):
+        self.weight, self.bias, self.transform = weight, bias, transform
+        self.buffer = weight.new_empty(rows, weight.shape[0])
+        self.tanh: torch.Tensor | None = None  # the soft cap's tanh, which its backward reads
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, V) float32 logits of (n, H) ``hidden``, transformed as the model's forward does."""
+        out = self.buffer[: hidden.shape[0]]
+        if self.bias is None:
+            torch.mm(hidden, self.weight.t(), out=out)
+        else:
+            torch.addmm(self.bias, hidden, self.weight.t(), out=out)
+        t = self.transform
+        if t.multiplier != 1.0:
+            out.mul_(t.multiplier)
+        if t.divisor != 1.0:
+            out.div_(t.divisor)
+        logits = out.float()  # itself in float32
+        if t.softcap:
+            self.tanh = (logits / t.softcap).tanh_()
+            logits = self.tanh * t.softcap
+        return logits
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(logits, -1)`` as it computes it (maximum, shifted exponentials, their sum's
+    log), the exponentials made in ``logits``' own memory: afterwards it holds exp(logits - max)."""
+    maxes = logits.amax(-1, keepdim=True)
+    maxes.masked_fill_(maxes.abs() == float("inf"), 0)
+    return logits.sub_(maxes).exp_().sum(-1).log_().add_(maxes.squeeze(-1))
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log p(label) for (n, H) ``hidden`` through the output layer, chunk by chunk, no chunk's logits
+    kept: backward makes each chunk's again and turns them into its gradient in place
+    (``softmax - one-hot``, times the incoming gradient), then adds the chunk's products to one
+    hidden-state gradient and one weight gradient (made in the weight's own layout, so a tied
+    embedding's gradient is added to it in place: two copies of its size at the end of backward, not
+    three). The stock ops with autograd (:func:`_chunk_logps` under checkpointing) make a (chunk, V)
+    tensor for each product, each softmax step and each gradient, and a weight-sized gradient per
+    chunk that is then added to the others."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, transform, chunk):
+        logps, sums, lses = _forward_chunks(hidden, weight, bias, labels, transform, chunk)
+        ctx.save_for_backward(hidden, weight, bias, labels, lses)
+        ctx.transform, ctx.chunk = transform, chunk
+        ctx.mark_non_differentiable(sums)
+        return logps, sums
+
+    @staticmethod
+    def backward(ctx, grad, _sums_grad):
+        hidden, weight, bias, labels, lses = ctx.saved_tensors
+        t, chunk = ctx.transform, ctx.chunk
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        make = _Logits(weight, bias, t, min(chunk, hidden.shape[0]))
+        d_hidden = torch.empty_like(hidden) if want_h else None
+        d_weight = d_bias = None
+        for start in range(0, hidden.shape[0], chunk):
+            stop = min(start + chunk, hidden.shape[0])
+            h, g = hidden[start:stop], grad[start:stop]
+            logits = make(h)
+            # d logp / d logits = one-hot(label) - softmax: the logsumexp's part, then the label's
+            d = logits.sub_(lses[start:stop, None]).exp_().mul_(-g[:, None])
+            rows = torch.arange(stop - start, device=d.device)
+            d[rows, labels[start:stop]] += g
+            if t.softcap:  # logits = softcap * tanh(z / softcap)
+                d.mul_(t.softcap).mul_(1 - make.tanh * make.tanh).div_(t.softcap)
+            d = d.to(weight.dtype)
+            if t.divisor != 1.0:
+                d.div_(t.divisor)
+            if t.multiplier != 1.0:
+                d.mul_(t.multiplier)
+            if want_h:
+                torch.mm(d, weight, out=d_hidden[start:stop])
+            if want_w:
+                d_weight = d.t() @ h if d_weight is None else d_weight.addmm_(d.t(), h)
+            if want_b:
+                d_bias = d.sum(0) if d_bias is None else d_bias.add_(d.sum(0))
+        return d_hidden, d_weight, d_bias, None, None, None
+
+
+def _forward_chunks(hidden, weight, bias, labels, transform: LogitTransform, chunk: int):
+    """log p(label), the sum of the logits and their logsumexp at each of ``hidden``'s positions."""
+    n = hidden.shape[0]
+    logps, sums, lses = (hidden.new_empty(n, dtype=torch.float32) for _ in range(3))
+    make = _Logits(weight, bias, transform, min(chunk, n))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        logits = make(hidden[start:stop])
+        picked = logits.gather(-1, labels[start:stop, None]).squeeze(-1)
+        torch.sum(logits, -1, out=sums[start:stop])
+        lses[start:stop] = _logsumexp_(logits)
+        torch.sub(picked, lses[start:stop], out=logps[start:stop])
+    return logps, sums, lses
 
 
 def token_logps(
@@ -144,18 +220,25 @@ def token_logps(
     chunk: int = CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) at each of ``hidden``'s positions (n, H), and the sum of each position's logits."""
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    tracked = (t for t in (hidden, weight, bias) if t is not None)
+    wanted = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    if not torch.is_autocast_enabled(hidden.device.type) and hidden.dtype == weight.dtype:
+        if wanted:
+            return _TokenLogps.apply(hidden, weight, bias, labels, transform, chunk)
+        with torch.no_grad():
+            return _forward_chunks(hidden, weight, bias, labels, transform, chunk)[:2]
     logps, sums = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start : start + chunk], labels[start : start + chunk]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        if wanted:
             lp, s = checkpoint(_chunk_logps, h, weight, bias, y, transform, use_reentrant=False)
         else:
             lp, s = _chunk_logps(h, weight, bias, y, transform)
         logps.append(lp)
         sums.append(s)
-    if not logps:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, empty
     return torch.cat(logps), torch.cat(sums)
 
 
