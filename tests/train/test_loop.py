@@ -312,6 +312,40 @@ def test_rewards_measure_what_the_loss_optimises(loss_type):
     assert sums["logps/chosen"][0] / 4 == pytest.approx(float(pc.mean()), rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("setting", "checkpointing", "in_backward", "returns"),
+    [
+        (None, True, False, True),  # the default: checkpointing puts memory first
+        (None, False, False, False),
+        (None, False, True, True),
+        (False, True, False, False),  # asked not to: faster, a higher peak
+        (True, False, False, True),
+    ],
+)
+def test_train_return_memory_sets_whether_the_trainer_returns_memory(
+    monkeypatch, setting, checkpointing, in_backward, returns
+):
+    """train.return_memory decides; unset, the memory-first settings (gradient checkpointing, the
+    optimizer in backward) return memory and the others do not. Counted by the returns a step makes."""
+    from criteriapo.train import loop
+
+    trims = []
+    monkeypatch.setattr(loop, "_return_free_memory", lambda device: trims.append(device))
+    model, pairs = tiny_model(), toy_pairs(8)
+    train = TrainConfig(
+        batch_size=8,
+        return_memory=setting,
+        gradient_checkpointing=checkpointing,
+        optimizer_in_backward=in_backward,
+    )
+    optim = OptimConfig(lr=1e-3, scheduler="constant", max_grad_norm=None if in_backward else 1.0)
+    task = DPOTask(DPOConfig(), PAD, 64, reference=score_pairs(model, pairs, PAD))
+    trainer = Trainer(model, task, pairs, optim, train, Loggers([]))
+    trainer.train_step(list(range(8)))
+    assert trainer.return_memory is returns
+    assert len(trims) == (loop.RETURNS + 1 if returns else 0)
+
+
 def test_a_trainer_that_returns_memory_also_does_it_within_backward(monkeypatch):
     """After the output layer's backward (only the last parameter's gradient is there) and each
     quarter of the way back through the parameters (more gradients each time), then after the step;
