@@ -24,16 +24,8 @@ import time
 from collections import defaultdict
 
 import torch
-from dpo_vs_trl import (
-    OURS,
-    build_model,
-    matmul_rate,
-    model_shape,
-    ours_trainer,
-    pairs_counts,
-    rows,
-    useful_flops,
-)
+from dpo_vs_trl import matmul_rate, useful_flops
+from side_by_side import one_batch
 from torch.profiler import ProfilerActivity, profile
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"}
@@ -54,13 +46,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=1, help="pairs per step")
     p.add_argument("--top", type=int, default=10, help="the other ops with the most self time shown")
     args = p.parse_args()
-    model, tok = build_model("smollm2", torch.float32, "cpu")
-    data = rows(args.pairs, args.length)
-    trainer, encoded, _ = ours_trainer(model, tok, data, args.pairs, args.pairs, 3, OURS["ours"])
-    model.train()
-    batch = list(range(args.pairs))
-    counts = pairs_counts(encoded, batch)
-    run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
+    trainer, batch, run = one_batch(args.length, args.pairs, 3)
     trainer.train_step(batch)  # warm-up
     rate = matmul_rate("cpu", torch.float32)
     t = time.perf_counter()
@@ -84,7 +70,7 @@ def main() -> None:
     bound_profiled = spent["matmul"] + spent["attention"]
     bound_ideal = (useful - attention) / rate + spent["attention"]
     print(
-        f"DPO step, {args.pairs} pair(s) of {args.length} tokens per sequence, {counts['positions']} "
+        f"DPO step, {args.pairs} pair(s) of {args.length} tokens per sequence, {run['positions'][0]} "
         f"positions, {useful / 1e9:.0f} useful GFLOP ({attention / useful:.0%} attention), "
         f"{rate / 1e9:.0f} GFLOP/s matmul rate"
     )

@@ -26,15 +26,21 @@ from dpo_vs_trl import (
 )
 
 
-def side_by_side(ways: dict[str, Callable[[Any], None]], length: int, pairs: int, steps: int) -> None:
-    """Print each way's step times, utilisation and speed against the first way's."""
+def one_batch(length: int, pairs: int, steps: int):
+    """Ours with default settings on the embedded model in fp32, ``pairs`` pairs of ``length`` tokens
+    per sequence in one micro-batch, in training mode for ``steps`` steps: (trainer, the batch's
+    indices, the run record :func:`useful_flops` reads, its counts those of the batch)."""
     model, tok = build_model("smollm2", torch.float32, "cpu")
-    total = (steps + 1) * len(ways)
-    trainer, encoded, _ = ours_trainer(model, tok, rows(pairs, length), pairs, pairs, total, OURS["ours"])
+    trainer, encoded, _ = ours_trainer(model, tok, rows(pairs, length), pairs, pairs, steps, OURS["ours"])
     model.train()
     batch = list(range(pairs))
     counts = pairs_counts(encoded, batch)
-    run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
+    return trainer, batch, {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
+
+
+def side_by_side(ways: dict[str, Callable[[Any], None]], length: int, pairs: int, steps: int) -> None:
+    """Print each way's step times, utilisation and speed against the first way's."""
+    trainer, batch, run = one_batch(length, pairs, (steps + 1) * len(ways))
     for set_way in ways.values():  # warm-up
         set_way(trainer)
         trainer.train_step(batch)
@@ -48,7 +54,7 @@ def side_by_side(ways: dict[str, Callable[[Any], None]], length: int, pairs: int
             spent[name].append(time.perf_counter() - t)
     rate = (rate + matmul_rate("cpu", torch.float32)) / 2
     print(
-        f"DPO steps, {pairs} pair(s) of {length} tokens per sequence, {counts['positions']} positions, "
+        f"DPO steps, {pairs} pair(s) of {length} tokens per sequence, {run['positions'][0]} positions, "
         f"{rate / 1e9:.0f} GFLOP/s matmul rate:"
     )
     first = sum(next(iter(spent.values())))

@@ -20,16 +20,8 @@ import resource
 import time
 
 import torch
-from dpo_vs_trl import (
-    OURS,
-    build_model,
-    matmul_rate,
-    model_shape,
-    ours_trainer,
-    pairs_counts,
-    rows,
-    useful_flops,
-)
+from dpo_vs_trl import matmul_rate, useful_flops
+from side_by_side import one_batch
 
 from criteriapo.models.training import enable_activation_checkpointing
 
@@ -49,20 +41,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds of the ways")
     p.add_argument("--per", type=int, default=3, help="steps a way in each round, the first not counted")
     args = p.parse_args()
-    model, tok = build_model("smollm2", torch.float32, "cpu")
-    steps = args.rounds * len(WAYS) * args.per + 1
-    data = rows(args.pairs, args.length)
-    trainer, encoded, _ = ours_trainer(model, tok, data, args.pairs, args.pairs, steps, OURS["ours"])
-    model.train()
-    batch = list(range(args.pairs))
-    counts = pairs_counts(encoded, batch)
-    run = {**model_shape(model), "ref_in_loop": False, **{k: [v] for k, v in counts.items()}}
+    trainer, batch, run = one_batch(args.length, args.pairs, args.rounds * len(WAYS) * args.per + 1)
     trainer.train_step(batch)  # warm-up
     rate = matmul_rate("cpu", torch.float32)
     spent: dict[str, list[float]] = {name: [] for name in WAYS}
     for _ in range(args.rounds):
         for name, (projections, returns) in WAYS.items():
-            enable_activation_checkpointing(model, True, projections)
+            enable_activation_checkpointing(trainer.model, True, projections)
             trainer.return_memory = returns
             for i in range(args.per):
                 before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -74,7 +59,7 @@ def main() -> None:
                     spent[name].append(seconds)
     rate = (rate + matmul_rate("cpu", torch.float32)) / 2
     print(
-        f"DPO steps, {args.pairs} pair(s) of {args.length} tokens per sequence, {counts['positions']} "
+        f"DPO steps, {args.pairs} pair(s) of {args.length} tokens per sequence, {run['positions'][0]} "
         f"positions, {rate / 1e9:.0f} GFLOP/s matmul rate:"
     )
     base = sum(spent["default"])
