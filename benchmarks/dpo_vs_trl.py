@@ -44,7 +44,14 @@ from pathlib import Path
 import torch
 
 CONTENDERS = ("ours", "ours-lean", "trl-default", "trl-precomputed")  # run by default
-ALL_CONTENDERS = (*CONTENDERS, "ours-recompute-attention", "ours-keep-projections", "ours-fast", "trl-fast")
+ALL_CONTENDERS = (
+    *CONTENDERS,
+    "ours-recompute-attention",
+    "ours-keep-projections",
+    "ours-fast",
+    "ours-no-checkpointing",
+    "trl-fast",
+)
 # ours as it runs by default, and set for least memory: gradient checkpointing, each weight stepped in
 # backward (no gradient kept; that needs clipping by the global norm off)
 OURS = {
@@ -53,6 +60,8 @@ OURS = {
     "ours-keep-projections": {"train": {"keep_projections": True}, "optim": {}},
     # speed first: no matmul in the recompute, and the kept memory never given back to be faulted in again
     "ours-fast": {"train": {"keep_projections": True, "return_memory": False}, "optim": {}},
+    # nothing recomputed at all (memory is then not returned either)
+    "ours-no-checkpointing": {"train": {"gradient_checkpointing": False}, "optim": {}},
     "ours-lean": {
         "train": {"gradient_checkpointing": True, "optimizer_in_backward": True},
         "optim": {"max_grad_norm": None},

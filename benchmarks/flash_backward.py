@@ -4,7 +4,7 @@ The kernel gives each thread whole (batch, head) pairs, so the embedded model's 
 threads take 5 heads' time; :func:`~criteriapo.models.attention.flash_backward` runs the rows as two
 halves when that evens the threads out. Backward of the pieces a DPO pair of 2048 tokens per
 sequence makes (the prompt with the first reply, causal; the second reply after the prompt, as
-:class:`~criteriapo.models.attention.PrefixedCausal` runs it: the prompt's keys unmasked and its own
+:class:`~criteriapo.models.attention.CpuPieces` runs it: the prompt's keys unmasked and its own
 causally), with 9 query heads, 3 K/V heads, 64 wide, fp32, alternating after a warm-up round.
 With ``--steps``, also whole DPO steps of ours on the embedded model, halving on and off in turn
 in one process (benchmarks/side_by_side.py: ``--pairs`` pairs of ``--length`` tokens per sequence in

@@ -3,7 +3,7 @@
 A second reply attends its prompt's keys and then its own causally (see
 :mod:`criteriapo.models.attention`). This CPU's flash kernel is causal from the top left only, so a
 lower-right mask is materialised and every block of the (reply, prompt + reply) rectangle computed;
-:class:`~criteriapo.models.attention.PrefixedCausal` runs the prompt's keys unmasked and the reply's
+:class:`~criteriapo.models.attention.CpuPieces` runs the prompt's keys unmasked and the reply's
 own causally and merges them. Forward and backward of one such piece with the embedded model's head
 shapes (9 query heads, 3 K/V heads, 64 wide), fp32, alternating, after a warm-up round.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from criteriapo.models.attention import PrefixedCausal
+from criteriapo.models.attention import CpuPieces
 
 
 def with_mask(q, k, v, n):
@@ -27,7 +27,9 @@ def with_mask(q, k, v, n):
 
 
 def two_halves(q, k, v, n):
-    return PrefixedCausal.apply(q, k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:], None)
+    """The reply as the one piece of a row whose first n positions (the prompt) are keys only."""
+    rows = torch.cat([q.new_zeros(q.shape), q], dim=2)
+    return CpuPieces.apply(rows, k, v, [[(n, 2 * n, 0, n)]], None)[:, n:]
 
 
 def main() -> None:

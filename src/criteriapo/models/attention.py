@@ -15,9 +15,9 @@ So the chosen x rejected block, the blocks between segments and the upper triang
 computed, and grouped-query models keep their K/V heads unrepeated (``enable_gqa``). The values are
 those of SDPA with the full mask, up to the order of float sums.
 
-On a CPU in float32, pieces call the flash kernel themselves: a piece with a prefix as two calls
-merged (:class:`PrefixedCausal`), and each backward with its rows halved into a batch of two where
-that keeps both threads busy (:func:`flash_backward`).
+On a CPU in float32, all pieces of a batch are one autograd node that calls the flash kernel
+itself (:class:`CpuPieces`): a piece with a prefix as two calls merged, and each backward with its
+rows halved into a batch of two where that keeps both threads busy (:func:`flash_backward`).
 
 On a GPU no piece gives SDPA an explicit mask: causal pieces run the flash kernel (``is_causal``,
 K/V heads unrepeated), and a lower-right piece goes to the flash or memory-efficient kernel through
@@ -86,6 +86,8 @@ def piece_attention(
         dtype = torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     options = {"dropout_p": dropout, "scale": scaling, "enable_gqa": query.shape[1] != key.shape[1]}
+    if _splits(query, options):
+        return CpuPieces.apply(query, key, value, pieces, options["scale"]), None
     rows = [
         _row(query[r : r + 1], key[r : r + 1], value[r : r + 1], row, options) for r, row in enumerate(pieces)
     ]
@@ -100,10 +102,7 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
         if q0 > at:
             parts.append(value.new_zeros(1, query.shape[1], q0 - at, value.shape[-1]))
         q, k, v = query[:, :, q0:q1], key[:, :, q0:q1], value[:, :, q0:q1]
-        if p1 > p0 and _splits(q, options):  # the prefix and the piece's own keys apart, merged
-            prefix_k, prefix_v = key[:, :, p0:p1], value[:, :, p0:p1]
-            parts.append(PrefixedCausal.apply(q, prefix_k, prefix_v, k, v, options["scale"]))
-        elif p1 > p0:  # (q, prefix + q) keys: all of the prefix, then causal, aligned at the bottom right
+        if p1 > p0:  # (q, prefix + q) keys: all of the prefix, then causal, aligned at the bottom right
             k = torch.cat([key[:, :, p0:p1], k], dim=2)
             v = torch.cat([value[:, :, p0:p1], v], dim=2)
             mask, piece = _lower_right(q1 - q0, k.shape[2]), options
@@ -114,8 +113,6 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
                 k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
                 piece = {**options, "enable_gqa": False}
             parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **piece))
-        elif _splits(q, options):
-            parts.append(Causal.apply(q, k, v, options["scale"]))
         else:
             parts.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, **options))
         at = q1
@@ -132,64 +129,82 @@ def _lower_right(queries: int, keys: int):
 
 
 def _splits(query: torch.Tensor, options: dict) -> bool:
-    """Whether a piece runs through this module's own CPU flash functions (:class:`PrefixedCausal`
-    with a prefix, :class:`Causal` without): on a CPU, whose flash kernel is causal from the top left
-    only (a lower-right mask would be materialised and every masked block computed), without dropout
-    (the two halves would draw apart), in float32 (in bf16 each half's output would be rounded before
+    """Whether pieces run through this module's own CPU flash function (:class:`CpuPieces`): on a
+    CPU, whose flash kernel is causal from the top left only (a lower-right mask would be
+    materialised and every masked block computed), without dropout (the two halves would draw
+    apart), in float32 (in bf16 each half's output would be rounded before
     the merge, so a reply's values would depend on whether it came first after its prompt or later:
     a reference scored in other batches than the policy trains on would no longer match it; and each
     half's gradients would be rounded before they are added)."""
     return query.device.type == "cpu" and not options["dropout_p"] and query.dtype == torch.float32
 
 
-class PrefixedCausal(torch.autograd.Function):
-    """Queries (1, Hq, n, D) over a prefix's keys, all of them, and then their own n keys causally:
-    the lower-right causal attention over ``prefix + own`` keys, as two flash calls that each skip
-    what they need not compute (the prefix unmasked, the own keys causal from the top left) and are
-    merged by their log-sum-exps. K/V keep their own head count (grouped queries run natively).
+class CpuPieces(torch.autograd.Function):
+    """Every piece of every row as one autograd node, on a CPU in float32 (:func:`_splits`): query
+    (R, Hq, L, D), key/value (R, Hkv, L, D) -> (R, L, Hq, D), the layout the output projection reads.
+    K/V keep their own head count (grouped queries run natively).
 
-    Backward gives each half's flash backward the merged output and log-sum-exp: each half's
-    probabilities are then those of the whole softmax restricted to its keys, and the row term
-    ``sum(dO * O)`` is the whole's, so the half gradients are exact parts of the whole's (dQ their
-    sum, dK and dV side by side)."""
+    A piece without a prefix is one causal flash call. A piece with one runs the lower-right causal
+    attention over ``prefix + own`` keys as two flash calls that each skip what they need not
+    compute (the prefix unmasked, the own keys causal from the top left), merged by their
+    log-sum-exps (:func:`_prefixed`). Backward gives each half's flash backward the merged output and
+    log-sum-exp: each half's probabilities are then those of the whole softmax restricted to its
+    keys, and the row term ``sum(dO * O)`` is the whole's, so the half gradients are exact parts of
+    the whole's (dQ their sum, dK and dV each in its place).
+
+    Each piece's output is written into its place and its gradients into theirs, so nothing is
+    concatenated and no slice's backward makes a row-sized zero tensor per piece that autograd then
+    adds up (one per piece for each of Q, K and V). Padding is zeros both ways."""
 
     @staticmethod
-    def forward(ctx, query, prefix_key, prefix_value, own_key, own_value, scale):
-        out_prefix, lse_prefix = _flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
-        out_own, lse_own = _flash(query, own_key, own_value, is_causal=True, scale=scale)
-        lse = torch.logaddexp(lse_prefix, lse_own)  # (1, Hq, n), float32
-        out = out_prefix.float() * (lse_prefix - lse).exp().unsqueeze(-1)
-        out = (out + out_own.float() * (lse_own - lse).exp().unsqueeze(-1)).to(query.dtype)
-        ctx.save_for_backward(query, prefix_key, prefix_value, own_key, own_value, out, lse)
-        ctx.scale = scale
+    def forward(ctx, query, key, value, pieces, scale):
+        rows, heads, length, dim = query.shape
+        out = query.new_zeros(rows, length, heads, dim)
+        lses = []
+        for r, row in enumerate(pieces):
+            for q0, q1, p0, p1 in row:
+                q, k, v = (t[r : r + 1, :, q0:q1] for t in (query, key, value))
+                if p1 > p0:
+                    o, lse = _prefixed(q, key[r : r + 1, :, p0:p1], value[r : r + 1, :, p0:p1], k, v, scale)
+                else:
+                    o, lse = _flash(q, k, v, is_causal=True, scale=scale)
+                out[r, q0:q1] = o[0].transpose(0, 1)
+                lses.append(lse)
+        ctx.save_for_backward(query, key, value, out, *lses)
+        ctx.pieces, ctx.scale = pieces, scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        query, prefix_key, prefix_value, own_key, own_value, out, lse = ctx.saved_tensors
-        grad = grad.contiguous()
-        dq_prefix, dk_prefix, dv_prefix = flash_backward(
-            grad, query, prefix_key, prefix_value, out, lse, False, ctx.scale
-        )
-        dq_own, dk_own, dv_own = flash_backward(grad, query, own_key, own_value, out, lse, True, ctx.scale)
-        return dq_prefix + dq_own, dk_prefix, dv_prefix, dk_own, dv_own, None
+        query, key, value, out, *lses = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        lse = iter(lses)
+        for r, row in enumerate(ctx.pieces):
+            for q0, q1, p0, p1 in row:  # a prefix precedes its pieces, so its own gradients are set first
+                g, o = (t[r : r + 1, q0:q1].transpose(1, 2).contiguous() for t in (grad, out))
+                q, k, v = (t[r : r + 1, :, q0:q1] for t in (query, key, value))
+                piece_lse = next(lse)
+                dq_own, dk_own, dv_own = flash_backward(g, q, k, v, o, piece_lse, True, ctx.scale)
+                dq[r : r + 1, :, q0:q1] = dq_own
+                dk[r : r + 1, :, q0:q1] = dk_own
+                dv[r : r + 1, :, q0:q1] = dv_own
+                if p1 > p0:
+                    pk, pv = key[r : r + 1, :, p0:p1], value[r : r + 1, :, p0:p1]
+                    dq_p, dk_p, dv_p = flash_backward(g, q, pk, pv, o, piece_lse, False, ctx.scale)
+                    dq[r : r + 1, :, q0:q1] += dq_p
+                    dk[r : r + 1, :, p0:p1] += dk_p
+                    dv[r : r + 1, :, p0:p1] += dv_p
+        return dq, dk, dv, None, None
 
 
-class Causal(torch.autograd.Function):
-    """Queries (1, Hq, n, D) over their own n keys causally: the CPU flash kernel's forward, as SDPA
-    runs it, and its backward through :func:`flash_backward`."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, scale):
-        out, lse = _flash(query, key, value, is_causal=True, scale=scale)
-        ctx.save_for_backward(query, key, value, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        dq, dk, dv = flash_backward(grad.contiguous(), *ctx.saved_tensors, True, ctx.scale)
-        return dq, dk, dv, None
+def _prefixed(query, prefix_key, prefix_value, own_key, own_value, scale):
+    """(output, log-sum-exp) of queries (1, Hq, n, D) over a
+    prefix's keys, all of them, and then their own keys causally, as two flash calls merged."""
+    out_prefix, lse_prefix = _flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
+    out_own, lse_own = _flash(query, own_key, own_value, is_causal=True, scale=scale)
+    lse = torch.logaddexp(lse_prefix, lse_own)  # (1, Hq, n), float32
+    out = out_prefix.float() * (lse_prefix - lse).exp().unsqueeze(-1)
+    return (out + out_own.float() * (lse_own - lse).exp().unsqueeze(-1)).to(query.dtype), lse
 
 
 def flash_backward(grad, query, key, value, out, lse, causal: bool, scale):
