@@ -90,8 +90,11 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
     head = "| tokens per sequence | pairs per step | matmul GFLOP/s | " + " | ".join(
         f"{c} positions/s | {c} util. | {c} GiB" for c in contenders
     )
-    ratios = " | ours / fastest TRL: positions/s | the same per matmul rate | ours / TRL default: GiB"
-    lines = [head + ratios + " |", "|" + "---|" * (6 + 3 * len(contenders))]
+    ours = [c for c in contenders if c.startswith("ours")]
+    ratios = "".join(
+        f" | {c} / fastest TRL: positions/s (per matmul rate) | {c} / TRL default: GiB" for c in ours
+    )
+    lines = [head + ratios + " |", "|" + "---|" * (3 + 3 * len(contenders) + 2 * len(ours))]
     for n in lengths:
         row = [r for r in table[n].values() if isinstance(r, dict)]
         cells = [
@@ -105,7 +108,7 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
                 cells += ["failed" if c in table[n] else "-", "-", "-"]
                 continue
             cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
-        lines.append("| " + " | ".join(cells + _ratios(table[n])) + " |")
+        lines.append("| " + " | ".join(cells + [r for c in ours for r in _ratios(table[n], c)]) + " |")
     dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
     lines += [
         "",
@@ -113,35 +116,34 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
             f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
             f"(the matmul column; a range: each contender's own); measured {dates} (a row measured "
             "earlier: over one rate the driver measured for its whole run); counting: dpo_vs_trl.py. "
-            "Ratios: ours against the faster TRL setting, as measured and with each contender's "
-            "positions/s over its own matmul rate (the machine's speed drifts between contenders); "
-            "memory against TRL's default setting."
+            "Ratios: each of ours against the faster TRL setting, as measured and with each "
+            "contender's positions/s over its own matmul rate in brackets (the machine's speed drifts "
+            "between contenders); memory against TRL's default setting."
         ),
     ]
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _ratios(row: dict) -> list[str]:
-    """ours / the faster TRL setting (positions/s, as measured and per each one's matmul rate) and
-    ours / TRL's default (peak memory), or "-" where one of them did not run."""
+def _ratios(row: dict, name: str) -> list[str]:
+    """Contender ``name`` against the faster TRL setting (positions/s, as measured and per each one's
+    matmul rate) and against TRL's default (peak memory), "-" where one of them did not run."""
     ok = {c: r for c, r in row.items() if isinstance(r, dict) and "error" not in r}
     trl = [r for c, r in ok.items() if c.startswith("trl-")]
-    if "ours" not in ok or not trl:
-        return ["-", "-", "-"]
-    ours, fastest = ok["ours"], max(trl, key=lambda r: r["positions_per_second"])
-    per_rate = (
-        (ours["positions_per_second"] / ours["peak_flops"])
-        / (fastest["positions_per_second"] / fastest["peak_flops"])
-        if "peak_flops" in ours and "peak_flops" in fastest
-        else None
-    )
-    memory = ours["peak_gib"] / ok["trl-default"]["peak_gib"] if "trl-default" in ok else None
-    return [
-        f"{ours['positions_per_second'] / fastest['positions_per_second']:.2f}x",
-        "-" if per_rate is None else f"{per_rate:.2f}x",
-        "-" if memory is None else f"{memory:.2f}x",
-    ]
+    if name not in ok:
+        return ["-", "-"]
+    ours = ok[name]
+    speed = "-"
+    if trl:
+        fastest = max(trl, key=lambda r: r["positions_per_second"])
+        speed = f"{ours['positions_per_second'] / fastest['positions_per_second']:.2f}x"
+        if "peak_flops" in ours and "peak_flops" in fastest:
+            per_rate = (ours["positions_per_second"] / ours["peak_flops"]) / (
+                fastest["positions_per_second"] / fastest["peak_flops"]
+            )
+            speed += f" ({per_rate:.2f}x)"
+    memory = f"{ours['peak_gib'] / ok['trl-default']['peak_gib']:.2f}x" if "trl-default" in ok else "-"
+    return [speed, memory]
 
 
 def _figure(
