@@ -132,10 +132,10 @@ def _splits(query: torch.Tensor, options: dict) -> bool:
     """Whether pieces run through this module's own CPU flash function (:class:`CpuPieces`): on a
     CPU, whose flash kernel is causal from the top left only (a lower-right mask would be
     materialised and every masked block computed), without dropout (the two halves would draw
-    apart), in float32 (in bf16 each half's output would be rounded before
-    the merge, so a reply's values would depend on whether it came first after its prompt or later:
-    a reference scored in other batches than the policy trains on would no longer match it; and each
-    half's gradients would be rounded before they are added)."""
+    apart), in float32 (in bf16 each half's output would be rounded before the merge, so a reply's
+    values would depend on whether it came first after its prompt or later: a reference scored in
+    other batches than the policy trains on would no longer match it; and each half's gradients
+    would be rounded before they are added)."""
     return query.device.type == "cpu" and not options["dropout_p"] and query.dtype == torch.float32
 
 
@@ -180,14 +180,14 @@ class CpuPieces(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
         lse = iter(lses)
         for r, row in enumerate(ctx.pieces):
-            for q0, q1, p0, p1 in row:  # a prefix precedes its pieces, so its own gradients are set first
+            for q0, q1, p0, p1 in row:  # added, not set: a prefix's keys get gradients from later pieces
                 g, o = (t[r : r + 1, q0:q1].transpose(1, 2).contiguous() for t in (grad, out))
                 q, k, v = (t[r : r + 1, :, q0:q1] for t in (query, key, value))
                 piece_lse = next(lse)
                 dq_own, dk_own, dv_own = flash_backward(g, q, k, v, o, piece_lse, True, ctx.scale)
                 dq[r : r + 1, :, q0:q1] = dq_own
-                dk[r : r + 1, :, q0:q1] = dk_own
-                dv[r : r + 1, :, q0:q1] = dv_own
+                dk[r : r + 1, :, q0:q1] += dk_own
+                dv[r : r + 1, :, q0:q1] += dv_own
                 if p1 > p0:
                     pk, pv = key[r : r + 1, :, p0:p1], value[r : r + 1, :, p0:p1]
                     dq_p, dk_p, dv_p = flash_backward(g, q, pk, pv, o, piece_lse, False, ctx.scale)
@@ -198,8 +198,8 @@ class CpuPieces(torch.autograd.Function):
 
 
 def _prefixed(query, prefix_key, prefix_value, own_key, own_value, scale):
-    """(output, log-sum-exp) of queries (1, Hq, n, D) over a
-    prefix's keys, all of them, and then their own keys causally, as two flash calls merged."""
+    """(output, log-sum-exp) of queries (1, Hq, n, D) over a prefix's keys, all of them, and then
+    their own keys causally, as two flash calls merged."""
     out_prefix, lse_prefix = _flash(query, prefix_key, prefix_value, is_causal=False, scale=scale)
     out_own, lse_own = _flash(query, own_key, own_value, is_causal=True, scale=scale)
     lse = torch.logaddexp(lse_prefix, lse_own)  # (1, Hq, n), float32
