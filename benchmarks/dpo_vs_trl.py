@@ -232,6 +232,7 @@ def ours_trainer(model, tok, data: list[dict], pairs: int, micro: int, steps: in
     from criteriapo.config import DPOConfig, OptimConfig, TrainConfig
     from criteriapo.data.records import PreferenceExample, RowRef
     from criteriapo.data.tokenize import ChatTokenizer, TokenizeOptions
+    from criteriapo.models.norms import fuse_rms_norms
     from criteriapo.models.training import enable_activation_checkpointing
     from criteriapo.tracking.loggers import Loggers
     from criteriapo.train.loop import Trainer
@@ -248,6 +249,7 @@ def ours_trainer(model, tok, data: list[dict], pairs: int, micro: int, steps: in
     ref = score_pairs(model, encoded, tok.pad_token_id, micro)
     ref_seconds = time.perf_counter() - t0
     train = TrainConfig(batch_size=pairs, micro_batch_size=micro, max_steps=steps, **setting["train"])
+    fuse_rms_norms(model)  # as a stage prepares its model to train
     if train.gradient_checkpointing:
         enable_activation_checkpointing(model, train.keep_attention, train.keep_projections)
     optim = OptimConfig(lr=1e-6, scheduler="constant", **setting["optim"])
