@@ -3,6 +3,9 @@ only the norms that compute exactly that switched."""
 
 from __future__ import annotations
 
+import copy as copy_module
+import io
+
 import pytest
 import torch
 
@@ -24,6 +27,36 @@ def test_the_written_out_backward_is_the_derivative():
     assert torch.autograd.gradcheck(RMSNormFunction.apply, (x, weight, 1e-6))
     frozen = weight.detach()  # a frozen weight (LoRA, a reference) gets no gradient
     assert torch.autograd.gradcheck(lambda x: RMSNormFunction.apply(x, frozen, 1e-6), (x,))
+    fixed = x.detach()  # the first norm's input when the embeddings are frozen
+    assert torch.autograd.gradcheck(lambda w: RMSNormFunction.apply(fixed, w, 1e-6), (weight,))
+
+
+class NoEpsRMSNorm(torch.nn.Module):
+    """Names an eps it never adds: equal to the plain norm wherever mean(x^2) >> eps."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = 1e-8
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)))
+
+
+class GatedRMSNorm(torch.nn.Module):
+    """Needs a second input: the probe cannot run it."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x, gate):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)) * gate
+
+
+def test_norms_that_compute_anything_else_keep_their_own_forward():
+    assert fuse_rms_norms(torch.nn.ModuleList([NoEpsRMSNorm(16), GatedRMSNorm(16)])) == 0
 
 
 def _logits_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -53,6 +86,19 @@ def test_switched_models_compute_their_own_forward_and_its_gradients(arch):
     for name, grad in grads.items():
         _close(grad, want_grads[name], name)
     assert fuse_rms_norms(model) == 0  # a switched norm is not switched again
+
+
+def test_a_switched_model_copies_and_pickles_as_switched():
+    model = zoo_model("llama").eval()
+    fuse_rms_norms(model)
+    want = model(input_ids=IDS).logits
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy in (copy_module.deepcopy(model), torch.load(buffer, weights_only=False)):
+        norms = [m for m in copy.modules() if type(m).__name__ == "LlamaRMSNorm"]
+        assert all(m.forward.args == (m,) for m in norms)  # bound to the copy, not the original
+        assert torch.equal(copy(input_ids=IDS).logits, want)
 
 
 def test_with_checkpointing_that_keeps_projections_the_gradients_are_those_without():
