@@ -66,19 +66,20 @@ def main() -> None:
                 run(norm)
                 times.setdefault((name, part), []).append(time.perf_counter() - t)
     x64, w64 = x.detach().double().requires_grad_(), stock.weight.detach().double().requires_grad_()
-    (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64).backward(grad.double())
+    want = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+    want.backward(grad.double())
     print(f"RMSNorm, {args.positions} positions x {args.hidden}, float32, {torch.get_num_threads()} threads:")
     for name, norm in ways.items():
         x.grad, norm.weight.grad = None, None
         out = norm(x)
         out.backward(grad)
         errors = [
-            (out.double() - x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64).abs().max(),
+            (out.double() - want.detach()).abs().max(),
             (x.grad.double() - x64.grad).abs().max(),
             (norm.weight.grad.double() - w64.grad).abs().max(),
         ]
         fwd, both_ms = (
-            statistics.median(times[(name, p)][1:]) * 1e3 for p in ("forward", "forward + backward")
+            statistics.median(times[(name, part)][1:]) * 1e3 for part in ("forward", "forward + backward")
         )
         print(
             f"  {name}: forward {fwd:.2f} ms, forward + backward {both_ms:.2f} ms; "
