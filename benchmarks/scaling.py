@@ -2,12 +2,15 @@
 
 For each length, ``dpo_vs_trl.py`` runs every contender in its own process on pairs of about that
 many tokens per sequence (prompt about half), with about ``--budget`` chosen + rejected tokens per
-step (at least one pair); its counting is used as is: positions/s (each position of a pair once),
+step (at least one pair), ``--rounds`` times in alternation (a new process each time; the figures are
+over every round's timed steps, so a contender's are spread over the machine's drifts); its counting
+is used as is: positions/s (each position of a pair once),
 utilisation of the device's peak (useful FLOPs, attention included). A contender that fails at a
 length (out of memory, say) is shown as failed there. Writes
 benchmarks/results/scaling-<model>-<cpu|gpu>.{png,md,json}.
 
     .venv/bin/python benchmarks/scaling.py                              # CPU: the embedded model
+    .venv/bin/python benchmarks/scaling.py --steps 1 --rounds 2         # each timed step in its own process
     .venv/bin/python benchmarks/scaling.py --model llama3.2-1b --budget 16384   # on a GPU
     .venv/bin/python benchmarks/scaling.py --render     # the table and figure again from the results file
 """
@@ -38,6 +41,9 @@ def main() -> None:
     p.add_argument("--lengths", default="256,512,1024,2048,4096")
     p.add_argument("--budget", type=int, default=4096, help="chosen + rejected tokens per step")
     p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up step")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternating rounds of every contender, each in a new process"
+    )
     p.add_argument("--contenders", default="ours,ours-lean,trl-default,trl-precomputed")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--merge", action="store_true", help="keep the other lengths of the results file")
@@ -59,7 +65,8 @@ def main() -> None:
                 sys.executable,
                 str(HERE / "dpo_vs_trl.py"),
                 *("--model", args.model, "--length", str(length), "--pairs", str(pairs)),
-                *("--steps", str(args.steps), "--contenders", args.contenders, "--out", tmp),
+                *("--steps", str(args.steps), "--rounds", str(args.rounds)),
+                *("--contenders", args.contenders, "--out", tmp),
             ]
             subprocess.run(cmd, check=True)
             result = json.loads(next(Path(tmp).glob("*.json")).read_text())
@@ -114,8 +121,10 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
         "",
         (
             f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
-            f"(the matmul column; a range: each contender's own); measured {dates} (a row measured "
-            "earlier: over one rate the driver measured for its whole run); counting: dpo_vs_trl.py. "
+            f"(the matmul column; a range: each contender's own); {args['steps']} timed step(s) after "
+            f"a warm-up step x {args.get('rounds', 1)} round(s) per contender; measured {dates} "
+            "(a row measured earlier: over one rate the driver measured for its whole run); "
+            "counting: dpo_vs_trl.py. "
             "Ratios: each of ours against the faster TRL setting, as measured and with each "
             "contender's positions/s over its own matmul rate in brackets (the machine's speed drifts "
             "between contenders); memory against TRL's default setting."
