@@ -412,8 +412,9 @@ def child(args) -> None:
 
 # -- the driver ----------------------------------------------------------------------------------
 def matmul_rate(device: str, dtype: torch.dtype, trials: int = 3) -> float:
-    """FLOP/s of a 2048 x 2048 matrix product: the median of ``trials`` timings of ten products each
-    (on these CPUs one timing moves by a fifth between seconds, the median much less)."""
+    """FLOP/s of a 2048 x 2048 matrix product: the median of ``trials`` timings of ten products each,
+    so that one unusually slow or fast second does not set it (on these CPUs twelve such timings in a
+    row ranged from 169 to 261 GFLOP/s)."""
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):

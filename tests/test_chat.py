@@ -32,13 +32,20 @@ class _Output:
 
 def test_ctrl_c_stops_the_reply_and_the_conversation_goes_on(smollm2_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "500"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "criteriapo", "chat", "smollm2", "--max-new-tokens", "400"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    # SIGINT as a terminal gives it. Tests started in a shell's background inherit SIGINT ignored, an
+    # ignored signal stays ignored in a child, and Python then never raises KeyboardInterrupt; a
+    # handled one is back to its default action in the child, where Python installs its own handler.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "criteriapo", "chat", "smollm2", "--max-new-tokens", "400"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
     try:
         proc.stdin.write(b"Tell me a very long story about a dragon and a knight.\n")
         proc.stdin.flush()
