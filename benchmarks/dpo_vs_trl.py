@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -419,15 +420,15 @@ def matmul_rate(device: str, dtype: torch.dtype, trials: int = 3) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    rates = []
+    rates, k = [], 10
     for _ in range(trials):
         sync(device)
-        t, k = time.perf_counter(), 10
+        t = time.perf_counter()
         for _ in range(k):
             a @ b
         sync(device)
         rates.append(2 * n**3 * k / (time.perf_counter() - t))
-    return sorted(rates)[len(rates) // 2]
+    return statistics.median(rates)
 
 
 class ContenderFailed(RuntimeError):

@@ -70,7 +70,8 @@ def main() -> None:
             ]
             subprocess.run(cmd, check=True)
             result = json.loads(next(Path(tmp).glob("*.json")).read_text())
-        table[length] = {"pairs": pairs, "date": time.strftime("%Y-%m-%d"), **result["results"]}
+        when = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rounds": args.rounds}
+        table[length] = {"pairs": pairs, **when, **result["results"]}
         for r in table[length].values():
             if isinstance(r, dict):
                 r.pop("runs", None)
@@ -117,12 +118,22 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
             cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
         lines.append("| " + " | ".join(cells + [r for c in ours for r in _ratios(table[n], c)]) + " |")
     dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
+    # timed steps x rounds per length (rows merged from another run may differ; older rows: this run's)
+    timing = {
+        n: f"{table[n].get('steps', args['steps'])} x {table[n].get('rounds', args.get('rounds', 1))}"
+        for n in lengths
+    }
+    timed = (
+        next(iter(timing.values()))
+        if len(set(timing.values())) == 1
+        else ", ".join(f"{n}: {t}" for n, t in timing.items())
+    )
     lines += [
         "",
         (
             f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
-            f"(the matmul column; a range: each contender's own); {args['steps']} timed step(s) after "
-            f"a warm-up step x {args.get('rounds', 1)} round(s) per contender; measured {dates} "
+            f"(the matmul column; a range: each contender's own); timed steps after a warm-up step x "
+            f"rounds per contender: {timed}; measured {dates} "
             "(a row measured earlier: over one rate the driver measured for its whole run); "
             "counting: dpo_vs_trl.py. "
             "Ratios: each of ours against the faster TRL setting, as measured and with each "
