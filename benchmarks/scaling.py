@@ -13,6 +13,7 @@ benchmarks/results/scaling-<model>-<cpu|gpu>.{png,md,json}.
     .venv/bin/python benchmarks/scaling.py --steps 1 --rounds 2         # each timed step in its own process
     .venv/bin/python benchmarks/scaling.py --model llama3.2-1b --budget 16384   # on a GPU
     .venv/bin/python benchmarks/scaling.py --render     # the table and figure again from the results file
+    .venv/bin/python benchmarks/scaling.py --readme     # the README's table from the results file
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ import torch
 from dpo_vs_trl import rates_text
 
 HERE = Path(__file__).parent
+# the README's names for the contenders (:func:`readme_table`)
+LABELS = {
+    "ours": "ours",
+    "ours-no-checkpointing": "no checkpointing",
+    "ours-fast": "speed first",
+    "ours-lean": "least memory",
+    "trl-default": "TRL default",
+    "trl-precomputed": "TRL fastest (reference precomputed)",
+}
 
 
 def main() -> None:
@@ -50,9 +60,14 @@ def main() -> None:
     p.add_argument(
         "--render", action="store_true", help="only write the table and figure from the results file"
     )
+    p.add_argument(
+        "--readme", action="store_true", help="only print the README's table from the results file"
+    )
     args = p.parse_args()
     where = "gpu" if torch.cuda.is_available() else "cpu"
     path = Path(args.out) / f"scaling-{args.model}-{where}.json"
+    if args.readme:
+        return print(readme_table(json.loads(path.read_text())))
     if args.render:
         saved = json.loads(path.read_text())
         table = {int(n): row for n, row in saved["by_length"].items()}
@@ -83,10 +98,52 @@ def main() -> None:
     render(table, vars(args), result["machine"], path)
 
 
+def _contenders(table: dict[int, dict], args: dict) -> list[str]:
+    """The run's contenders in its order, then any that only rows merged from earlier runs have."""
+    found = (c for n in table for c, r in table[n].items() if isinstance(r, dict))
+    return list(dict.fromkeys([*args["contenders"].split(","), *found]))
+
+
+def readme_table(saved: dict) -> str:
+    """The README's table of a results file: a row per length, a cell per contender (positions/s,
+    utilisation, peak memory, and the matmul rate its utilisation is over), then each of ours
+    against the faster TRL setting that ran (as measured, and per matmul rate) and ours' memory
+    against TRL's default."""
+    table = {int(n): row for n, row in saved["by_length"].items()}
+    contenders = _contenders(table, saved["args"])
+    ours = [c for c in contenders if c.startswith("ours")]
+    label = [LABELS.get(c, c) for c in contenders]
+    names = [LABELS.get(c, c) for c in ours]
+    head = [
+        "tokens per sequence (pairs per step)",
+        f"{label[0]}: positions/s, utilisation, peak (matmul GFLOP/s)",
+        *label[1:],
+        f"{names[0]} / fastest TRL: positions/s (per matmul rate)",
+        *(f"{n} / fastest TRL" for n in names[1:]),
+        "memory against TRL default: " + ", ".join(names),
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in sorted(table):
+        cells = [f"{n} ({table[n]['pairs']})"] + [_cell(table[n].get(c)) for c in contenders]
+        ratios = {c: _ratios(table[n], c, against=True) for c in ours}
+        cells += [ratios[c][0] for c in ours] + [", ".join(ratios[c][1] for c in ours)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(r: dict | None) -> str:
+    """One contender at one length in the README's table."""
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "killed (exit -9)" if "(exit -9)" in r["error"] else "failed"
+    rate = f" ({r['peak_flops'] / 1e9:.0f})" if "peak_flops" in r else ""
+    return f"{r['positions_per_second']:.1f}, {r['utilisation']:.0%}, {r['peak_gib']:.2f} GiB{rate}"
+
+
 def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> None:
     """The figure and the markdown table beside the results file ``path``."""
-    found = (c for n in table for c, r in table[n].items() if isinstance(r, dict))  # earlier rows' too
-    contenders = list(dict.fromkeys([*args["contenders"].split(","), *found]))
+    contenders = _contenders(table, args)
     lengths = sorted(table)
     _figure(
         table,
@@ -145,11 +202,12 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
     print("\n".join(lines))
 
 
-def _ratios(row: dict, name: str) -> list[str]:
+def _ratios(row: dict, name: str, against: bool = False) -> list[str]:
     """Contender ``name`` against the faster TRL setting (positions/s, as measured and per each one's
-    matmul rate) and against TRL's default (peak memory), "-" where one of them did not run."""
+    matmul rate) and against TRL's default (peak memory), "-" where one of them did not run. With
+    ``against``, the speed says which TRL setting it is against when another one failed there."""
     ok = {c: r for c, r in row.items() if isinstance(r, dict) and "error" not in r}
-    trl = [r for c, r in ok.items() if c.startswith("trl-")]
+    trl = [{**r, "name": c} for c, r in ok.items() if c.startswith("trl-")]
     if name not in ok:
         return ["-", "-"]
     ours = ok[name]
@@ -162,6 +220,9 @@ def _ratios(row: dict, name: str) -> list[str]:
                 fastest["positions_per_second"] / fastest["peak_flops"]
             )
             speed += f" ({per_rate:.2f}x)"
+        failed = any(c.startswith("trl-") and "error" in r for c, r in row.items() if isinstance(r, dict))
+        if against and failed:
+            speed += f" against {LABELS.get(fastest['name'], fastest['name'])}"
     memory = f"{ours['peak_gib'] / ok['trl-default']['peak_gib']:.2f}x" if "trl-default" in ok else "-"
     return [speed, memory]
 
