@@ -125,7 +125,7 @@ def readme_table(saved: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in sorted(table):
         cells = [f"{n} ({table[n]['pairs']})"] + [_cell(table[n].get(c)) for c in contenders]
-        ratios = {c: _ratios(table[n], c, against=True) for c in ours}
+        ratios = {c: _ratios(table[n], c, [t for t in contenders if t.startswith("trl-")]) for c in ours}
         cells += [ratios[c][0] for c in ours] + [", ".join(ratios[c][1] for c in ours)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -134,7 +134,7 @@ def readme_table(saved: dict) -> str:
 def _cell(r: dict | None) -> str:
     """One contender at one length in the README's table."""
     if r is None:
-        return "-"
+        return "not run"
     if "error" in r:
         return "killed (exit -9)" if "(exit -9)" in r["error"] else "failed"
     rate = f" ({r['peak_flops'] / 1e9:.0f})" if "peak_flops" in r else ""
@@ -202,10 +202,10 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
     print("\n".join(lines))
 
 
-def _ratios(row: dict, name: str, against: bool = False) -> list[str]:
+def _ratios(row: dict, name: str, trl_settings: list[str] = ()) -> list[str]:
     """Contender ``name`` against the faster TRL setting (positions/s, as measured and per each one's
-    matmul rate) and against TRL's default (peak memory), "-" where one of them did not run. With
-    ``against``, the speed says which TRL setting it is against when another one failed there."""
+    matmul rate) and against TRL's default (peak memory), "-" where one of them did not run. The
+    speed says which TRL setting it is against when one of ``trl_settings`` failed or did not run."""
     ok = {c: r for c, r in row.items() if isinstance(r, dict) and "error" not in r}
     trl = [{**r, "name": c} for c, r in ok.items() if c.startswith("trl-")]
     if name not in ok:
@@ -220,8 +220,7 @@ def _ratios(row: dict, name: str, against: bool = False) -> list[str]:
                 fastest["positions_per_second"] / fastest["peak_flops"]
             )
             speed += f" ({per_rate:.2f}x)"
-        failed = any(c.startswith("trl-") and "error" in r for c, r in row.items() if isinstance(r, dict))
-        if against and failed:
+        if any(c not in ok for c in trl_settings):
             speed += f" against {LABELS.get(fastest['name'], fastest['name'])}"
     memory = f"{ours['peak_gib'] / ok['trl-default']['peak_gib']:.2f}x" if "trl-default" in ok else "-"
     return [speed, memory]

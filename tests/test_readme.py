@@ -21,7 +21,7 @@ def test_scaling_table_is_the_results_file():
     )
 
 
-def test_scaling_table_shows_a_failed_contender_and_whom_ours_are_against():
+def test_scaling_table_shows_failed_and_missing_contenders_and_whom_ours_are_against():
     row = {"positions_per_second": 10.0, "utilisation": 0.5, "peak_gib": 2.0, "peak_flops": 2e11}
     saved = {
         "args": {"contenders": "ours,trl-default,trl-precomputed"},
@@ -31,6 +31,11 @@ def test_scaling_table_shows_a_failed_contender_and_whom_ours_are_against():
                 "ours": row,
                 "trl-default": {**row, "positions_per_second": 4.0, "peak_gib": 8.0},
                 "trl-precomputed": {"error": "trl-precomputed failed (exit -9):\n"},
+            },
+            "16": {
+                "pairs": 8,
+                "ours": row,
+                "trl-default": {**row, "positions_per_second": 4.0, "peak_gib": 8.0},
             },
             "32": {
                 "pairs": 4,
@@ -47,10 +52,14 @@ def test_scaling_table_shows_a_failed_contender_and_whom_ours_are_against():
         "| ours / fastest TRL: positions/s (per matmul rate) | memory against TRL default: ours |"
     )
     assert lines[2] == (
+        "| 16 (8) | 10.0, 50%, 2.00 GiB (200) | 4.0, 50%, 8.00 GiB (200) | not run "
+        "| 2.50x (2.50x) against TRL default | 0.25x |"
+    )
+    assert lines[3] == (
         "| 32 (4) | 10.0, 50%, 2.00 GiB (200) | 4.0, 50%, 8.00 GiB (200) | 5.0, 50%, 2.00 GiB (100) "
         "| 2.00x (1.00x) | 0.25x |"
     )
-    assert lines[3] == (
+    assert lines[4] == (
         "| 64 (2) | 10.0, 50%, 2.00 GiB (200) | 4.0, 50%, 8.00 GiB (200) | killed (exit -9) "
         "| 2.50x (2.50x) against TRL default | 0.25x |"
     )
