@@ -66,8 +66,8 @@ def main() -> None:
     args = p.parse_args()
     where = "gpu" if torch.cuda.is_available() else "cpu"
     path = Path(args.out) / f"scaling-{args.model}-{where}.json"
-    if args.readme:
-        return print(readme_table(json.loads(path.read_text())))
+    if args.readme:  # the README's table is the CPU run's, on any machine
+        return print(readme_table(json.loads(path.with_name(f"scaling-{args.model}-cpu.json").read_text())))
     if args.render:
         saved = json.loads(path.read_text())
         table = {int(n): row for n, row in saved["by_length"].items()}
@@ -112,6 +112,7 @@ def readme_table(saved: dict) -> str:
     table = {int(n): row for n, row in saved["by_length"].items()}
     contenders = _contenders(table, saved["args"])
     ours = [c for c in contenders if c.startswith("ours")]
+    trl = tuple(c for c in contenders if c.startswith("trl-"))
     label = [LABELS.get(c, c) for c in contenders]
     names = [LABELS.get(c, c) for c in ours]
     head = [
@@ -125,7 +126,7 @@ def readme_table(saved: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for n in sorted(table):
         cells = [f"{n} ({table[n]['pairs']})"] + [_cell(table[n].get(c)) for c in contenders]
-        ratios = {c: _ratios(table[n], c, [t for t in contenders if t.startswith("trl-")]) for c in ours}
+        ratios = {c: _ratios(table[n], c, trl) for c in ours}
         cells += [ratios[c][0] for c in ours] + [", ".join(ratios[c][1] for c in ours)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -144,6 +145,7 @@ def _cell(r: dict | None) -> str:
 def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> None:
     """The figure and the markdown table beside the results file ``path``."""
     contenders = _contenders(table, args)
+    trl = tuple(c for c in contenders if c.startswith("trl-"))
     lengths = sorted(table)
     _figure(
         table,
@@ -173,7 +175,8 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
                 cells += ["failed" if c in table[n] else "-", "-", "-"]
                 continue
             cells += [f"{r['positions_per_second']:.1f}", f"{r['utilisation']:.0%}", f"{r['peak_gib']:.2f}"]
-        lines.append("| " + " | ".join(cells + [r for c in ours for r in _ratios(table[n], c)]) + " |")
+        against = [r for c in ours for r in _ratios(table[n], c, trl)]
+        lines.append("| " + " | ".join(cells + against) + " |")
     dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
     # timed steps x rounds per length (rows merged from another run may differ; older rows: this run's)
     timing = {
@@ -202,7 +205,7 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
     print("\n".join(lines))
 
 
-def _ratios(row: dict, name: str, trl_settings: list[str] = ()) -> list[str]:
+def _ratios(row: dict, name: str, trl_settings: tuple[str, ...] = ()) -> list[str]:
     """Contender ``name`` against the faster TRL setting (positions/s, as measured and per each one's
     matmul rate) and against TRL's default (peak memory), "-" where one of them did not run. The
     speed says which TRL setting it is against when one of ``trl_settings`` failed or did not run."""
