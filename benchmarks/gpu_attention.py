@@ -343,6 +343,31 @@ def split_attention(q, k, v, p: int, c: int, gqa: bool) -> torch.Tensor:
     return torch.cat([first, second], dim=2)
 
 
+def ours(q, k, v, p: int, c: int) -> torch.Tensor:
+    """The pair through the attention training runs (:func:`criteriapo.models.attention.piece_attention`,
+    K/V heads as they are): prompt + chosen one causal piece, the rejected reply a piece after the
+    prompt's keys. (B, Hq, L, D) like the others."""
+    from criteriapo.models.attention import piece_attention
+
+    length = q.shape[2]
+    pieces = [[(0, p + c, 0, 0), (p + c, length, 0, p)]] * q.shape[0]
+    out, _ = piece_attention(None, q, k, v, None, pieces=pieces)
+    return out.transpose(1, 2)
+
+
+def ours_ops(ctx: Context, q, k, v, p: int, c: int) -> dict:
+    """The aten ops one forward and backward of :func:`ours` ran: the attention kernels, and whether
+    any K/V were repeated on the way (``repeat_interleave``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fwd_bwd(lambda: ours(q, k, v, p, c), (q, k, v))
+        ctx.sync()
+    repeats = sum(e.count for e in prof.key_averages() if e.key == "aten::repeat_interleave")
+    return attention_ops(prof) | {"kv_repeats": repeats}
+
+
 def _pairs(p: int, c: int, r: int) -> dict[str, int]:
     """(query, key) pairs: those the mask allows (useful), and all of the L x L square."""
     useful = p * (p + 1) // 2 + c * p + c * (c + 1) // 2 + r * p + r * (r + 1) // 2
@@ -411,6 +436,7 @@ def _one_length(ctx: Context, length: int, dims: tuple[int, int, int, int], flex
             lambda: F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=mask),
             "square",
         ),
+        "pieces_ours": (lambda: ours(q, k, v, p, c), "split"),
         "split_causal_enable_gqa": (lambda: split_attention(q, k, v, p, c, gqa=True), "split"),
         "split_causal_repeat_kv": (lambda: split_attention(q, k, v, p, c, gqa=False), "split"),
         "sdpa_mask_enable_gqa": (
@@ -421,6 +447,10 @@ def _one_length(ctx: Context, length: int, dims: tuple[int, int, int, int], flex
     }
     useful_flops = 14 * d * hq * b * counts["useful"]  # forward 4d per (query, key), backward 2.5x that
     out |= {"prompt_chosen_rejected": [p, c, r], "pairs_per_head": counts, "paths": {}}
+    try:
+        out["ours_ops"] = ours_ops(ctx, q, k, v, p, c)
+    except Exception as e:  # noqa: BLE001 -- the path's own row below says the same; the check goes on
+        out["ours_ops"] = {"error": first_line(e)}
     first = None
     warmup, reps = (1, 3) if ctx.dry else (3, 10)
     for name, (fn, computed) in paths.items():
@@ -492,8 +522,8 @@ def attention(ctx: Context) -> dict:
             f"{d}, bf16, forward + backward (median). Useful FLOPs = 14 d per allowed (query, key) pair per "
             "head (forward 4d, backward 2.5x); computed/useful counts what each path computes: the whole L "
             "x L square with a mask, flex's non-empty 128 x 128 blocks, the split's two causal pieces (up "
-            "to diagonal tiles). Match: every output and input gradient within 1e-2 relative error of a "
-            "float32 computation."
+            "to diagonal tiles); pieces_ours is the split as training runs it (`piece_attention`). Match: "
+            "every output and input gradient within 1e-2 relative error of a float32 computation."
         ),
         "",
         (
@@ -513,6 +543,12 @@ def attention(ctx: Context) -> dict:
                 f"{row['computed_over_useful']:.2f} | {row.get('extra_memory_mib', float('nan')):.0f} | "
                 f"{row['match']} | {diff['out']:.3g}, {diff.get('dq', float('nan')):.3g} |"
             )
+    summary.append("")
+    for length, res in results.items():
+        if "ours_ops" in res:
+            ops = res["ours_ops"]
+            text = ops.get("error") or f"aten ops {ops['aten_ops']}; K/V repeated {ops['kv_repeats']} times"
+            summary.append(f"pieces_ours at {length}, one forward and backward: {text}")
     return {
         "dims": {"batch": b, "q_heads": hq, "kv_heads": hk, "head_dim": d},
         "lengths": results,

@@ -4,7 +4,9 @@
 2. which SDPA kernel runs our packed-pair attention (each backend alone, and a profiled forward);
 3. cuDNN attention with an explicit mask at lengths 64 mod 128 (finite? same gradients as MATH?);
 4. attention for one packed pair at 2048 and 4096 tokens: SDPA with our mask, FlexAttention with a
-   block mask, and the pair split into causal pieces; same outputs and gradients, time, TFLOP/s;
+   block mask, the pair split into causal pieces, and that split as training runs it (with the
+   aten ops it ran: flash for a lower-right piece, no K/V repeated); same outputs and gradients,
+   time, TFLOP/s;
 5. our log-probs (packed pairs, chunked output layer) against each zoo model's own forward, fp32
    and bf16, with the tests' tolerances; DPO gradients packed against padded; updates that survive;
 6. full-parameter DPO of the Llama 3.2 3B architecture: peak memory, tokens/s, MFU;

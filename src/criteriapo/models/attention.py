@@ -19,12 +19,14 @@ On a CPU in float32, all pieces of a batch are one autograd node that calls the 
 itself (:class:`CpuPieces`): a piece with a prefix as two calls merged, and each backward with its
 rows halved into a batch of two where that keeps both threads busy (:func:`flash_backward`).
 
-On a GPU no piece gives SDPA an explicit mask: causal pieces run the flash kernel (``is_causal``,
-K/V heads unrepeated), and a lower-right piece goes to the flash or memory-efficient kernel through
-``causal_lower_right``, which takes it only with as many K/V heads as query heads, so a
-grouped-query model's K/V are repeated for that piece alone. cuDNN's attention backward with an
-explicit mask (reported NaN at lengths 64 mod 128) is therefore never reached through pieces, and a
-masked call without pieces runs without cuDNN when gradients are wanted (:func:`avoid_cudnn`).
+On a GPU no piece gives SDPA an explicit mask: causal pieces run the kernel SDPA picks for
+``is_causal`` (cuDNN or flash, K/V heads unrepeated), and a lower-right piece goes to the flash or
+memory-efficient kernel through ``causal_lower_right``. Flash (fp16, bf16) groups the query heads
+itself; the memory-efficient kernel (float32) takes the piece only with as many K/V heads as query
+heads, so there a grouped-query model's K/V are repeated for that piece alone
+(:func:`flash_takes_gqa`). cuDNN's attention backward with an explicit mask (reported NaN at lengths
+64 mod 128) is therefore never reached through pieces, and a masked call without pieces runs without
+cuDNN when gradients are wanted (:func:`avoid_cudnn`).
 
 The implementation is registered with transformers as :data:`PIECES`: a model set to it computes
 plain SDPA for every call that brings no pieces (generation, unpacked batches), and for a packed
@@ -38,6 +40,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils._python_dispatch import _disable_current_modes
@@ -106,9 +109,10 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
             k = torch.cat([key[:, :, p0:p1], k], dim=2)
             v = torch.cat([value[:, :, p0:p1], v], dim=2)
             mask, piece = _lower_right(q1 - q0, k.shape[2]), options
-            if options["enable_gqa"] and q.is_cuda:
-                # on a GPU a lower-right mask runs the flash or efficient kernel only with as many K/V
-                # heads as query heads (else SDPA gets it as an explicit mask); this piece's are repeated
+            if options["enable_gqa"] and q.is_cuda and not flash_takes_gqa(q, k, v, options["dropout_p"]):
+                # on a GPU, past the flash kernel (float32, say), a lower-right mask runs the efficient
+                # kernel only with as many K/V heads as query heads (else SDPA gets it as an explicit
+                # mask); this piece's are repeated
                 repeat = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
                 piece = {**options, "enable_gqa": False}
@@ -119,6 +123,13 @@ def _row(query, key, value, row: list[Piece], options: dict) -> torch.Tensor:
     if at < length:
         parts.append(value.new_zeros(1, query.shape[1], length - at, value.shape[-1]))
     return torch.cat(parts, dim=2)
+
+
+def flash_takes_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether SDPA's flash kernel takes a lower-right piece with its K/V heads unrepeated: the question
+    a lower-right mask (``CausalBias``) asks before it calls that kernel, which groups query heads
+    natively. On a GPU it needs fp16 or bf16 among other things; on a CPU it is always False."""
+    return can_use_flash_attention(SDPAParams(query, key, value, None, dropout, False, True))
 
 
 def _lower_right(queries: int, keys: int):
