@@ -9,7 +9,9 @@ is), then again; not run by default: ``trl-fast``, that setting with the referen
 ``ours-recompute-attention``, ours attending again in checkpointing's recompute (``keep_attention``
 off; results before it was on by default name ``ours-keep-attention`` the way that is now ours), and
 ``ours-keep-projections``, ours keeping the projections' outputs too, so the recompute runs no matmul.
-Each contender's steps are timed after one warm-up step, with the device synchronised around each.
+Each contender's steps are timed after its warm-up steps (``--warmup``, 2 by default: ours on a CPU
+reaches its steady heap, and stops faulting in fresh pages, in its second step), with the device
+synchronised around each.
 Reported per contender: positions/s (each position of a pair computed once: the prompt once) and
 sequence tokens/s (both sequences, the prompt twice, as "tokens/s" often counts), peak memory (RSS on
 CPU, max allocated on GPU), the step-1 loss (parity), Liger's state (on, or why off), and two rates
@@ -270,11 +272,11 @@ def pairs_counts(pairs, indices) -> dict[str, int]:
 
 def run_ours(args, model, tok, data) -> dict:
     trainer, pairs, ref_seconds = ours_trainer(
-        model, tok, data, args.pairs, args.micro, args.steps + 1, OURS[args.contender]
+        model, tok, data, args.pairs, args.micro, args.warmup + args.steps, OURS[args.contender]
     )
     model.train()
     times, steps, first = [], [], None
-    for _step in range(args.steps + 1):
+    for _step in range(args.warmup + args.steps):
         indices = trainer.order.next_batch(args.pairs)
         sync(args.device)
         t = time.perf_counter()
@@ -333,7 +335,7 @@ def run_trl(args, model, tok, data, contender: str) -> dict:
         gradient_checkpointing=not fast,  # TRL's default turns it on
         per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=args.pairs // args.micro,
-        max_steps=args.steps + 1,
+        max_steps=args.warmup + args.steps,
         learning_rate=1e-6,
         lr_scheduler_type="constant",
         save_strategy="no",
@@ -396,7 +398,7 @@ def child(args) -> None:
     rate_before = matmul_rate(args.device, torch.float32) if on_cpu else None
     args.dtype_t = getattr(torch, args.dtype)
     model, tok = build_model(args.model, args.dtype_t, args.device, args.tokenizer)
-    data = rows(args.pairs * (args.steps + 1), args.length)
+    data = rows(args.pairs * (args.warmup + args.steps), args.length)
     params = sum(p.numel() for p in model.parameters())
     out = (
         run_ours(args, model, tok, data)
@@ -404,6 +406,7 @@ def child(args) -> None:
         else run_trl(args, model, tok, data, args.contender)
     )
     out["params"] = params
+    out["warmup"] = args.warmup
     out.update(model_shape(model))
     out["peak_gib"] = peak_memory_gib(args.device)
     if on_cpu:
@@ -466,12 +469,12 @@ def useful_flops(run: dict, step: int) -> float:
 
 
 def summarize(runs: list[dict], peak: float) -> dict:
-    """A contender's rounds after each warm-up step: positions/s (each position of a pair once, the
+    """A contender's rounds after their warm-up steps: positions/s (each position of a pair once, the
     prompt once), sequence tokens/s (both sequences, the prompt twice), peak memory, step-1 loss;
     utilisation = useful FLOPs (:func:`useful_flops`) / (time x peak); MFU = 6 x N(non-embedding) x
     positions / (time x peak), the common shorthand that leaves out attention and the output layer.
     The peak is a run's own measured matmul rate where it has one (a CPU), else ``peak``."""
-    timed = [(r, i) for r in runs for i in range(1, len(r["times"]))]
+    timed = [(r, i) for r in runs for i in range(r.get("warmup", 1), len(r["times"]))]
     secs = sum(r["times"][i] for r, i in timed)
     # the work the peak allowed in that time: each run's own measured rate where it has one
     rate = {id(r): sum(r["matmul_rates"]) / 2 if "matmul_rates" in r else peak for r in runs}
@@ -509,7 +512,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--micro", type=int, default=None, help="pairs per forward (default: all)")
     p.add_argument("--length", type=int, default=200, help="about this many tokens per sequence")
-    p.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
+    p.add_argument("--steps", type=int, default=2, help="timed steps, after the warm-up steps")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps first (2: ours on a CPU reaches its steady heap in its second step)",
+    )
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every contender")
     p.add_argument("--contenders", default=",".join(CONTENDERS), help=f"any of {', '.join(ALL_CONTENDERS)}")
     p.add_argument("--no-liger", action="store_true", help="TRL without Liger kernels even where installed")
@@ -565,7 +574,8 @@ def main() -> None:
     lines = [
         (
             f"DPO, {args.model}, {args.pairs} pairs x ~{args.length} tokens per step, {args.dtype}, "
-            f"{args.steps} timed steps x {args.rounds} round(s), on {machine['device']}"
+            f"{args.steps} timed steps after {args.warmup} warm-up step(s) x {args.rounds} round(s), "
+            f"on {machine['device']}"
         ),
         "",
         "| " + " | ".join(COLUMNS) + " |",

@@ -50,7 +50,8 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--lengths", default="256,512,1024,2048,4096")
     p.add_argument("--budget", type=int, default=4096, help="chosen + rejected tokens per step")
-    p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up step")
+    p.add_argument("--steps", type=int, default=1, help="timed steps after the warm-up steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (dpo_vs_trl.py's --warmup)")
     p.add_argument(
         "--rounds", type=int, default=1, help="alternating rounds of every contender, each in a new process"
     )
@@ -80,12 +81,13 @@ def main() -> None:
                 sys.executable,
                 str(HERE / "dpo_vs_trl.py"),
                 *("--model", args.model, "--length", str(length), "--pairs", str(pairs)),
-                *("--steps", str(args.steps), "--rounds", str(args.rounds)),
+                *("--steps", str(args.steps), "--warmup", str(args.warmup), "--rounds", str(args.rounds)),
                 *("--contenders", args.contenders, "--out", tmp),
             ]
             subprocess.run(cmd, check=True)
             result = json.loads(next(Path(tmp).glob("*.json")).read_text())
         when = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rounds": args.rounds}
+        when["warmup"] = args.warmup
         table[length] = {"pairs": pairs, **when, **result["results"]}
         for r in table[length].values():
             if isinstance(r, dict):
@@ -178,9 +180,11 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
         against = [r for c in ours for r in _ratios(table[n], c, trl)]
         lines.append("| " + " | ".join(cells + against) + " |")
     dates = ", ".join(f"{n}: {table[n].get('date', 'earlier')}" for n in lengths)
-    # timed steps x rounds per length (rows merged from another run may differ; older rows: this run's)
+    # warm-up + timed steps x rounds per length (rows merged from another run may differ; older rows:
+    # this run's; rows from before --warmup had one warm-up step)
     timing = {
-        n: f"{table[n].get('steps', args['steps'])} x {table[n].get('rounds', args.get('rounds', 1))}"
+        n: f"{table[n].get('warmup', 1)} + {table[n].get('steps', args['steps'])} x "
+        f"{table[n].get('rounds', args.get('rounds', 1))}"
         for n in lengths
     }
     timed = (
@@ -192,8 +196,8 @@ def render(table: dict[int, dict], args: dict, machine: dict, path: Path) -> Non
         "",
         (
             f"{machine['device']}, torch {machine['torch']}; utilisation over the {machine['peak_is']} "
-            f"(the matmul column; a range: each contender's own); timed steps after a warm-up step x "
-            f"rounds per contender: {timed}; measured {dates} "
+            f"(the matmul column; a range: each contender's own); warm-up + timed steps x rounds per "
+            f"contender: {timed}; measured {dates} "
             "(a row measured earlier: over one rate the driver measured for its whole run); "
             "counting: dpo_vs_trl.py. "
             "Ratios: each of ours against the faster TRL setting, as measured and with each "
