@@ -86,8 +86,12 @@ def main() -> None:
             ]
             subprocess.run(cmd, check=True)
             result = json.loads(next(Path(tmp).glob("*.json")).read_text())
-        when = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rounds": args.rounds}
-        when["warmup"] = args.warmup
+        when = {
+            "date": time.strftime("%Y-%m-%d"),
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "rounds": args.rounds,
+        }
         table[length] = {"pairs": pairs, **when, **result["results"]}
         for r in table[length].values():
             if isinstance(r, dict):
